@@ -1,0 +1,35 @@
+# The two front-door commands: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast lint bench
+
+$(BIN)/eclipse-prior: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# img2dataset drags in the PyPI `dataclasses` backport, which shadows the stdlib
+	# module and breaks Prefect's server (`unexpected keyword argument 'slots'`).
+	$(BIN)/pip uninstall -q -y dataclasses || true
+	touch $@
+
+setup: $(BIN)/eclipse-prior
+
+# Until `eclipse-prior demo` exists this runs the largest end-to-end path that works:
+# write a realistic embedding store, validate it, and measure it.
+demo: setup
+	$(BIN)/python benchmarks/store_io.py
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/store_io.py

@@ -1,0 +1,251 @@
+"""Validating, streaming reader of an embedding store.
+
+Never loads the store into memory and never up-casts it: batches are fp16 numpy arrays
+(or torch tensors sharing their memory), read one row group at a time.
+"""
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage_schema.schema import (
+    CAPTION,
+    COLUMNS,
+    IMAGE_EMBED,
+    KEY,
+    TEXT_EMBED,
+    TEXT_HIDDEN,
+    TEXT_LEN,
+    TRUNCATED,
+    URL,
+    EncoderInfo,
+    arrow_schema,
+    read_file_metadata,
+)
+from storage_schema.writer import StoreError, file_sha256, read_manifest
+
+TEXT_MASK = "text_mask"  # derived batch entry: True on real tokens
+
+
+def hidden_states(cell: bytes, hidden_dim: int) -> np.ndarray:
+    """One `text_hidden` cell (as pandas shows it) -> float16 array [text_len, hidden_dim]."""
+    return np.frombuffer(cell, dtype=np.float16).reshape(-1, hidden_dim)
+
+
+def validate_shard(store_dir: Path, name: str, entry: dict, encoder: EncoderInfo, verify: bool = False) -> int:
+    """Check one shard against its manifest entry and the store's encoder; return its rows."""
+    path = store_dir / name
+    if not path.exists():
+        raise StoreError(f"shard {name}: listed in the manifest but missing from {store_dir}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise StoreError(f"shard {name}: {size} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)")
+    try:
+        meta = pq.read_metadata(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StoreError(f"shard {name}: not a readable Parquet file ({e})") from e
+    if meta.num_rows != entry["rows"]:
+        raise StoreError(f"shard {name}: {meta.num_rows} rows, manifest says {entry['rows']}")
+    try:
+        shard_meta = read_file_metadata(meta.metadata)
+    except ValueError as e:
+        raise StoreError(f"shard {name}: {e}") from e
+    other = EncoderInfo.from_dict(shard_meta["encoder"])
+    if other != encoder:
+        diff = {k: (v, getattr(other, k)) for k, v in encoder.to_dict().items() if getattr(other, k) != v}
+        raise StoreError(f"shard {name}: made by a different encoder than the store (store vs shard: {diff})")
+    if meta.schema.to_arrow_schema().remove_metadata() != arrow_schema(encoder).remove_metadata():
+        raise StoreError(f"shard {name}: column types differ from the store schema (wrong dims?)")
+    if verify and file_sha256(path) != entry["sha256"]:
+        raise StoreError(f"shard {name}: checksum mismatch (file changed after it was written)")
+    return meta.num_rows
+
+
+class EmbeddingStore:
+    """An opened, validated store directory.
+
+    Opening checks every listed shard against the manifest (exists, size, row count)
+    and against each other (same encoder metadata, same schema). `verify=True` also
+    re-hashes every file (slow: reads the whole store once).
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = False):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise StoreError(f"{self.dir}: no such store directory")
+        manifest = read_manifest(self.dir)
+        if manifest is None:
+            raise StoreError(f"{self.dir}: no _manifest.json; not an embedding store (or no shard finished yet)")
+        try:
+            self.encoder = EncoderInfo.from_dict(manifest["encoder"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{self.dir}: manifest has no valid encoder description ({e})") from e
+        self.manifest = manifest
+        self.schema = arrow_schema(self.encoder)
+        self.shards: list[str] = sorted(manifest["shards"])
+        self.shard_rows: dict[str, int] = {}
+        for name in self.shards:
+            self.shard_rows[name] = validate_shard(self.dir, name, manifest["shards"][name], self.encoder, verify)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.shard_rows.values())
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.image_dim
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read_shard(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+        return pq.read_table(self.dir / name, columns=list(columns) if columns else None, use_threads=False)
+
+    def keys(self) -> Iterator[tuple[str, list[str]]]:
+        """(shard, keys) for every shard; reads only the key column."""
+        for name in self.shards:
+            yield name, self.read_shard(name, [KEY]).column(KEY).to_pylist()
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        columns: Sequence[str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        buffer_size: int = 8192,
+        pad_to: int | None = None,
+        drop_last: bool = False,
+        shards: Sequence[str] | None = None,
+        row_filter=None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over this rank's part of the store, as dicts of numpy arrays.
+
+        Ranks take disjoint shards (shard order is shuffled with seed+epoch, the same on
+        every rank). Shuffling mixes rows within a buffer of `buffer_size` rows.
+        `text_hidden` comes back padded to `pad_to` (default: the longest row of the
+        batch) as [B, L, H] fp16 with `text_mask` [B, L]. `row_filter(keys) -> bool mask`
+        keeps a subset of rows (e.g. a held-out split).
+        """
+        cols = list(columns) if columns else list(COLUMNS)
+        unknown = set(cols) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown columns {sorted(unknown)}; the store has {list(COLUMNS)}")
+        extra = ([TEXT_LEN] if TEXT_HIDDEN in cols else []) + ([KEY] if row_filter else [])
+        read_cols = list(dict.fromkeys(cols + extra))
+        order = list(shards) if shards is not None else list(self.shards)
+        rng = np.random.default_rng([seed, epoch])
+        if shuffle:
+            order = [order[i] for i in rng.permutation(len(order))]
+        if world_size > 1:
+            if len(order) < world_size:
+                raise StoreError(
+                    f"{len(order)} shards cannot be split over {world_size} ranks; write more, smaller shards"
+                )
+            order = order[rank::world_size]
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
+        target = max(buffer_size, batch_size) if shuffle else batch_size
+        for chunk in self._iter_chunks(order, read_cols, row_filter):
+            pending.append(chunk)
+            pending_rows += len(chunk[read_cols[0]])
+            if pending_rows < target:
+                continue
+            merged = _concat(pending)
+            if shuffle:
+                merged = _take(merged, rng.permutation(pending_rows))
+            n_full = (pending_rows // batch_size) * batch_size
+            for start in range(0, n_full, batch_size):
+                yield self._finish(_slice(merged, start, start + batch_size), cols, pad_to)
+            pending = [_slice(merged, n_full, pending_rows)] if n_full < pending_rows else []
+            pending_rows -= n_full
+        if pending_rows:
+            merged = _concat(pending)
+            if shuffle:
+                merged = _take(merged, rng.permutation(pending_rows))
+            for start in range(0, pending_rows, batch_size):
+                part = _slice(merged, start, min(start + batch_size, pending_rows))
+                if drop_last and len(part[read_cols[0]]) < batch_size:
+                    break
+                yield self._finish(part, cols, pad_to)
+
+    def _iter_chunks(self, order, read_cols, row_filter) -> Iterator[dict[str, np.ndarray]]:
+        for name in order:
+            pf = pq.ParquetFile(self.dir / name)
+            for rg in range(pf.num_row_groups):
+                table = pf.read_row_group(rg, columns=read_cols, use_threads=False)
+                chunk = {c: _to_numpy(table.column(c), c, self.encoder) for c in read_cols}
+                if row_filter is not None:
+                    keep = np.asarray(row_filter(chunk[KEY]), dtype=bool)
+                    if not keep.all():
+                        chunk = _take(chunk, np.flatnonzero(keep))
+                    if not keep.any():
+                        continue
+                yield chunk
+
+    def _finish(self, part: dict, cols: list[str], pad_to: int | None) -> dict[str, np.ndarray]:
+        out = {c: part[c] for c in cols if c != TEXT_HIDDEN}
+        if TEXT_HIDDEN in cols:
+            out[TEXT_HIDDEN], out[TEXT_MASK] = _pad_hidden(
+                part[TEXT_HIDDEN], part[TEXT_LEN], self.encoder.hidden_dim, pad_to
+            )
+            out.setdefault(TEXT_LEN, part[TEXT_LEN])
+        return out
+
+
+def _to_numpy(col: pa.ChunkedArray, name: str, info: EncoderInfo) -> np.ndarray:
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if name in (IMAGE_EMBED, TEXT_EMBED):
+        dim = info.image_dim if name == IMAGE_EMBED else info.text_dim
+        # flatten() honours the slice offset; to_numpy is zero-copy for fp16 without nulls
+        return arr.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim)
+    if name == TEXT_HIDDEN:
+        # Keep as a list of zero-copy fp16 views into the Arrow buffer; padding copies once.
+        _, off_buf, data_buf = arr.buffers()
+        offsets = np.frombuffer(off_buf, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+        data = np.frombuffer(data_buf, dtype=np.uint8)
+        flat = data[offsets[0] : offsets[-1]].view(np.float16)
+        out = np.empty(len(arr), dtype=object)
+        base = offsets[0] // 2
+        for i in range(len(arr)):
+            out[i] = flat[offsets[i] // 2 - base : offsets[i + 1] // 2 - base]
+        return out
+    if name in (KEY, CAPTION, URL):
+        return np.asarray(arr.to_pylist(), dtype=object)
+    if name == TRUNCATED:
+        return arr.to_numpy(zero_copy_only=False)
+    return arr.to_numpy(zero_copy_only=True)
+
+
+def _pad_hidden(cells: np.ndarray, lengths: np.ndarray, hidden_dim: int, pad_to: int | None):
+    longest = int(lengths.max()) if len(lengths) else 0
+    width = pad_to or longest
+    if longest > width:
+        raise StoreError(f"a caption has {longest} tokens, more than pad_to={width}")
+    out = np.zeros((len(cells), width, hidden_dim), dtype=np.float16)
+    for i, cell in enumerate(cells):
+        out[i, : lengths[i]] = cell.reshape(-1, hidden_dim)
+    mask = np.arange(width)[None, :] < lengths[:, None].astype(np.int64)
+    return out, mask
+
+
+def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(chunks) == 1:
+        return chunks[0]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _take(chunk: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in chunk.items()}
+
+
+def _slice(chunk: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] for k, v in chunk.items()}

@@ -1,0 +1,214 @@
+"""Atomic shard writer. A shard exists for readers only once the manifest lists it.
+
+Order of a write: Parquet to a hidden temp file -> fsync -> rename to NAME.parquet ->
+manifest updated (under a file lock, itself written temp + rename). A crash at any
+point leaves either no shard, or an unlisted file that the next write replaces.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage_schema.schema import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    EncoderInfo,
+    arrow_schema,
+    code_version,
+)
+
+ROW_GROUP_ROWS = 512
+_LOCK_NAME = "_manifest.lock"
+
+
+class StoreError(Exception):
+    """A store, shard or manifest that cannot be used as it is; the message names it."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_manifest(store_dir: Path) -> dict | None:
+    path = Path(store_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
+
+
+@contextmanager
+def _manifest_lock(store_dir: Path):
+    with open(store_dir / _LOCK_NAME, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # Dask workers on one host write shards concurrently
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fixed_list(values: np.ndarray, dim: int, name: str) -> pa.Array:
+    values = np.ascontiguousarray(values, dtype=np.float16)
+    if values.ndim != 2 or values.shape[1] != dim:
+        raise ValueError(f"{name}: expected shape (rows, {dim}), got {values.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+
+
+def build_table(
+    info: EncoderInfo,
+    keys: Sequence[str],
+    captions: Sequence[str],
+    image_embeds: np.ndarray,
+    text_embeds: np.ndarray,
+    text_hidden: Sequence[np.ndarray],
+    truncated: Sequence[bool],
+    urls: Sequence[str | None] | None = None,
+) -> pa.Table:
+    """Validate one shard's rows and turn them into an Arrow table of the store schema.
+
+    text_hidden: one [text_len, hidden_dim] array per row (real tokens only).
+    """
+    n = len(keys)
+    lengths = {"captions": len(captions), "image_embeds": len(image_embeds), "text_embeds": len(text_embeds),
+               "text_hidden": len(text_hidden), "truncated": len(truncated)}
+    if urls is not None:
+        lengths["urls"] = len(urls)
+    bad = {k: v for k, v in lengths.items() if v != n}
+    if bad:
+        raise ValueError(f"row counts disagree: {n} keys but {bad}")
+    if len(set(keys)) != n:
+        raise ValueError("duplicate keys within one shard")
+    hidden_bytes, text_len = [], np.empty(n, dtype=np.int16)
+    for i, h in enumerate(text_hidden):
+        h = np.ascontiguousarray(h, dtype=np.float16)
+        if h.ndim != 2 or h.shape[1] != info.hidden_dim or not 1 <= h.shape[0] <= info.context_length:
+            raise ValueError(
+                f"text_hidden of row {keys[i]!r}: expected (1..{info.context_length}, {info.hidden_dim}), got {h.shape}"
+            )
+        hidden_bytes.append(h.tobytes())
+        text_len[i] = h.shape[0]
+    schema = arrow_schema(info)
+    columns = [
+        pa.array(list(keys), pa.string()),
+        pa.array(list(captions), pa.string()),
+        pa.array(list(urls) if urls is not None else [None] * n, pa.string()),
+        _fixed_list(image_embeds, info.image_dim, "image_embeds"),
+        _fixed_list(text_embeds, info.text_dim, "text_embeds"),
+        pa.array(hidden_bytes, pa.large_binary()),
+        pa.array(text_len, pa.int16()),
+        pa.array(np.asarray(truncated, dtype=bool), pa.bool_()),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class StoreWriter:
+    """Writes shards of one store. Safe to use from several processes on one host."""
+
+    def __init__(self, store_dir: str | os.PathLike, info: EncoderInfo):
+        self.dir = Path(store_dir)
+        self.info = info
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = read_manifest(self.dir)
+        if manifest is not None:
+            existing = EncoderInfo.from_dict(manifest["encoder"])
+            if existing != info:
+                raise StoreError(
+                    f"{self.dir}: store was made by encoder {existing.preset!r} "
+                    f"({existing.image_model}, D={existing.image_dim}); refusing to add shards from "
+                    f"{info.preset!r} ({info.image_model}, D={info.image_dim}). Use a new store directory."
+                )
+
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        # Temp files of a killed writer: invisible to readers, but they waste disk.
+        for p in self.dir.glob(".tmp-*"):
+            pid = p.name.split("-")[1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                p.unlink(missing_ok=True)
+
+    def completed_shards(self) -> set[str]:
+        manifest = read_manifest(self.dir)
+        return set(manifest["shards"]) if manifest else set()
+
+    def is_complete(self, name: str) -> bool:
+        return f"{name}.parquet" in self.completed_shards()
+
+    def write_shard(self, name: str, table: pa.Table) -> dict:
+        """Write `table` as shard NAME.parquet, atomically; return its manifest entry."""
+        if table.schema.remove_metadata() != arrow_schema(self.info).remove_metadata():
+            raise StoreError(f"shard {name}: table schema does not match the store schema")
+        table = table.replace_schema_metadata(arrow_schema(self.info).metadata)
+        file_name = f"{name}.parquet"
+        final = self.dir / file_name
+        tmp = self.dir / f".tmp-{os.getpid()}-{file_name}"  # leading ".": invisible to readers
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=ROW_GROUP_ROWS,
+            compression={"key": "zstd", "caption": "zstd", "url": "zstd", "image_embed": "none",
+                         "text_embed": "none", "text_hidden": "none", "text_len": "zstd", "truncated": "zstd"},
+            use_dictionary=False,
+            write_statistics=["key"],  # min/max of 50 kB binary cells would bloat the footer
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        entry = {"rows": table.num_rows, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self._record(file_name, entry)
+        return entry
+
+    def _record(self, file_name: str, entry: dict) -> None:
+        with _manifest_lock(self.dir):
+            manifest = read_manifest(self.dir) or {
+                "schema_version": SCHEMA_VERSION,
+                "encoder": self.info.to_dict(),
+                "shards": {},
+            }
+            manifest["code_version"] = code_version()
+            manifest["shards"][file_name] = entry
+            manifest["shards"] = dict(sorted(manifest["shards"].items()))
+            atomic_write_bytes(self.dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())

@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+from storefixtures import write_store
+
+from pipeline.cli import main
+from storage_schema.inspect import inspect_store
+
+
+def test_inspect_json_on_a_store_the_test_wrote(tmp_path, capsys):
+    info, _ = write_store(tmp_path / "s", shards=3, rows=20)
+    assert main(["store", "inspect", str(tmp_path / "s"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 60 and report["shards"] == 3
+    assert report["image_dim"] == info.image_dim and report["text_dim"] == info.text_dim
+    assert report["encoder"]["preset"] == "test-enc"
+    assert report["problems"] == []
+    assert report["bytes_ratio"] > 1.0
+
+
+def test_inspect_lists_every_problem_and_exits_1(tmp_path, capsys):
+    write_store(tmp_path / "s", shards=3, rows=20)
+    (tmp_path / "s" / "00000.parquet").unlink()
+    p = tmp_path / "s" / "00002.parquet"
+    p.write_bytes(p.read_bytes()[:-10])
+    (tmp_path / "s" / "00009.parquet").write_bytes(b"orphan")
+    assert main(["store", "inspect", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "problems   3:" in out
+    assert "00000.parquet: listed in the manifest but missing" in out
+    assert "shard 00002.parquet:" in out and "00009.parquet: not in the manifest" in out
+
+
+def test_inspect_finds_duplicate_keys_across_shards(tmp_path):
+    write_store(tmp_path / "a", shards=1, rows=5, seed=0)
+    # Same prefix, so shard 1 repeats shard 0's keys.
+    from storefixtures import random_rows, tiny_info
+
+    from storage_schema import StoreWriter, build_table
+
+    info = tiny_info()
+    StoreWriter(tmp_path / "a", info).write_shard("00001", build_table(info, **random_rows(5, info, prefix="s0-")))
+    problems = inspect_store(tmp_path / "a")["problems"]
+    assert problems and "appears in 00000.parquet and 00001.parquet" in problems[0]
+
+
+def test_not_a_store(tmp_path):
+    report = inspect_store(tmp_path)
+    assert report["problems"] and "not an embedding store" in report["problems"][0]
+
+
+def test_console_script_help_explains_itself():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "store", "inspect", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--json" in out and "Validate a store" in out

@@ -1,0 +1,141 @@
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from storefixtures import random_rows, tiny_info, write_store
+
+from storage_schema import EmbeddingStore, StoreError, StoreWriter, build_table
+
+
+def _keys(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def test_missing_directory_and_missing_manifest(tmp_path):
+    with pytest.raises(StoreError, match="no such store directory"):
+        EmbeddingStore(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no _manifest.json"):
+        EmbeddingStore(tmp_path / "empty")
+
+
+def test_truncated_shard_is_named(tmp_path):
+    write_store(tmp_path / "s")
+    path = tmp_path / "s" / "00001.parquet"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(StoreError, match=r"shard 00001.parquet: .* bytes on disk, manifest says"):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_missing_shard_is_named(tmp_path):
+    write_store(tmp_path / "s")
+    (tmp_path / "s" / "00002.parquet").unlink()
+    with pytest.raises(StoreError, match="shard 00002.parquet: listed in the manifest but missing"):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_shard_from_another_encoder_is_refused(tmp_path):
+    write_store(tmp_path / "s", shards=2)
+    write_store(tmp_path / "other", shards=1, info=tiny_info(preset="other-enc"))
+    # Someone copies a foreign shard over ours and patches the manifest's size and rows.
+    shutil.copy(tmp_path / "other" / "00000.parquet", tmp_path / "s" / "00001.parquet")
+    manifest = json.loads((tmp_path / "s" / "_manifest.json").read_text())
+    manifest["shards"]["00001.parquet"]["bytes"] = (tmp_path / "s" / "00001.parquet").stat().st_size
+    (tmp_path / "s" / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"shard 00001.parquet: made by a different encoder.*preset"):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_wrong_dims_are_refused(tmp_path):
+    write_store(tmp_path / "s", shards=1)
+    write_store(tmp_path / "wide", shards=1, info=tiny_info(dim=32))
+    shutil.copy(tmp_path / "wide" / "00000.parquet", tmp_path / "s" / "00000.parquet")
+    manifest = json.loads((tmp_path / "s" / "_manifest.json").read_text())
+    manifest["shards"]["00000.parquet"]["bytes"] = (tmp_path / "s" / "00000.parquet").stat().st_size
+    (tmp_path / "s" / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"shard 00000.parquet: made by a different encoder.*image_dim"):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_checksum_mismatch_found_with_verify(tmp_path):
+    write_store(tmp_path / "s", shards=1)
+    path = tmp_path / "s" / "00000.parquet"
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # same size, different bytes inside the data pages
+    path.write_bytes(bytes(data))
+    EmbeddingStore(tmp_path / "s")  # cheap open: size and footer still agree
+    with pytest.raises(StoreError, match="shard 00000.parquet: checksum mismatch"):
+        EmbeddingStore(tmp_path / "s", verify=True)
+
+
+def test_row_count_mismatch_is_named(tmp_path):
+    write_store(tmp_path / "s", shards=1, rows=10)
+    manifest = json.loads((tmp_path / "s" / "_manifest.json").read_text())
+    manifest["shards"]["00000.parquet"]["rows"] = 11
+    (tmp_path / "s" / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="shard 00000.parquet: 10 rows, manifest says 11"):
+        EmbeddingStore(tmp_path / "s")
+
+
+def test_column_selection_and_dtypes_stay_fp16(tmp_path):
+    info, _ = write_store(tmp_path / "s")
+    batch = next(EmbeddingStore(tmp_path / "s").iter_batches(8, columns=["image_embed", "text_embed"]))
+    assert set(batch) == {"image_embed", "text_embed"}
+    assert batch["image_embed"].dtype == np.float16 and batch["image_embed"].shape == (8, info.image_dim)
+    batch = next(EmbeddingStore(tmp_path / "s").iter_batches(8, columns=["text_hidden"], pad_to=77))
+    assert batch["text_hidden"].shape == (8, 77, info.hidden_dim) and batch["text_hidden"].dtype == np.float16
+    assert batch["text_mask"].shape == (8, 77) and (batch["text_mask"].sum(1) == batch["text_len"]).all()
+    with pytest.raises(ValueError, match="unknown columns"):
+        next(EmbeddingStore(tmp_path / "s").iter_batches(8, columns=["image_embeds"]))
+
+
+def test_one_pass_yields_every_row_once(tmp_path):
+    write_store(tmp_path / "s", shards=3, rows=50)
+    keys = _keys(EmbeddingStore(tmp_path / "s").iter_batches(32, columns=["key"]))
+    assert len(keys) == 150 and len(set(keys)) == 150
+    keys = _keys(EmbeddingStore(tmp_path / "s").iter_batches(32, columns=["key"], drop_last=True))
+    assert len(keys) == 128
+
+
+def test_seeded_shuffle_is_reproducible_and_mixes_shards(tmp_path):
+    write_store(tmp_path / "s", shards=3, rows=50)
+    store = EmbeddingStore(tmp_path / "s")
+    a = _keys(store.iter_batches(16, columns=["key"], shuffle=True, seed=7, buffer_size=100))
+    b = _keys(store.iter_batches(16, columns=["key"], shuffle=True, seed=7, buffer_size=100))
+    c = _keys(store.iter_batches(16, columns=["key"], shuffle=True, seed=7, epoch=1, buffer_size=100))
+    plain = _keys(store.iter_batches(16, columns=["key"]))
+    assert a == b and a != c and a != plain
+    assert sorted(a) == sorted(plain)
+    first = {k.split("-")[0] for k in a[:16]}
+    assert len(first) >= 2  # the buffer spans shard boundaries
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_store(tmp_path):
+    write_store(tmp_path / "s", shards=4, rows=20)
+    store = EmbeddingStore(tmp_path / "s")
+    parts = [set(_keys(store.iter_batches(8, columns=["key"], rank=r, world_size=2, shuffle=True, seed=3)))
+             for r in range(2)]
+    assert not parts[0] & parts[1]
+    assert len(parts[0] | parts[1]) == 80
+    with pytest.raises(StoreError, match="cannot be split over 8 ranks"):
+        next(store.iter_batches(8, rank=0, world_size=8))
+
+
+def test_row_filter_keeps_a_subset(tmp_path):
+    write_store(tmp_path / "s", shards=2, rows=30)
+    store = EmbeddingStore(tmp_path / "s")
+    keys = _keys(store.iter_batches(8, columns=["key", "image_embed"],
+                                    row_filter=lambda ks: np.array([k.endswith("0") for k in ks])))
+    assert keys and all(k.endswith("0") for k in keys) and len(keys) == 6
+
+
+def test_shards_are_written_in_row_groups_and_read_across_them(tmp_path):
+    info = tiny_info()
+    w = StoreWriter(tmp_path / "s", info)
+    w.write_shard("00000", build_table(info, **random_rows(1500, info)))
+    assert pq.ParquetFile(tmp_path / "s" / "00000.parquet").num_row_groups == 3
+    store = EmbeddingStore(tmp_path / "s")
+    sizes = [len(b["key"]) for b in store.iter_batches(100, columns=["key"])]
+    assert sum(sizes) == 1500
