@@ -176,8 +176,11 @@ class StoreWriter:
     def is_complete(self, name: str) -> bool:
         return f"{name}.parquet" in self.completed_shards()
 
-    def write_shard(self, name: str, table: pa.Table) -> dict:
-        """Write `table` as shard NAME.parquet, atomically; return its manifest entry."""
+    def write_shard(self, name: str, table: pa.Table, extra: dict | None = None) -> dict:
+        """Write `table` as shard NAME.parquet, atomically; return its manifest entry.
+
+        `extra` is JSON-able detail recorded in the manifest entry (e.g. skipped samples).
+        """
         if table.schema.remove_metadata() != arrow_schema(self.info).remove_metadata():
             raise StoreError(f"shard {name}: table schema does not match the store schema")
         table = table.replace_schema_metadata(arrow_schema(self.info).metadata)
@@ -195,7 +198,7 @@ class StoreWriter:
         )
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        entry = {"rows": table.num_rows, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        entry = {"rows": table.num_rows, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), **(extra or {})}
         os.replace(tmp, final)
         _fsync_dir(self.dir)
         self._record(file_name, entry)

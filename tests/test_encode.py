@@ -1,0 +1,141 @@
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from storefixtures import tiny_info
+from wdsfixtures import good_shard, render, write_tar
+
+from pipeline.encode import EncodeConfig, encode, encode_shard, iter_webdataset
+from pipeline.encoders import load_encoder
+from storage_schema import EmbeddingStore, StoreError, StoreWriter
+from storage_schema.writer import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = EncodeConfig(encoder="tiny-clip", batch_size=4)
+
+
+def _mixed_shard(path: Path) -> Path:
+    samples = [{"key": f"k{i}", "jpg": render(i), "txt": f"caption {i}", "url": f"http://h/{i}"} for i in range(9)]
+    samples[2]["jpg"] = b"\xff\xd8 not really a jpeg"
+    samples[5]["txt"] = "   "
+    samples[7]["txt"] = None
+    return write_tar(path, samples)
+
+
+def _rows(store_dir: Path) -> dict[str, dict]:
+    out = {}
+    for b in EmbeddingStore(store_dir).iter_batches(64, pad_to=None):
+        for i, k in enumerate(b["key"]):
+            out[k] = {"img": b["image_embed"][i], "txt": b["text_embed"][i], "caption": b["caption"][i],
+                      "hid": b["text_hidden"][i][: b["text_len"][i]]}
+    return out
+
+
+def test_iter_webdataset_groups_files_by_key(tmp_path):
+    samples = list(iter_webdataset(_mixed_shard(tmp_path / "00000.tar")))
+    assert [s.key for s in samples] == [f"k{i}" for i in range(9)]
+    assert samples[0].caption == "caption 0" and samples[0].url == "http://h/0" and samples[0].image
+    assert samples[7].caption is None
+
+
+def test_bad_samples_are_recorded_and_skipped_good_rows_match_the_encoder(tmp_path):
+    tar = _mixed_shard(tmp_path / "img" / "00000.tar")
+    result = encode_shard(tar, tmp_path / "store", CFG)
+    assert result.status == "written" and result.rows == 6
+    reasons = {s["key"]: s["reason"] for s in result.skipped}
+    assert set(reasons) == {"k2", "k5", "k7"}
+    assert reasons["k2"].startswith("corrupt image") and "caption" in reasons["k5"] and "caption" in reasons["k7"]
+    manifest = read_manifest(tmp_path / "store")
+    assert manifest["shards"]["00000.parquet"]["skipped"] == result.skipped
+
+    rows = _rows(tmp_path / "store")
+    enc = load_encoder("tiny-clip")
+    with torch.inference_mode():
+        img = enc.encode_images(enc.preprocess([Image.open(io.BytesIO(render(3))).convert("RGB")]))
+        txt = enc.encode_texts(["caption 3"])
+    np.testing.assert_allclose(rows["k3"]["img"].astype(np.float32), img[0].numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(rows["k3"]["txt"].astype(np.float32), txt.text_embeds[0].numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(rows["k3"]["hid"].astype(np.float32), txt.hidden[0], rtol=2e-3, atol=2e-3)
+    assert rows["k3"]["caption"] == "caption 3"
+
+
+def test_finished_shard_is_not_redone(tmp_path):
+    tar = good_shard(tmp_path / "img" / "00000.tar", 0, 5)
+    first = encode_shard(tar, tmp_path / "store", CFG)
+    mtime = (tmp_path / "store" / "00000.parquet").stat().st_mtime_ns
+    again = encode_shard(tar, tmp_path / "store", CFG)
+    assert first.status == "written" and again.status == "already-done" and again.rows == 5
+    assert (tmp_path / "store" / "00000.parquet").stat().st_mtime_ns == mtime
+
+
+def test_store_made_by_another_encoder_is_refused(tmp_path):
+    StoreWriter(tmp_path / "store", tiny_info(preset="someone-else"))._record(
+        "x.parquet", {"rows": 0, "bytes": 0, "sha256": ""})
+    tar = good_shard(tmp_path / "img" / "00000.tar", 0, 3)
+    with pytest.raises(StoreError, match="made by encoder 'someone-else'"):
+        encode_shard(tar, tmp_path / "store", CFG)
+
+
+def test_empty_image_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no \\*.tar image shards"):
+        encode(tmp_path, tmp_path / "store", CFG)
+
+
+@pytest.mark.slow
+def test_encode_on_a_real_local_dask_cluster(tmp_path):
+    from distributed import Client, LocalCluster
+
+    for s in range(3):
+        good_shard(tmp_path / "img" / f"{s:05d}.tar", s, 6)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        summary = encode(tmp_path / "img", tmp_path / "store", CFG, client=client, progress=False)
+        assert summary.rows_written == 18 and not summary.failed and len(summary.written) == 3
+        again = encode(tmp_path / "img", tmp_path / "store", CFG, client=client, progress=False)
+    assert again.written == [] and sorted(again.already_done) == ["00000", "00001", "00002"]
+    assert EmbeddingStore(tmp_path / "store", verify=True).num_rows == 18
+
+
+@pytest.mark.slow
+def test_sigkill_mid_encode_then_rerun_gives_the_same_rows(tmp_path):
+    n_shards = 8
+    for s in range(n_shards):
+        good_shard(tmp_path / "img" / f"{s:05d}.tar", s, 24)
+    def cmd_for(store: str) -> list[str]:
+        return [sys.executable, "-m", "pipeline.cli", "encode", str(tmp_path / "img"), "--encoder", "tiny-clip",
+                "--store", str(tmp_path / store), "--batch-size", "4", "--workers", "1"]
+
+    cmd = cmd_for("store")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            m = read_manifest(tmp_path / "store")
+            if m and len(m["shards"]) >= 1:
+                break
+            assert proc.poll() is None, "encode finished or died before it could be killed"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Dask worker processes
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    partial = len(read_manifest(tmp_path / "store")["shards"])
+    assert 1 <= partial < n_shards, "kill landed after the run finished; the test proved nothing"
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    resumed = _rows(tmp_path / "store")
+    subprocess.run(cmd_for("clean"), env=env, check=True, capture_output=True)
+    clean = _rows(tmp_path / "clean")
+    assert len(resumed) == n_shards * 24 and resumed.keys() == clean.keys()
+    for k in clean:
+        assert np.array_equal(resumed[k]["img"], clean[k]["img"]) and np.array_equal(resumed[k]["txt"], clean[k]["txt"])
