@@ -9,7 +9,7 @@ DESCRIPTION = """\
 Train ECLIPSE text-to-image priors over a precomputed CLIP embedding store.
 
 Stages (each one resumable; rerunning skips finished work):
-  download    image-text pairs -> webdataset image shards (img2dataset)
+  download    url list -> webdataset image shards (img2dataset)
   encode      image shards -> embedding store (decoder's CLIP encoders, Dask workers)
   precompute  download + encode in one go
   train       embedding store -> ECLIPSE / projection / diffusion prior
@@ -53,6 +53,58 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return _run_encode(args, args.images, args.store)
 
 
+def _add_download_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, default=256, help="stored image side in pixels (default 256)")
+    p.add_argument("--resize-mode", default="center_crop", help="img2dataset resize mode (default center_crop)")
+    p.add_argument("--processes", type=int, default=None, help="download processes (default: one per core)")
+    p.add_argument("--threads", type=int, default=64, help="download threads per process (default 64)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
+    p.add_argument("--timeout", type=int, default=10, help="seconds per url (default 10)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming (wipes the folder)")
+
+
+def _download_config(args: argparse.Namespace):
+    from pipeline.download import DownloadConfig
+
+    kw = dict(image_size=args.image_size, resize_mode=args.resize_mode, thread_count=args.threads,
+              number_sample_per_shard=args.shard_size, timeout=args.timeout,
+              incremental_mode="overwrite" if args.overwrite else "incremental")
+    if args.processes:
+        kw["processes_count"] = args.processes
+    return DownloadConfig(**kw)
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pipeline.download import download_main, format_summary
+
+    cfg = _download_config(args)
+    summary = download_main(args.urls, args.out, retry=args.retry_failed,
+                            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from pipeline.cluster import ClusterConfig
+    from pipeline.download import format_summary
+    from pipeline.encode import EncodeConfig
+    from pipeline.precompute import precompute
+
+    result = precompute(
+        args.urls, args.out,
+        EncodeConfig(encoder=args.encoder, batch_size=args.batch_size, device=args.device, dtype=args.dtype),
+        _download_config(args),
+        ClusterConfig(address=args.scheduler, n_workers=args.workers, wait_timeout=args.wait_timeout),
+    )
+    print(format_summary(result.download))
+    print(result.encode.table())
+    print(f"images in {result.images}; store in {result.store}: {result.encode.rows_written} rows written now, "
+          f"{len(result.encode.already_done)} shards were already done")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from training.config import cli_config
     from training.trainer import train
@@ -90,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
                       "text_dim, encoder, problems, ...)")
     insp.add_argument("--no-verify", action="store_true", help="skip re-hashing every shard (faster)")
     insp.set_defaults(func=_cmd_store_inspect)
+
+    dl = sub.add_parser(
+        "download",
+        help="url list or dataset preset -> webdataset image shards (img2dataset)",
+        description="Download image-text pairs with img2dataset. URLS is a parquet/csv/tsv/jsonl file or folder "
+        "with url and caption columns, or a preset (laion-highres-5m, mscoco, cc3m, cc12m). Duplicate urls are "
+        "dropped first; finished shards are kept on a rerun; a summary with failure reasons is printed and "
+        "written to OUT/_pipeline/download_summary.json.",
+    )
+    dl.add_argument("urls", help="url list file/folder or dataset preset")
+    dl.add_argument("--out", required=True, help="folder for the image shards")
+    dl.add_argument("--retry-failed", action="store_true", help="afterwards, re-feed urls that failed")
+    _add_download_args(dl)
+    dl.set_defaults(func=_cmd_download)
+
+    pre = sub.add_parser(
+        "precompute",
+        help="download + encode in one go (images in OUT/images, the store in OUT/store)",
+        description="Download (img2dataset) and encode (Dask workers) in one command. Running it twice on the "
+        "same input is a no-op the second time; a killed run resumes where it stopped.",
+    )
+    pre.add_argument("--urls", required=True, help="url list file/folder or dataset preset")
+    pre.add_argument("--out", required=True, help="output folder")
+    _add_encode_args(pre)
+    _add_download_args(pre)
+    pre.set_defaults(func=_cmd_precompute)
 
     enc = sub.add_parser(
         "encode",

@@ -55,8 +55,14 @@ class ShardResult:
 
 
 def image_shards(image_dir: str | Path) -> list[Path]:
-    """The webdataset tars img2dataset wrote, in shard order."""
-    return sorted(Path(image_dir).glob("*.tar"))
+    """The finished webdataset tars of a download folder, in shard order.
+
+    img2dataset writes NNNNN_stats.json after a shard's tar is closed, so a tar without it
+    may be half-written by a download still running (or killed) and is not encoded yet.
+    """
+    from pipeline.download import completed_shards
+
+    return completed_shards(image_dir)
 
 
 def iter_webdataset(tar_path: Path) -> Iterator[Sample]:
@@ -242,7 +248,9 @@ def encode(
     store_dir = Path(store_dir)
     tars = image_shards(image_dir)
     if not tars:
-        raise FileNotFoundError(f"{image_dir}: no *.tar image shards (run the download stage first)")
+        raise FileNotFoundError(
+            f"{image_dir}: no finished image shards (*.tar with *_stats.json); run the download stage first"
+        )
     manifest = read_manifest(store_dir)
     done = set(manifest["shards"]) if manifest else set()
     summary = EncodeSummary(str(store_dir))

@@ -85,8 +85,16 @@ def test_store_made_by_another_encoder_is_refused(tmp_path):
 
 
 def test_empty_image_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no \\*.tar image shards"):
+    with pytest.raises(FileNotFoundError, match="no finished image shards"):
         encode(tmp_path, tmp_path / "store", CFG)
+
+
+def test_a_shard_still_downloading_is_not_encoded(tmp_path):
+    from pipeline.encode import image_shards
+
+    good_shard(tmp_path / "img" / "00000.tar", 0, 3)
+    write_tar(tmp_path / "img" / "00001.tar", [{"key": "000010000", "jpg": render(1), "txt": "x"}], finished=False)
+    assert [p.name for p in image_shards(tmp_path / "img")] == ["00000.tar"]
 
 
 @pytest.mark.slow

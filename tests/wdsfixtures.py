@@ -17,8 +17,11 @@ def render(seed: int, size: int = 40) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: Path, samples: list[dict]) -> Path:
-    """samples: dicts with key, and optionally jpg (bytes), txt (str), url."""
+def write_tar(path: Path, samples: list[dict], finished: bool = True) -> Path:
+    """samples: dicts with key, and optionally jpg (bytes), txt (str), url.
+
+    `finished` writes NNNNN_stats.json beside the tar, as img2dataset does once a shard is done.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for s in samples:
@@ -32,6 +35,9 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
                 info = tarfile.TarInfo(f"{s['key']}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    if finished:
+        stats = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
+        stats.write_text(json.dumps({"count": len(samples), "successes": len(samples), "failed_to_download": 0}))
     return path
 
 

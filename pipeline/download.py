@@ -1,0 +1,615 @@
+"""Download stage: a url list -> webdataset image shards, with img2dataset.
+
+Layout of ``out_dir`` (img2dataset's, plus one folder of ours)::
+
+    00000.tar            webdataset shard: KEY.jpg, KEY.txt (caption), KEY.json (metadata)
+    00000.parquet        one row per url of the shard: url, caption, extras, key, status,
+                         error_message, width, height, ... (failed urls included)
+    00000_stats.json     written LAST by img2dataset, after the tar and parquet are closed:
+                         its presence is what marks the shard complete
+    _tmp/                img2dataset's scratch (sharded input); removed at the end of a run
+    _pipeline/           ours: url_list.parquet, download_state.json,
+                         download_summary.json, retry-NNN.parquet
+
+How resume works (img2dataset 1.47, ``main.download``): with
+``incremental_mode="incremental"`` it globs ``out_dir/*.json``, parses the shard id
+from each name (``int(name.split("_")[0])``) and skips those shard ids; shard ``i``
+is always rows ``[i*N, (i+1)*N)`` of the url list (``N = number_sample_per_shard``).
+So a rerun with the same url list and ``N`` downloads only shards without a
+``_stats.json``; a shard killed half-way has no stats file and is redone from
+scratch (its tar/parquet are overwritten). Two consequences:
+
+* nothing of ours may be a ``*.json`` directly in ``out_dir`` (img2dataset would
+  crash parsing ``int("download")``), hence the ``_pipeline/`` folder and
+  :data:`SUMMARY_PATH` instead of ``out_dir/download_summary.json``;
+* the url list and ``N`` must not change between runs: we record a fingerprint of
+  the list in ``_pipeline/download_state.json`` and refuse a mismatch.
+
+Retries (:func:`retry_failed`) use img2dataset's ``"extend"`` mode: it starts the
+new shard ids at ``max(existing stats ids) + 1``, so retry shards never collide
+with the original ones, and keys stay unique because the key is
+``shard_id * 10**ceil(log10(N)) + row`` with the same ``N``.
+
+img2dataset spawns its worker pool with the ``spawn`` start method: a script that
+calls :func:`download` needs the usual ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipeline.sources import prepare_url_list, read_url_list_report, resolve_source, source_spec
+
+# albumentations (imported by img2dataset) checks PyPI for updates at import time: a
+# network call on every worker start, slow or hanging offline. Set before the import;
+# img2dataset's spawned workers inherit os.environ.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+log = logging.getLogger(__name__)
+
+META_DIR = "_pipeline"
+SUMMARY_PATH = f"{META_DIR}/download_summary.json"
+STATE_PATH = f"{META_DIR}/download_state.json"
+URL_LIST_PATH = f"{META_DIR}/url_list.parquet"
+OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits (00000.tar)
+_STATS_RE = re.compile(r"^(\d+)_stats\.json$")
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot start or finish as asked; the message says why and what to do."""
+
+
+@dataclass
+class DownloadConfig:
+    """img2dataset settings that matter for this pipeline (``extra`` passes any other one through)."""
+
+    image_size: int = 256
+    # center_crop stores image_size x image_size squares: the same geometry as CLIP's own
+    # preprocessing (shortest side resize + center crop), so encoding at 224 px sees what
+    # CLIP would have seen on the original; "border" would add black bars CLIP never saw.
+    resize_mode: str = "center_crop"
+    resize_only_if_bigger: bool = False
+    processes_count: int = field(default_factory=lambda: max(1, min(16, os.cpu_count() or 1)))
+    thread_count: int = 64
+    number_sample_per_shard: int = 10_000
+    incremental_mode: str = "incremental"  # or "overwrite" (wipes out_dir first)
+    timeout: int = 10  # seconds per url (urllib timeout)
+    retries: int = 0  # immediate per-url retries inside img2dataset
+    max_shard_retry: int = 1  # img2dataset's retry of whole shards that raised
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    output_format: str = "webdataset"
+    min_image_size: int = 0
+    extract_exif: bool = False  # EXIF is large and unused downstream
+    compute_hash: str | None = "sha256"
+    error_rate_warning: float = 0.2  # logging.warning when the error rate exceeds this
+    extra: dict[str, Any] = field(default_factory=dict)  # other img2dataset.download kwargs
+
+    def __post_init__(self) -> None:
+        if self.incremental_mode not in ("incremental", "overwrite"):
+            raise ValueError(f"incremental_mode must be 'incremental' or 'overwrite', not {self.incremental_mode!r}")
+        if self.image_size <= 0 or self.number_sample_per_shard <= 0:
+            raise ValueError("image_size and number_sample_per_shard must be positive")
+        if not 0.0 <= self.error_rate_warning <= 1.0:
+            raise ValueError("error_rate_warning is a fraction in [0, 1]")
+
+
+@dataclass
+class ShardSummary:
+    shard_id: int
+    count: int
+    successes: int
+    failed_to_download: int
+    failed_to_resize: int
+    duration_s: float
+    failure_reasons: dict[str, int]
+    tar: str | None
+
+
+@dataclass
+class DownloadSummary:
+    """Machine-readable result of the url list(s) downloaded into one out_dir so far."""
+
+    out_dir: str
+    shards: list[ShardSummary]
+    count: int  # url attempts over all complete shards (a retried url counts twice)
+    successes: int
+    failed_to_download: int
+    failed_to_resize: int
+    error_rate: float  # failed attempts / attempts, over all complete shards
+    unique_urls: int
+    unresolved_failures: int  # urls that failed and never succeeded (what retry_failed re-feeds)
+    effective_error_rate: float  # unresolved_failures / unique_urls: the fraction of the dataset missing
+    failure_reasons: dict[str, int]  # category (http_404, timeout, decode_error, ...) -> failed attempts
+    unresolved_reasons: dict[str, int]  # category of the latest failure of each url still missing
+    error_messages: dict[str, int]  # most common raw messages (addresses stripped)
+    incomplete_shards: list[int]  # shard files without a _stats.json (killed mid-shard)
+    missing_shards: list[int]  # shards of the url list not written at all yet
+    new_shards: list[int] = field(default_factory=list)  # completed by the last run
+    run_seconds: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
+
+
+def completed_shard_ids(out_dir: str | os.PathLike[str]) -> list[int]:
+    """Shard ids whose ``NNNNN_stats.json`` exists: the only shards safe to read downstream."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in out.iterdir() if (m := _STATS_RE.match(p.name)))
+
+
+def completed_shards(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Tar paths of complete shards (for the encode stage: a tar without stats may be half-written)."""
+    out = Path(out_dir)
+    return [t for i in completed_shard_ids(out) if (t := out / f"{_shard_name(i)}.tar").exists()]
+
+
+def _wipe(path: Path, keep: Path) -> None:
+    """Delete everything under path except the file keep (and the folders leading to it)."""
+    for p in path.iterdir():
+        if p == keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            if keep.is_relative_to(p):
+                _wipe(p, keep)
+            else:
+                shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _partial_shard_ids(out: Path, done: set[int]) -> list[int]:
+    ids = set()
+    for p in out.iterdir():
+        stem, _, ext = p.name.partition(".")
+        if ext in ("tar", "parquet") and stem.isdigit() and int(stem) not in done:
+            ids.add(int(stem))
+    return sorted(ids)
+
+
+_ADDR = re.compile(r"0x[0-9a-fA-F]+")
+_HTTP = re.compile(r"HTTP Error (\d{3})")
+
+
+def failure_category(status: str | None, message: str | None) -> str:
+    """Fold img2dataset's free-text error messages into a few stable categories."""
+    msg = (message or "").lower()
+    if status == "failed_to_resize":
+        if "decoding" in msg or "cannot identify" in msg:
+            return "decode_error"
+        if "too small" in msg or "too large" in msg:
+            return "filtered_size"
+        return "resize_error"
+    if m := _HTTP.search(message or ""):
+        code = int(m.group(1))
+        return f"http_{code}" if code < 500 else "http_5xx"
+    if "timed out" in msg or "timeout" in msg:
+        return "timeout"
+    if "x-robots-tag" in msg:
+        return "disallowed_by_robots"
+    if "hash mismatch" in msg:
+        return "hash_mismatch"
+    if "name or service not known" in msg or "nodename nor servname" in msg or "getaddrinfo" in msg:
+        return "dns_error"
+    if "ssl" in msg or "certificate" in msg:
+        return "ssl_error"
+    if "refused" in msg or "reset" in msg or "unreachable" in msg or "remote end closed" in msg:
+        return "connection_error"
+    return "other"
+
+
+def _fingerprint(url_list: Path) -> tuple[str, int]:
+    """sha256 over the url column in order (what shard ids are derived from) and the row count."""
+    h = hashlib.sha256()
+    rows = 0
+    pf = pq.ParquetFile(url_list)
+    for batch in pf.iter_batches(columns=["url"], batch_size=65536):
+        urls = batch.column(0).to_pylist()
+        rows += len(urls)
+        h.update("\n".join(urls).encode())
+        h.update(b"\n")
+    return h.hexdigest(), rows
+
+
+def _load_state(out: Path) -> dict[str, Any] | None:
+    p = out / STATE_PATH
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    _atomic_write_text(out / STATE_PATH, json.dumps(state, indent=2))
+
+
+def _url_list_columns(url_list: Path) -> tuple[str, str, list[str]]:
+    names = pq.read_schema(url_list).names
+    if "url" not in names:
+        raise DownloadError(
+            f"{url_list}: no 'url' column (columns: {names}); build the list with "
+            "pipeline.sources.prepare_url_list or call download_main"
+        )
+    caption = "caption" if "caption" in names else None
+    if caption is None:
+        raise DownloadError(f"{url_list}: no 'caption' column (columns: {names})")
+    extras = [c for c in names if c not in ("url", "caption") and not c.startswith("__index_level_")]
+    return "url", caption, extras
+
+
+# ---------------------------------------------------------------------------- running img2dataset
+
+
+def _img2dataset_kwargs(url_list: Path, out: Path, config: DownloadConfig, extras: list[str],
+                        incremental_mode: str) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(
+        url_list=str(url_list),
+        output_folder=str(out),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=list(extras) or None,
+        image_size=config.image_size,
+        resize_mode=config.resize_mode,
+        resize_only_if_bigger=config.resize_only_if_bigger,
+        processes_count=config.processes_count,
+        thread_count=config.thread_count,
+        number_sample_per_shard=config.number_sample_per_shard,
+        incremental_mode=incremental_mode,
+        timeout=config.timeout,
+        retries=config.retries,
+        max_shard_retry=config.max_shard_retry,
+        encode_format=config.encode_format,
+        encode_quality=config.encode_quality,
+        output_format=config.output_format,
+        min_image_size=config.min_image_size,
+        extract_exif=config.extract_exif,
+        compute_hash=config.compute_hash,
+        oom_shard_count=OOM_SHARD_COUNT,
+        enable_wandb=False,
+        distributor="multiprocessing",
+    )
+    kw.update(config.extra)
+    return kw
+
+
+def _child_download(kwargs: dict[str, Any]) -> None:
+    import img2dataset
+
+    img2dataset.download(**kwargs)
+
+
+def _run_img2dataset(kwargs: dict[str, Any]) -> None:
+    if threading.current_thread() is threading.main_thread():
+        import img2dataset
+
+        # img2dataset installs a SIGINT handler that exits with status 0 and never restores
+        # the previous one: put ours back so Ctrl-C stays a KeyboardInterrupt afterwards.
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            img2dataset.download(**kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return
+    # signal.signal() only works on the main thread, and Prefect / Dask run tasks in worker
+    # threads: there, run img2dataset in a spawned child process instead.
+    proc = multiprocessing.get_context("spawn").Process(target=_child_download, args=(kwargs,), name="img2dataset")
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise DownloadError(f"img2dataset child process exited with status {proc.exitcode}")
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def summarize(out_dir: str | os.PathLike[str], *, expected_shards: int | None = None,
+              error_rate_warning: float = 0.2) -> DownloadSummary:
+    """Read every complete shard's ``_stats.json`` and ``.parquet`` into a :class:`DownloadSummary`."""
+    out = Path(out_dir)
+    if expected_shards is None and (state := _load_state(out)) is not None:
+        expected_shards = state.get("primary_shards")
+    done = completed_shard_ids(out)
+    shards: list[ShardSummary] = []
+    reasons: Counter[str] = Counter()
+    messages: Counter[str] = Counter()
+    ok_urls: set[str] = set()
+    last_failure: dict[str, str] = {}  # url -> category of its latest failure (shards in id order)
+    warnings: list[str] = []
+    for sid in done:
+        name = _shard_name(sid)
+        stats = json.loads((out / f"{name}_stats.json").read_text())
+        shard_reasons: Counter[str] = Counter()
+        pq_path = out / f"{name}.parquet"
+        if pq_path.exists():
+            df = pd.read_parquet(pq_path, columns=["url", "status", "error_message"])
+            ok = df["status"] == "success"
+            ok_urls.update(df.loc[ok, "url"])
+            bad = df[~ok]
+            for url, status, msg in zip(bad["url"], bad["status"], bad["error_message"], strict=True):
+                cat = failure_category(status, msg)
+                last_failure[url] = cat
+                shard_reasons[cat] += 1
+                messages[_ADDR.sub("0x…", str(msg))] += 1
+            if len(df) != stats["count"]:
+                warnings.append(f"shard {name}: parquet has {len(df)} rows, stats say {stats['count']}")
+        else:
+            warnings.append(f"shard {name}: stats without parquet; failure reasons unknown")
+        reasons.update(shard_reasons)
+        tar = out / f"{name}.tar"
+        shards.append(ShardSummary(
+            shard_id=sid, count=int(stats["count"]), successes=int(stats["successes"]),
+            failed_to_download=int(stats["failed_to_download"]), failed_to_resize=int(stats["failed_to_resize"]),
+            duration_s=round(float(stats.get("duration", 0.0)), 3), failure_reasons=dict(shard_reasons),
+            tar=tar.name if tar.exists() else None,
+        ))
+    count = sum(s.count for s in shards)
+    failed = sum(s.failed_to_download + s.failed_to_resize for s in shards)
+    unique = ok_urls | last_failure.keys()
+    unresolved = last_failure.keys() - ok_urls
+    unresolved_reasons = Counter(last_failure[u] for u in unresolved)
+    done_set = set(done)
+    incomplete = _partial_shard_ids(out, done_set) if out.is_dir() else []
+    missing = [i for i in range(expected_shards or 0) if i not in done_set and i not in incomplete]
+    summary = DownloadSummary(
+        out_dir=str(out), shards=shards, count=count, successes=sum(s.successes for s in shards),
+        failed_to_download=sum(s.failed_to_download for s in shards),
+        failed_to_resize=sum(s.failed_to_resize for s in shards),
+        error_rate=round(failed / count, 6) if count else 0.0,
+        unique_urls=len(unique), unresolved_failures=len(unresolved),
+        effective_error_rate=round(len(unresolved) / len(unique), 6) if unique else 0.0,
+        failure_reasons=dict(reasons.most_common()), unresolved_reasons=dict(unresolved_reasons.most_common()),
+        error_messages=dict(messages.most_common(20)),
+        incomplete_shards=incomplete, missing_shards=missing, warnings=warnings,
+    )
+    if summary.effective_error_rate > error_rate_warning:
+        summary.warnings.append(
+            f"error rate {summary.effective_error_rate:.1%} of {summary.unique_urls} urls is above "
+            f"{error_rate_warning:.0%} (top reasons: {dict(unresolved_reasons.most_common(3))})"
+        )
+    if incomplete or missing:
+        summary.warnings.append(
+            f"{len(incomplete) + len(missing)} shard(s) not complete (incomplete: {incomplete[:10]}, missing: "
+            f"{missing[:10]}); rerun the same download to resume"
+        )
+    return summary
+
+
+def format_summary(summary: DownloadSummary, max_rows: int = 20) -> str:
+    """A human table: the last run's shards (or all), totals, and failure reasons."""
+    rows = [s for s in summary.shards if s.shard_id in set(summary.new_shards)] or summary.shards
+    lines = [f"download summary for {summary.out_dir}",
+             f"{'shard':>7} {'urls':>7} {'ok':>7} {'failed_dl':>9} {'failed_rs':>9}  top reason"]
+    for s in rows[:max_rows]:
+        top = max(s.failure_reasons.items(), key=lambda kv: kv[1])[0] if s.failure_reasons else "-"
+        lines.append(f"{_shard_name(s.shard_id):>7} {s.count:>7} {s.successes:>7} {s.failed_to_download:>9} "
+                     f"{s.failed_to_resize:>9}  {top}")
+    if len(rows) > max_rows:
+        lines.append(f"    ... {len(rows) - max_rows} more shard(s)")
+    lines.append(f"{'total':>7} {summary.count:>7} {summary.successes:>7} {summary.failed_to_download:>9} "
+                 f"{summary.failed_to_resize:>9}  ({len(summary.shards)} complete shards)")
+    lines.append(f"error rate {summary.error_rate:.1%} of attempts; {summary.unresolved_failures} of "
+                 f"{summary.unique_urls} urls still missing ({summary.effective_error_rate:.1%})")
+    if summary.failure_reasons:
+        lines.append("failure reasons (attempts): "
+                     + ", ".join(f"{k}={v}" for k, v in summary.failure_reasons.items()))
+    if summary.unresolved_reasons:
+        lines.append("still missing by reason: "
+                     + ", ".join(f"{k}={v}" for k, v in summary.unresolved_reasons.items()))
+    lines.extend(f"WARNING: {w}" for w in summary.warnings)
+    return "\n".join(lines)
+
+
+def _finish(out: Path, before: set[int], t0: float, config: DownloadConfig) -> DownloadSummary:
+    summary = summarize(out, error_rate_warning=config.error_rate_warning)
+    summary.new_shards = [s.shard_id for s in summary.shards if s.shard_id not in before]
+    summary.run_seconds = round(time.monotonic() - t0, 3)
+    _atomic_write_text(out / SUMMARY_PATH, summary.to_json())
+    print(format_summary(summary))
+    for w in summary.warnings:
+        log.warning("%s: %s", out, w)
+    return summary
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def download(url_list: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+             config: DownloadConfig | None = None) -> DownloadSummary:
+    """Download a prepared url list (Parquet: url, caption, extras) into webdataset shards.
+
+    Resumable: rerunning with the same list skips complete shards. Refuses to mix a
+    different url list or shard size into an existing out_dir (shard ids would no
+    longer mean the same rows) unless ``incremental_mode="overwrite"``.
+    """
+    config = config or DownloadConfig()
+    t0 = time.monotonic()
+    url_list, out = Path(url_list).resolve(), Path(out_dir).resolve()
+    if not url_list.is_file():
+        raise DownloadError(f"url list {url_list} does not exist")
+    _, _, extras = _url_list_columns(url_list)
+    fingerprint, rows = _fingerprint(url_list)
+    if rows == 0:
+        raise DownloadError(f"{url_list}: empty url list")
+    if config.incremental_mode == "overwrite" and out.exists():
+        # img2dataset's own "overwrite" would delete our _pipeline/ too, mid-run; wipe first, then
+        # run incrementally into the empty folder (equivalent, and the state is written before).
+        _wipe(out, keep=url_list)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _load_state(out)
+    n = config.number_sample_per_shard
+    if state is not None:
+        if state["url_list_fingerprint"] != fingerprint or state["number_sample_per_shard"] != n:
+            raise DownloadError(
+                f"{out} holds a download of a different url list or shard size "
+                f"({state['url_list']}, {state['rows']} rows, {state['number_sample_per_shard']}/shard); "
+                "resuming would mix rows under the same shard ids. Use a new out_dir or "
+                "incremental_mode='overwrite'."
+            )
+    else:
+        if completed_shard_ids(out):
+            raise DownloadError(f"{out} already holds shards from an unknown url list; use a new out_dir "
+                                "or incremental_mode='overwrite'")
+        state = {
+            "url_list": str(url_list), "url_list_fingerprint": fingerprint, "rows": rows,
+            "number_sample_per_shard": n, "primary_shards": math.ceil(rows / n),
+            "oom_shard_count": OOM_SHARD_COUNT, "extra_columns": extras,
+            "url_list_report": read_url_list_report(url_list), "retries": [],
+        }
+        _save_state(out, state)
+    before = set(completed_shard_ids(out))
+    todo = [i for i in range(state["primary_shards"]) if i not in before]
+    log.info("download %s -> %s: %d rows, %d shards, %d to do", url_list, out, rows, state["primary_shards"],
+             len(todo))
+    _run_img2dataset(_img2dataset_kwargs(url_list, out, config, extras, "incremental"))
+    return _finish(out, before, t0, config)
+
+
+def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None = None, *,
+                 reasons: set[str] | None = None) -> DownloadSummary:
+    """Download again the urls that failed (and never succeeded) in out_dir, as new shards.
+
+    The failed rows are read back from the per-shard parquets (url, caption and the
+    extra columns are all there), written to ``_pipeline/retry-NNN.parquet`` and
+    downloaded with img2dataset's ``"extend"`` mode: new shard ids start after the
+    largest complete one, so nothing is overwritten. ``reasons`` limits the retry to
+    some failure categories (e.g. ``{"timeout", "http_5xx", "connection_error"}``;
+    see :func:`failure_category`). Running it again after an interrupted retry
+    re-feeds whatever is still failed. Requires the main download to be complete,
+    because an extend run would otherwise take shard ids the main list still needs.
+    """
+    config = config or DownloadConfig()
+    t0 = time.monotonic()
+    out = Path(out_dir).resolve()
+    state = _load_state(out)
+    if state is None:
+        raise DownloadError(f"{out}: no {STATE_PATH}; retry_failed works on folders written by download()")
+    before = set(completed_shard_ids(out))
+    missing = [i for i in range(state["primary_shards"]) if i not in before]
+    if missing:
+        raise DownloadError(f"{out}: {len(missing)} shard(s) of the url list are not complete yet "
+                            f"(e.g. {missing[:5]}); rerun download() first, then retry_failed()")
+    # Same shard size as the main run: keys are shard_id * 10**ceil(log10(N)) + row, so a
+    # different N could give two samples the same key.
+    config = dataclasses.replace(config, number_sample_per_shard=state["number_sample_per_shard"],
+                                 incremental_mode="incremental")
+    extras = list(state.get("extra_columns", []))
+    frames, succeeded = [], set()
+    for sid in sorted(before):
+        p = out / f"{_shard_name(sid)}.parquet"
+        if not p.exists():
+            continue
+        cols = [c for c in ["url", "caption", *extras, "status", "error_message"] if c in pq.read_schema(p).names]
+        df = pd.read_parquet(p, columns=cols)
+        succeeded.update(df.loc[df["status"] == "success", "url"])
+        frames.append(df[df["status"] != "success"])
+    failed = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["url", "caption"])
+    failed = failed[~failed["url"].isin(succeeded)].drop_duplicates("url", keep="last")
+    if reasons is not None:
+        cats = [failure_category(s, m) for s, m in zip(failed["status"], failed["error_message"], strict=True)]
+        failed = failed[[c in reasons for c in cats]]
+    if failed.empty:
+        log.info("%s: no failed urls to retry", out)
+        return _finish(out, before, t0, config)
+    # Half-written shards (no stats) can only come from a killed earlier retry here, since the
+    # main list is complete; delete them so they are not mistaken for data.
+    for sid in _partial_shard_ids(out, before):
+        for ext in (".tar", ".parquet"):
+            (out / f"{_shard_name(sid)}{ext}").unlink(missing_ok=True)
+    attempt = len(state.get("retries", [])) + 1
+    retry_list = out / META_DIR / f"retry-{attempt:03d}.parquet"
+    failed = failed.drop(columns=[c for c in ("status", "error_message") if c in failed]).reset_index(drop=True)
+    tmp = retry_list.with_name(f".{retry_list.name}.tmp")
+    failed.to_parquet(tmp, index=False)
+    os.replace(tmp, retry_list)
+    first_id = max(before) + 1 if before else 0
+    log.info("%s: retrying %d failed url(s) as shards from %s", out, len(failed), _shard_name(first_id))
+    state.setdefault("retries", []).append({
+        "attempt": attempt, "url_list": str(retry_list), "rows": len(failed), "first_shard": first_id,
+        "shards": math.ceil(len(failed) / config.number_sample_per_shard), "time": time.time(),
+    })
+    _save_state(out, state)
+    kwargs = _img2dataset_kwargs(retry_list, out, config, [c for c in extras if c in failed.columns], "extend")
+    _run_img2dataset(kwargs)
+    return _finish(out, before, t0, config)
+
+
+def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                  source_options: dict[str, Any] | None = None, retry: bool = False,
+                  **config: Any) -> DownloadSummary:
+    """CLI-shaped entry: a preset name or url file/folder -> prepared list -> shards in out_dir.
+
+    ``config`` are :class:`DownloadConfig` fields (``image_size=256, processes_count=8, ...``);
+    ``source_options`` go to :func:`pipeline.sources.resolve_source` (``sample_size``, ``seed``,
+    ``metadata_dir``, ``url_col``, ...). The prepared list lives in ``out_dir/_pipeline/url_list.parquet``
+    and is reused on a rerun when the source (and its files' size/mtime) did not change, so resuming
+    a LAION-sized job does not re-scan its metadata. ``retry=True`` runs :func:`retry_failed` after.
+    """
+    valid = {f.name for f in dataclasses.fields(DownloadConfig)}
+    unknown = set(config) - valid
+    if unknown:
+        raise TypeError(f"unknown download option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    cfg = DownloadConfig(**config)
+    out = Path(out_dir)
+    source = resolve_source(url_list_or_source, **(source_options or {}))
+    prepared = out / URL_LIST_PATH
+    old = read_url_list_report(prepared) if prepared.exists() else None
+    if old is not None and old.get("source_spec") == source_spec(source):
+        log.info("reusing prepared url list %s (same source)", prepared)
+    else:
+        # Prepare beside the current list and swap only if this folder may take it: a refused
+        # call must not clobber the list that the existing shards were cut from.
+        candidate = prepare_url_list(source, out / META_DIR, filename=f".candidate-{prepared.name}")
+        state = _load_state(out.resolve())
+        if state is not None and cfg.incremental_mode != "overwrite" and (
+            _fingerprint(candidate)[0] != state["url_list_fingerprint"]
+        ):
+            candidate.unlink()
+            raise DownloadError(
+                f"{out} holds a download of a different url list ({state['rows']} rows from "
+                f"{(state.get('url_list_report') or {}).get('source', '?')}); use a new out_dir or "
+                "incremental_mode='overwrite'"
+            )
+        os.replace(candidate, prepared)
+    summary = download(prepared, out, cfg)
+    if retry and summary.unresolved_failures:
+        summary = retry_failed(out, cfg)
+    return summary

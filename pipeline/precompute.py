@@ -1,0 +1,54 @@
+"""Precompute stage: download image-text pairs, then encode each pair once into the store.
+
+Layout of an output folder: DIR/images (webdataset shards from img2dataset) and
+DIR/store (the embedding store). Both steps skip finished shards, so running the same
+command twice is a no-op the second time.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cluster import ClusterConfig
+from pipeline.download import DownloadConfig, DownloadSummary, download_main
+from pipeline.encode import EncodeConfig, EncodeSummary, encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrecomputeResult:
+    images: Path
+    store: Path
+    download: DownloadSummary
+    encode: EncodeSummary
+
+
+def output_dirs(out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    return out / "images", out / "store"
+
+
+def precompute(
+    urls: str | Path,
+    out: str | Path,
+    encode_cfg: EncodeConfig,
+    download_cfg: DownloadConfig | None = None,
+    cluster: ClusterConfig | None = None,
+    source_options: dict | None = None,
+    progress: bool = True,
+) -> PrecomputeResult:
+    """urls: a url list file/folder or a dataset preset (see `pipeline.sources`)."""
+    images, store = output_dirs(out)
+    download_cfg = download_cfg or DownloadConfig()
+    dl = download_main(urls, images, source_options=source_options, **_fields(download_cfg))
+    log.info("download: %d images in %d shards (error rate %.1f%%)", dl.successes, len(dl.shards),
+             100 * dl.error_rate)
+    enc = encode(images, store, encode_cfg, cluster=cluster, progress=progress)
+    return PrecomputeResult(images, store, dl, enc)
+
+
+def _fields(cfg: DownloadConfig) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

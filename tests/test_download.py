@@ -1,0 +1,211 @@
+"""Download stage against the real img2dataset and a real loopback image server (separate process)."""
+
+import io
+import json
+import logging
+import shutil
+import signal
+import tarfile
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
+from PIL import Image
+
+from pipeline.download import (
+    STATE_PATH,
+    SUMMARY_PATH,
+    URL_LIST_PATH,
+    DownloadConfig,
+    DownloadError,
+    completed_shards,
+    download,
+    download_main,
+    failure_category,
+    retry_failed,
+)
+from pipeline.sources import read_url_list_report
+
+SLOW_S = 5  # the /slow url sleeps this long ...
+TIMEOUT_S = 2  # ... which is longer than the download timeout of the first run
+CFG = dict(processes_count=1, thread_count=8, number_sample_per_shard=4, timeout=TIMEOUT_S, image_size=32)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _read_tars(out: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def _snapshot(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def first_run(image_server: ImageServer, tmp_path_factory):  # noqa: F811 - fixture by name
+    """One real download of good + duplicate + 404 + corrupt + slow + 500 urls, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("dl")
+    good = {image_server.url(f"/img/{i}.{'png' if i % 3 == 0 else 'jpg'}"): f"picture {i}" for i in range(6)}
+    bad = {
+        image_server.url("/missing/1.jpg"): "http_404",
+        image_server.url("/corrupt/2.jpg"): "decode_error",
+        image_server.url(f"/slow/{SLOW_S}/3.jpg"): "timeout",
+        image_server.url("/status/500/4.jpg"): "http_5xx",
+    }
+    rows = [(u, c) for u, c in good.items()] + [(u, f"bad {r}") for u, r in bad.items()]
+    rows.insert(3, (next(iter(good)), "duplicate of the first url"))
+    rows.append((list(good)[4], "another duplicate"))
+    csv = tmp / "pairs.csv"
+    pd.DataFrame({"URL": [u for u, _ in rows], "TEXT": [c for _, c in rows],
+                  "row": range(len(rows))}).to_csv(csv, index=False)
+    out = tmp / "shards"
+    records = _Records()
+    logging.getLogger("pipeline.download").addHandler(records)
+    try:
+        summary = download_main(csv, out, **CFG)
+    finally:
+        logging.getLogger("pipeline.download").removeHandler(records)
+    return {"out": out, "csv": csv, "good": good, "bad": bad, "summary": summary, "warnings": records.messages}
+
+
+@pytest.mark.slow
+def test_shards_hold_exactly_the_good_samples(first_run):
+    out, good = first_run["out"], first_run["good"]
+    samples = _read_tars(out)
+    assert len(samples) == len(good)
+    by_url = {json.loads(s["json"])["url"]: s for s in samples.values()}
+    assert set(by_url) == set(good)
+    for url, s in by_url.items():
+        assert s["txt"].decode() == good[url]  # the first caption of a duplicated url is kept
+        meta = json.loads(s["json"])
+        assert meta["status"] == "success" and "row" in meta  # extra column saved by img2dataset
+        img = Image.open(io.BytesIO(s["jpg"]))
+        assert img.format == "JPEG" and img.size == (32, 32)  # configurable size, center_crop
+    assert len(completed_shards(out)) == 3  # 10 unique urls, 4 per shard
+
+
+@pytest.mark.slow
+def test_duplicates_removed_before_download(first_run):
+    out, summary = first_run["out"], first_run["summary"]
+    rep = read_url_list_report(out / URL_LIST_PATH)
+    assert rep["duplicates_dropped"] == 2 and rep["rows_written"] == 10
+    assert summary.count == summary.unique_urls == 10
+
+
+@pytest.mark.slow
+def test_summary_counts_failures_by_reason(first_run):
+    out, summary = first_run["out"], first_run["summary"]
+    assert summary.successes == 6 and summary.failed_to_download == 3 and summary.failed_to_resize == 1
+    assert summary.failure_reasons == {"http_404": 1, "decode_error": 1, "timeout": 1, "http_5xx": 1}
+    assert summary.unresolved_reasons == summary.failure_reasons
+    assert summary.error_rate == pytest.approx(0.4) and summary.unresolved_failures == 4
+    assert summary.new_shards == [0, 1, 2] and not summary.incomplete_shards and not summary.missing_shards
+    on_disk = json.loads((out / SUMMARY_PATH).read_text())
+    assert on_disk["failure_reasons"] == summary.failure_reasons
+    assert sum(s["count"] for s in on_disk["shards"]) == 10
+    assert any("error rate 40.0%" in w for w in first_run["warnings"])  # above the 0.2 default
+    # Only img2dataset's stats files match its `*.json` completion glob (ours live in _pipeline/).
+    assert sorted(p.name for p in out.glob("*.json")) == [f"0000{i}_stats.json" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_rerun_is_a_noop(first_run):
+    out = first_run["out"]
+    shard_files = {k: v for k, v in _snapshot(out).items() if k[0].isdigit()}
+    sigint = signal.getsignal(signal.SIGINT)
+    summary = download_main(first_run["csv"], out, **CFG)
+    assert signal.getsignal(signal.SIGINT) is sigint  # img2dataset's exit-0 handler was undone
+    assert summary.new_shards == []
+    assert {k: v for k, v in _snapshot(out).items() if k[0].isdigit()} == shard_files
+
+
+@pytest.mark.slow
+def test_refuses_a_different_url_list_in_the_same_folder(first_run, tmp_path):
+    other = tmp_path / "other.parquet"
+    pd.DataFrame({"url": ["http://127.0.0.1:1/x.jpg"], "caption": ["x"]}).to_parquet(other)
+    with pytest.raises(DownloadError, match="different url list"):
+        download(other, first_run["out"], DownloadConfig(**CFG))
+
+
+@pytest.mark.slow
+def test_retry_failed_refeeds_only_the_failed_urls(first_run, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(first_run["out"], out)
+    before = {p.name for p in out.glob("*.tar")}
+    # A longer timeout than the slow url's sleep: that one succeeds now, the others fail again.
+    summary = retry_failed(out, DownloadConfig(**{**CFG, "timeout": SLOW_S + 5}))
+    state = json.loads((out / STATE_PATH).read_text())
+    retry_list = pd.read_parquet(state["retries"][0]["url_list"])
+    assert set(retry_list["url"]) == set(first_run["bad"])
+    assert "row" in retry_list.columns  # extras travel with the retried rows
+    assert summary.new_shards == [3]  # after the largest existing shard id: no collision
+    assert {p.name for p in out.glob("*.tar")} == before | {"00003.tar"}
+    keys = pd.concat(pd.read_parquet(p, columns=["key"]) for p in out.glob("*.parquet") if p.name[0].isdigit())
+    assert keys["key"].is_unique
+    assert summary.unresolved_failures == 3 and "timeout" not in summary.unresolved_reasons
+    slow = [s for s in _read_tars(out).values() if json.loads(s["json"])["url"].endswith(f"/slow/{SLOW_S}/3.jpg")]
+    assert len(slow) == 1
+    # Only 404 / corrupt / 500 are left; a retry limited to timeouts has nothing to do.
+    again = retry_failed(out, DownloadConfig(**CFG), reasons={"timeout"})
+    assert again.new_shards == [] and len(completed_shards(out)) == 4
+
+
+@pytest.mark.slow
+def test_download_from_a_worker_thread(image_server, tmp_path):  # noqa: F811 - fixture by name
+    # Prefect and Dask run tasks off the main thread, where img2dataset's signal.signal() would fail.
+    urls = pd.DataFrame({"url": [image_server.url("/img/10.jpg"), image_server.url("/img/11.png")],
+                         "caption": ["ten", "eleven"]})
+    urls.to_parquet(tmp_path / "urls.parquet")
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = download(tmp_path / "urls.parquet", tmp_path / "out", DownloadConfig(**CFG))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
+            result["error"] = err
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    assert "error" not in result, result.get("error")
+    assert result["summary"].successes == 2
+
+
+def test_config_defaults_and_validation():
+    cfg = DownloadConfig()
+    assert (cfg.image_size, cfg.encode_format, cfg.output_format, cfg.incremental_mode) == (
+        256, "jpg", "webdataset", "incremental")
+    assert cfg.error_rate_warning == 0.2
+    with pytest.raises(ValueError):
+        DownloadConfig(incremental_mode="extend")
+    with pytest.raises(TypeError, match="unknown download option"):
+        download_main("x.csv", "out", colour="red")
+
+
+@pytest.mark.parametrize(("status", "message", "category"), [
+    ("failed_to_download", "HTTP Error 404: Not Found", "http_404"),
+    ("failed_to_download", "HTTP Error 503: Service Unavailable", "http_5xx"),
+    ("failed_to_download", "timed out", "timeout"),
+    ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns_error"),
+    ("failed_to_resize", "Image decoding error", "decode_error"),
+    ("failed_to_resize", "image too small", "filtered_size"),
+    ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "disallowed_by_robots"),
+])
+def test_failure_categories(status, message, category):
+    assert failure_category(status, message) == category
