@@ -5,11 +5,13 @@ GPUs present -> `dask_cuda.LocalCUDACluster` (one worker per GPU); no GPU -> a C
 are waited for with a timeout, so an empty cluster fails instead of hanging.
 """
 
+import importlib
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,6 @@ class ClusterError(RuntimeError):
 class ClusterConfig:
     address: str | None = None  # tcp://host:8786 of a running scheduler; None: start one here
     n_workers: int | None = None  # local CPU cluster size (default 1: the model uses every core)
-    threads_per_worker: int = 1  # one task at a time per worker: the model owns the device
     wait_timeout: float = 120.0  # seconds to wait for at least `min_workers`
     min_workers: int = 1
     memory_limit: str = "auto"
@@ -37,45 +38,69 @@ def _gpu_count() -> int:
         return 0
 
 
+def local_cluster_spec(cfg: ClusterConfig) -> tuple[str, dict[str, Any]]:
+    """(cluster class path, kwargs) of the local cluster to start for `cfg`."""
+    if _gpu_count() > 0:
+        if importlib.util.find_spec("dask_cuda") is None:
+            raise ClusterError(
+                "GPUs found but dask-cuda is not installed: `pip install -e '.[gpu]'` "
+                "(or pass an existing scheduler address)"
+            )
+        # One worker per GPU, one task at a time each: the model owns the device.
+        return "dask_cuda.LocalCUDACluster", {"threads_per_worker": 1, "dashboard_address": None}
+    n = cfg.n_workers or 1
+    threads = max(1, (os.cpu_count() or 1) // n)  # split the cores so torch thread pools do not fight
+    return "distributed.LocalCluster", {
+        "n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+        "memory_limit": cfg.memory_limit, "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+    }
+
+
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def wait_for_workers(client, cfg: ClusterConfig) -> None:
+    try:
+        client.wait_for_workers(cfg.min_workers, timeout=cfg.wait_timeout)
+    except TimeoutError as e:
+        where = f" at scheduler {cfg.address}; start some with `dask worker {cfg.address}`" if cfg.address else ""
+        raise ClusterError(f"no Dask workers after {cfg.wait_timeout:.0f}s{where}") from e
+
+
 @contextmanager
 def dask_client(cfg: ClusterConfig | None = None) -> Iterator["distributed.Client"]:  # noqa: F821
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cfg = cfg or ClusterConfig()
     cluster = None
     if cfg.address:
         client = Client(cfg.address, timeout=cfg.wait_timeout)
-    elif _gpu_count() > 0:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as e:
-            raise ClusterError(
-                "GPUs found but dask-cuda is not installed: `pip install -e '.[gpu]'` "
-                "(or pass an existing scheduler address)"
-            ) from e
-        cluster = LocalCUDACluster(threads_per_worker=cfg.threads_per_worker, dashboard_address=None)
-        client = Client(cluster)
     else:
-        n = cfg.n_workers or 1
-        # Split the cores between workers so their torch thread pools do not fight.
-        threads = max(1, (os.cpu_count() or 1) // n)
-        cluster = LocalCluster(
-            n_workers=n, threads_per_worker=cfg.threads_per_worker, processes=True, dashboard_address=None,
-            memory_limit=cfg.memory_limit,
-            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-        )
+        cls, kwargs = local_cluster_spec(cfg)
+        cluster = _import(cls)(**kwargs)
         client = Client(cluster)
     try:
-        try:
-            client.wait_for_workers(cfg.min_workers, timeout=cfg.wait_timeout)
-        except TimeoutError as e:
-            raise ClusterError(
-                f"no Dask workers after {cfg.wait_timeout:.0f}s"
-                + (f" at scheduler {cfg.address}; start some with `dask worker {cfg.address}`" if cfg.address else "")
-            ) from e
-        log.info("dask cluster: %d workers (%s)", len(client.scheduler_info()["workers"]), client.dashboard_link)
+        wait_for_workers(client, cfg)
+        log.info("dask cluster: %d workers", len(client.scheduler_info()["workers"]))
         yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def dask_task_runner(cfg: ClusterConfig | None = None):
+    """A prefect-dask task runner for the same cluster choice (Prefect flows use this)."""
+    from distributed import Client
+    from prefect_dask import DaskTaskRunner
+
+    cfg = cfg or ClusterConfig()
+    if cfg.address:
+        # Prefect would wait forever on a scheduler without workers: check first.
+        with Client(cfg.address, timeout=cfg.wait_timeout) as client:
+            wait_for_workers(client, cfg)
+        return DaskTaskRunner(address=cfg.address)
+    cls, kwargs = local_cluster_spec(cfg)
+    return DaskTaskRunner(cluster_class=cls, cluster_kwargs=kwargs)

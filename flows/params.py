@@ -1,0 +1,32 @@
+"""Typed flow parameters. Pydantic models, so the Prefect server validates a run's
+parameters (`prefect deployment run ... --param/--params`) before the run starts."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
+
+
+class DownloadParams(_Params):
+    image_size: int = Field(256, gt=0, description="stored image side in pixels")
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"] = "center_crop"
+    processes_count: int | None = Field(None, gt=0, description="download processes (None: one per core)")
+    thread_count: int = Field(64, gt=0)
+    number_sample_per_shard: int = Field(10_000, gt=0)
+    timeout: int = Field(10, gt=0, description="seconds per url")
+    retry_failed: bool = Field(False, description="re-feed failed urls once after the download")
+
+
+class EncodeParams(_Params):
+    batch_size: int = Field(64, gt=0)
+    device: str | None = Field(None, description="cuda, cpu, ... (None: cuda if present)")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
+
+
+class ClusterParams(_Params):
+    address: str | None = Field(None, description="tcp://host:8786 of a running Dask scheduler; None: local")
+    n_workers: int | None = Field(None, gt=0, description="local CPU workers (GPUs: one worker each)")
+    wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for Dask workers before failing")
