@@ -123,6 +123,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print("note: PREFECT_API_URL is not set; deployments go to this profile's server "
+              "(see README: start one with `prefect server start`)", file=sys.stderr)
+    from flows.deployments import serve
+
+    serve(args.data, args.dask_address, args.limit)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eclipse-prior", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                      help="export the EMA weights (default: when the run kept them)")
     exp.set_defaults(func=_cmd_export)
+
+    srv = sub.add_parser(
+        "serve",
+        help="register every Prefect deployment and run them (one process, one machine)",
+        description="Register the deployments (precompute/<dataset>, precompute/local, ...) with the Prefect server "
+        "at PREFECT_API_URL and serve them until interrupted. Then: `prefect deployment run "
+        "precompute/laion-highres-5m`.",
+    )
+    srv.add_argument("--data", default="runs", help="folder the dataset deployments write to (default runs/)")
+    srv.add_argument("--dask-address", default=None, help="run shard tasks on this Dask scheduler")
+    srv.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 
