@@ -1,0 +1,188 @@
+"""GPU benchmark: the prior's training speed and the CLIP vision towers' encode speed, vs FLOP bounds.
+
+    python benchmarks/gpu/bench_gpu.py [--peak-tflops 989] [--skip-vision] [--skip-prior]
+
+One GPU, under 8 minutes. Needs CUDA: without it, it says so and exits with status 2.
+  1. the kandinsky22 ECLIPSE prior (34.2M parameters), batch 1024, bf16 autocast, torch.compile,
+     fused AdamW, ECLIPSE loss: steps/s, samples/s, model FLOP utilisation (MFU), and the time
+     the paper's 60,000-step schedule would take;
+  2. ViT-L/14 (karlo) and ViT-bigG/14 (kandinsky22) vision towers, random weights built from
+     their configs (transformers CLIPVisionModelWithProjection, bf16, SDPA), 224 px:
+     images/s and the fraction of the FLOP bound (peak bf16 FLOP/s / FLOPs per image).
+FLOPs are counted analytically (matmuls and attention; 2 per multiply-add; training = 3 x forward).
+Batches are synthetic tensors already on the GPU: this measures the model, not the input path
+(benchmarks/train.py measures that).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched on the device name.
+PEAK_BF16 = [
+    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A6000", 155e12), ("L4", 121e12),
+]
+
+VISION_TOWERS = {
+    # name: (CLIPVisionConfig kwargs, batch)
+    "ViT-L/14 (karlo)": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768,
+                              hidden_act="quick_gelu"), 512),
+    "ViT-bigG/14 (kandinsky22)": (dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
+                                       num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1280,
+                                       hidden_act="gelu"), 256),
+}
+
+
+def peak_flops(name: str, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def prior_train_flops_per_sample(cfg: dict) -> float:
+    """Training FLOPs of one sample through the time-free prior (forward x 3)."""
+    d, inner = cfg["embedding_dim"], cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    text, length, ff = cfg["num_embeddings"], cfg["num_embeddings"] + cfg["additional_embeddings"], 4 * inner
+    fwd = 2 * text * d * inner  # text hidden-state projection
+    fwd += 2 * 2 * d * inner  # text embedding + noise projections
+    fwd += cfg["num_layers"] * (2 * length * (4 * inner * inner + 2 * inner * ff) + 2 * 2 * length * length * inner)
+    fwd += 2 * inner * d  # output projection (prd token only)
+    return 3.0 * fwd
+
+
+def vision_flops_per_image(c: dict) -> float:
+    """Forward FLOPs of one image through a CLIP ViT tower (patch embedding, blocks, projection)."""
+    w, mlp, p = c["hidden_size"], c["intermediate_size"], c["patch_size"]
+    patches = (c["image_size"] // p) ** 2
+    tokens = patches + 1
+    flops = 2 * patches * (3 * p * p) * w
+    flops += c["num_hidden_layers"] * (2 * tokens * (4 * w * w + 2 * w * mlp) + 2 * 2 * tokens * tokens * w)
+    return flops + 2 * w * c["projection_dim"]
+
+
+def sync_time(fn, n: int) -> float:
+    """Seconds per call of fn over n calls, GPU work included."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
+
+
+def bench_prior(batch: int, warmup: int, steps: int, compile_model: bool, peak: float | None) -> None:
+    from training.objectives import EclipseObjective, PriorBatch
+    from training.prior import build_prior, count_parameters, preset_config
+
+    dev = torch.device("cuda")
+    cfg = preset_config("kandinsky22")
+    torch.manual_seed(0)
+    model = build_prior("kandinsky22").to(dev).train()
+    n_params = count_parameters(model)
+    fwd_model = torch.compile(model) if compile_model else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, fused=True)
+    d = cfg["embedding_dim"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    lengths = torch.randint(5, 40, (batch,), device=dev, generator=g)
+    mask = torch.arange(77, device=dev)[None] < lengths[:, None]
+    data = PriorBatch(torch.randn(batch, d, device=dev, generator=g), torch.randn(batch, d, device=dev, generator=g),
+                      torch.randn(batch, 77, d, device=dev, generator=g) * mask[..., None], mask)
+    objective = EclipseObjective()
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = objective.loss(fwd_model, data, g)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # includes compilation
+        step()
+    torch.cuda.synchronize()
+    print(f"prior: warm-up ({warmup} steps{', compile' if compile_model else ''}) {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    sec = sync_time(step, steps)
+    flops = prior_train_flops_per_sample(cfg) * batch
+    print(f"prior kandinsky22 ({n_params:,} parameters), batch {batch}, bf16{', compiled' if compile_model else ''}: "
+          f"{1 / sec:.2f} steps/s, {batch / sec:,.0f} samples/s, {flops / sec / 1e12:.1f} TFLOP/s")
+    if peak:
+        print(f"prior_mfu={flops / sec / peak:.3f}")
+    print(f"prior_steps_per_s={1 / sec:.3f}")
+    print(f"prior_60k_steps_hours={60_000 * sec / 3600:.2f}  (at batch {batch}; the paper: 256 x 4 GPUs)")
+
+
+@torch.inference_mode()
+def bench_vision(name: str, kwargs: dict, batch: int, warmup: int, iters: int, peak: float | None) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(**kwargs)
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # initialise on the GPU: random init of 1.8B parameters on CPU takes minutes
+        model = CLIPVisionModelWithProjection(config)
+    model = model.to(torch.bfloat16).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    pixels = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+
+    def run() -> torch.Tensor:
+        return model(pixel_values=pixels).image_embeds
+
+    for _ in range(warmup):
+        run()
+    sec = sync_time(run, iters)
+    ips = batch / sec
+    flops = vision_flops_per_image(kwargs)
+    key = name.split(" ")[0].replace("/", "_").replace("-", "_")
+    line = (f"{name}: {n_params / 1e6:.0f}M parameters, {flops / 1e9:.0f} GFLOP/image, batch {batch}, "
+            f"attention {model.config._attn_implementation}: {ips:,.0f} images/s")
+    if peak:
+        bound = peak / flops
+        line += f", FLOP bound {bound:,.0f} images/s"
+        print(line)
+        print(f"{key}_fraction_of_flop_bound={ips / bound:.3f}")
+    else:
+        print(line)
+    print(f"{key}_images_per_s={ips:.1f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU (default: from its name)")
+    ap.add_argument("--batch", type=int, default=1024, help="prior batch")
+    ap.add_argument("--prior-steps", type=int, default=100)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--skip-prior", action="store_true")
+    ap.add_argument("--skip-vision", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu.py measures GPU throughput and needs a CUDA GPU; torch.cuda.is_available() is False "
+              "here. Run it on a GPU machine (CPU numbers: benchmarks/train.py).", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name, args.peak_tflops)
+    print(f"device: {name}, torch {torch.__version__}, peak bf16 "
+          f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (pass --peak-tflops for MFU)'}", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    start = time.perf_counter()
+    if not args.skip_prior:
+        bench_prior(args.batch, warmup=15, steps=args.prior_steps, compile_model=not args.no_compile, peak=peak)
+        torch.cuda.empty_cache()  # the prior's memory is freed on return; hand it back before the towers
+    if not args.skip_vision:
+        for tower, (kwargs, batch) in VISION_TOWERS.items():
+            bench_vision(tower, kwargs, batch, warmup=3, iters=10, peak=peak)
+            torch.cuda.empty_cache()
+    print(f"total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

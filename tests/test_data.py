@@ -1,0 +1,117 @@
+"""Streaming training batches from a real (small) embedding store."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from storage_schema import EmbeddingStore, StoreError
+from training.data import StoreLoader, check_store_dims, is_heldout, synthetic_encoder_info, write_synthetic_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> EmbeddingStore:
+    path = tmp_path_factory.mktemp("store")
+    write_synthetic_store(path, rows=600, dim=16, shards=4, seed=1)
+    return EmbeddingStore(path)
+
+
+def test_is_heldout_is_seeded_stable_and_about_the_fraction():
+    keys = [f"k{i}" for i in range(20000)]
+    a = is_heldout(keys, 0.1, seed=0)
+    assert a.dtype == bool and a.shape == (20000,)
+    assert 0.09 < a.mean() < 0.11
+    assert np.array_equal(a, is_heldout(keys, 0.1, seed=0))  # deterministic
+    assert np.array_equal(a[5000:7000], is_heldout(keys[5000:7000], 0.1, seed=0))  # per key, not per position
+    b = is_heldout(keys, 0.1, seed=1)
+    assert not np.array_equal(a, b)  # another seed, another split
+    assert not is_heldout(keys, 0.0).any()
+    assert (is_heldout(keys, 0.2, seed=0) | ~a).all()  # a bigger fraction holds out a superset
+
+
+def test_batches_are_padded_fp16_with_masks_matching_text_len(store):
+    batch = next(iter(StoreLoader(store, 32, prefetch=0)))
+    assert batch.text_hidden.shape == (32, 77, 16)
+    assert batch.text_hidden.dtype == batch.image_embed.dtype == torch.float16  # never up-cast on the host
+    assert batch.text_mask.dtype == torch.bool
+    lengths = batch.text_mask.sum(1)
+    assert lengths.min() >= 4 and lengths.max() <= 20
+    assert (batch.text_mask[:, :4]).all()  # real tokens come first
+    assert (batch.text_hidden[~batch.text_mask] == 0).all()  # padding is zeros
+    dev = batch.to("cpu")
+    assert dev.image_embed.dtype == torch.float32 and dev.text_mask.dtype == torch.bool
+
+
+def test_batches_wrap_the_readers_arrays_without_copying(store):
+    raw = next(store.iter_batches(8, ["key", "image_embed", "text_embed", "text_hidden"], pad_to=77))
+    from training.data import StoreBatch
+
+    batch = StoreBatch.from_numpy(raw, 0, 0)
+    assert batch.image_embed.data_ptr() == raw["image_embed"].ctypes.data
+    assert batch.text_hidden.data_ptr() == raw["text_hidden"].ctypes.data
+
+
+def test_heldout_rows_are_never_in_training_batches(store):
+    train = StoreLoader(store, 16, heldout_fraction=0.2, heldout_seed=3, infinite=False, drop_last=False)
+    held = StoreLoader(store, 16, split="heldout", heldout_fraction=0.2, heldout_seed=3, shuffle=False,
+                       infinite=False, drop_last=False)
+    train_keys = {k for b in train for k in b.keys}
+    held_keys = {k for b in held for k in b.keys}
+    all_keys = {k for _, ks in store.keys() for k in ks}
+    assert train_keys.isdisjoint(held_keys)
+    assert train_keys | held_keys == all_keys
+    assert held_keys == {k for k in all_keys if is_heldout([k], 0.2, 3)[0]}
+    assert 0.1 < len(held_keys) / len(all_keys) < 0.3
+
+
+def test_ranks_read_disjoint_rows_that_cover_the_store(store):
+    per_rank = [
+        {k for b in StoreLoader(store, 10, rank=r, world_size=2, infinite=False, drop_last=False) for k in b.keys}
+        for r in range(2)
+    ]
+    assert per_rank[0].isdisjoint(per_rank[1])
+    assert len(per_rank[0] | per_rank[1]) == 600
+
+
+def test_epochs_repeat_forever_with_a_new_order_each(store):
+    loader = StoreLoader(store, 100, seed=7)
+    batches = list(itertools.islice(iter(loader), 14))  # 6 full batches per epoch
+    assert [(b.epoch, b.index) for b in batches[:8]] == [(0, i) for i in range(6)] + [(1, 0), (1, 1)]
+    epoch0 = [k for b in batches[:6] for k in b.keys]
+    epoch1 = [k for b in batches[6:12] for k in b.keys]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # same rows, reshuffled
+    again = [k for b in itertools.islice(iter(StoreLoader(store, 100, seed=7)), 6) for k in b.keys]
+    assert again == epoch0  # seeded
+
+
+def test_starting_at_a_saved_position_continues_the_same_sequence(store):
+    full = [b.keys for b in itertools.islice(iter(StoreLoader(store, 64, seed=2)), 20)]
+    resumed = [b.keys for b in itertools.islice(iter(StoreLoader(store, 64, seed=2, start=(1, 3))), 8)]
+    per_epoch = 600 // 64  # 9 full batches, drop_last
+    assert resumed == full[per_epoch + 3 : per_epoch + 11]
+    # a position at the very end of an epoch (after its last batch) rolls over to the next epoch
+    rolled = next(iter(StoreLoader(store, 64, seed=2, start=(0, per_epoch))))
+    assert (rolled.epoch, rolled.index) == (1, 0) and rolled.keys == full[per_epoch]
+
+
+def test_background_reader_matches_synchronous_reading_and_stops_cleanly(store):
+    threaded = [b.keys for b in itertools.islice(iter(StoreLoader(store, 50, prefetch=2)), 15)]
+    plain = [b.keys for b in itertools.islice(iter(StoreLoader(store, 50, prefetch=0)), 15)]
+    assert threaded == plain
+    it = iter(StoreLoader(store, 50, prefetch=2))
+    next(it)
+    it.close()  # stops the reader thread (a daemon thread that would otherwise keep reading)
+
+
+def test_reader_errors_reach_the_training_loop(store):
+    with pytest.raises(StoreError, match="no full batch"):
+        next(iter(StoreLoader(store, 10_000, prefetch=2)))
+
+
+def test_store_of_another_width_is_refused():
+    check_store_dims(synthetic_encoder_info(1280), 1280)
+    with pytest.raises(StoreError, match=r"D=768.*does not fit|does not fit.*D=1280"):
+        check_store_dims(synthetic_encoder_info(768), 1280, "the 'kandinsky22' prior")
+    with pytest.raises(StoreError, match="H == D"):
+        check_store_dims(synthetic_encoder_info(32, hidden_dim=48), 32)

@@ -1,0 +1,283 @@
+"""Training batches streamed from the embedding store.
+
+Never loads the store into memory and never up-casts it on the host: batches are the
+store's fp16 numpy arrays wrapped by `torch.from_numpy` (no copy), pinned when training on
+a GPU, and cast to fp32 on the device. A background thread reads ahead into a bounded queue.
+Epochs repeat forever (ranks may hold different row counts; with a fixed step count no rank
+ever waits for another to finish an epoch), and each batch carries its (epoch, index) so a
+resumed run restarts at exactly the next batch.
+"""
+
+import hashlib
+import os
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from storage_schema import (
+    IMAGE_EMBED,
+    KEY,
+    TEXT_EMBED,
+    TEXT_HIDDEN,
+    TEXT_MASK,
+    EmbeddingStore,
+    EncoderInfo,
+    StoreError,
+    StoreWriter,
+    build_table,
+)
+from training.objectives import PriorBatch
+
+TRAIN_COLUMNS = (KEY, IMAGE_EMBED, TEXT_EMBED, TEXT_HIDDEN)
+
+
+def is_heldout(keys: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
+    """Bool mask: True for keys in the held-out evaluation split.
+
+    A seeded hash of the key (blake2b, stable across processes and machines, unlike `hash`),
+    so the split needs no bookkeeping, stays the same when shards are added, and a key is
+    held out in every run with the same seed.
+    """
+    if fraction <= 0.0:
+        return np.zeros(len(keys), dtype=bool)
+    salt = seed.to_bytes(8, "little", signed=True)
+    threshold = int(fraction * 2**64)
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8, salt=salt).digest(), "little") < threshold
+         for k in keys),
+        dtype=bool, count=len(keys),
+    )
+
+
+def check_store_dims(encoder: EncoderInfo, embedding_dim: int, what: str = "the prior") -> None:
+    """Refuse a store whose embeddings do not fit a prior of width D (raises StoreError)."""
+    problems = []
+    if encoder.image_dim != embedding_dim:
+        problems.append(f"image embeddings are D={encoder.image_dim}")
+    if encoder.text_dim != embedding_dim:
+        problems.append(f"text embeddings are D={encoder.text_dim}")
+    if encoder.hidden_dim != embedding_dim:
+        problems.append(
+            f"text hidden states are H={encoder.hidden_dim} wide (the released ECLIPSE layout needs H == D)"
+        )
+    if problems:
+        raise StoreError(
+            f"store made by encoder preset {encoder.preset!r} ({encoder.image_model}) does not fit {what} "
+            f"(D={embedding_dim}): {'; '.join(problems)}. Pick the prior preset of that encoder "
+            f"(kandinsky22: D=1280, karlo: D=768) or a store encoded for this prior."
+        )
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy numpy -> torch. Arrow-backed arrays are read-only; we never write into them."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+@dataclass
+class StoreBatch:
+    """One batch on the host, fp16 as stored; `to()` moves it and casts on the device."""
+
+    image_embed: torch.Tensor  # [B, D] fp16
+    text_embed: torch.Tensor  # [B, D] fp16
+    text_hidden: torch.Tensor  # [B, 77, H] fp16, zero-padded
+    text_mask: torch.Tensor  # [B, 77] bool
+    keys: list[str]
+    epoch: int
+    index: int  # position of this batch within its epoch
+
+    @classmethod
+    def from_numpy(cls, raw: dict[str, np.ndarray], epoch: int, index: int) -> "StoreBatch":
+        return cls(
+            image_embed=_tensor(raw[IMAGE_EMBED]), text_embed=_tensor(raw[TEXT_EMBED]),
+            text_hidden=_tensor(raw[TEXT_HIDDEN]), text_mask=_tensor(raw[TEXT_MASK]),
+            keys=list(raw[KEY]), epoch=epoch, index=index,
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "StoreBatch":
+        for name in ("image_embed", "text_embed", "text_hidden", "text_mask"):
+            setattr(self, name, getattr(self, name).pin_memory())
+        return self
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PriorBatch:
+        # Move fp16 first, cast after: half the bytes over PCIe, and the cast runs on the GPU.
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking).float()
+
+        return PriorBatch(
+            image_embed=move(self.image_embed), text_embed=move(self.text_embed),
+            text_hidden=move(self.text_hidden), text_mask=self.text_mask.to(device, non_blocking=non_blocking),
+            keys=self.keys,
+        )
+
+
+_END = object()
+
+
+class StoreLoader:
+    """Batches of one rank's part of the store: seeded shuffle, held-out filter, read-ahead thread.
+
+    split: "train" (rows not held out), "heldout" (only held-out rows) or "all".
+    infinite: repeat epochs (epoch e shuffles with seed+e); otherwise stop after one pass.
+    start: (epoch, index) of the first batch to yield, from a checkpoint; earlier batches of
+    that epoch are read and skipped, so the sequence continues exactly.
+    """
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        batch_size: int,
+        *,
+        split: str = "train",
+        heldout_fraction: float = 0.0,
+        heldout_seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        infinite: bool = True,
+        drop_last: bool = True,
+        start: tuple[int, int] = (0, 0),
+        buffer_size: int = 8192,
+        pad_to: int = 77,
+        prefetch: int = 4,
+        pin_memory: bool = False,
+    ):
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+        if split == "heldout" and heldout_fraction <= 0:
+            raise ValueError("split='heldout' needs heldout_fraction > 0")
+        self.store, self.batch_size, self.split = store, batch_size, split
+        self.heldout_fraction, self.heldout_seed = heldout_fraction, heldout_seed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.infinite, self.drop_last = shuffle, infinite, drop_last
+        self.start = start
+        self.buffer_size, self.pad_to = buffer_size, pad_to
+        self.prefetch, self.pin_memory = prefetch, pin_memory
+
+    def _row_filter(self):
+        if self.split == "all" or self.heldout_fraction <= 0:
+            return None
+        frac, seed, want = self.heldout_fraction, self.heldout_seed, self.split == "heldout"
+        return lambda keys: is_heldout(keys, frac, seed) == want
+
+    def batches(self) -> Iterator[StoreBatch]:
+        """The batch sequence, read in the calling thread."""
+        epoch, skip = self.start
+        row_filter = self._row_filter()
+        while True:
+            produced = 0
+            for index, raw in enumerate(self.store.iter_batches(
+                self.batch_size, TRAIN_COLUMNS, rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
+                seed=self.seed, epoch=epoch, buffer_size=self.buffer_size, pad_to=self.pad_to,
+                drop_last=self.drop_last, row_filter=row_filter,
+            )):
+                produced += 1
+                if index >= skip:
+                    yield StoreBatch.from_numpy(raw, epoch, index)
+            if produced == 0 and skip == 0 and self.infinite:  # would spin forever
+                raise StoreError(
+                    f"{self.store.dir}: rank {self.rank} of {self.world_size} got no full batch of "
+                    f"{self.batch_size} {self.split} rows in epoch {epoch}; use a smaller batch size, fewer "
+                    f"processes or a bigger store"
+                )
+            if not self.infinite:
+                return
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[StoreBatch]:
+        if self.prefetch <= 0:
+            yield from self.batches()
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for batch in self.batches():
+                    if not put(batch.pin_memory() if self.pin_memory else batch):
+                        return
+                put(_END)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+
+        thread = threading.Thread(target=work, name=f"store-reader-rank{self.rank}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+
+# -- a learnable synthetic store for tests and benchmarks -----------------------------------
+
+
+def synthetic_encoder_info(dim: int, hidden_dim: int | None = None, context_length: int = 77) -> EncoderInfo:
+    return EncoderInfo(
+        preset="synthetic", image_model="synthetic-image", text_model="synthetic-text", image_dim=dim,
+        text_dim=dim, hidden_dim=hidden_dim or dim, tokenizer="synthetic", context_length=context_length,
+    )
+
+
+def write_synthetic_store(
+    path: str | os.PathLike,
+    rows: int,
+    dim: int,
+    hidden_dim: int | None = None,
+    shards: int = 4,
+    seed: int = 0,
+    tokens: tuple[int, int] = (4, 20),
+    key_prefix: str = "s",
+) -> EncoderInfo:
+    """Write a store whose image embeddings are a fixed function of the text (plus a constant gap).
+
+    text_hidden ~ N(0, 1) with a random 4..20 real tokens; text_embed = a random projection of
+    the mean hidden state; image_embed = text_embed @ A + gap + small noise. Random, seeded,
+    learnable: the tests use it to see a prior learn, the benchmarks to measure reading speed.
+    """
+    hidden_dim = hidden_dim or dim
+    info = synthetic_encoder_info(dim, hidden_dim)
+    rng = np.random.default_rng(seed)
+    w_text = rng.standard_normal((hidden_dim, dim)) / np.sqrt(hidden_dim)
+    a_img = rng.standard_normal((dim, dim)) / np.sqrt(dim)
+    gap = rng.standard_normal(dim)
+    writer = StoreWriter(path, info)
+    bounds = np.linspace(0, rows, shards + 1).astype(int)
+    for s in range(shards):
+        n = int(bounds[s + 1] - bounds[s])
+        lengths = rng.integers(tokens[0], tokens[1] + 1, size=n)
+        hidden = [rng.standard_normal((int(t), hidden_dim)).astype(np.float16) for t in lengths]
+        text = np.stack([h.astype(np.float32).mean(0) for h in hidden]) @ w_text * 2.0
+        image = text @ a_img + gap + 0.05 * rng.standard_normal((n, dim))
+        keys = [f"{key_prefix}{bounds[s] + i:08d}" for i in range(n)]
+        table = build_table(info, keys, [f"caption {k}" for k in keys], image.astype(np.float16),
+                            text.astype(np.float16), hidden, [False] * n)
+        writer.write_shard(f"shard-{s:05d}", table)
+    return info

@@ -1,0 +1,268 @@
+"""Training objectives of the paper (eq. 1, 3, 4, 5) and the diffusion baseline's sampler.
+
+- `projection`: L_proj = MSE(z_x, g(eps, z_y))                                  (eq. 3)
+- `eclipse`:    L_proj + lambda * L_CLS;y->x, InfoNCE of each predicted image embedding
+                against all ground-truth text embeddings of the batch (cosine / tau)  (eq. 4, 5)
+- `diffusion`:  the baseline: diffusers' stock, time-conditioned PriorTransformer of the same
+                size, DDPM (1000 linear steps), predicting the clean embedding, text dropped
+                for classifier-free guidance                                     (eq. 1)
+
+MSE is the mean over batch and dimensions (`F.mse_loss`), as in diffusers' prior training
+scripts that ECLIPSE builds on; lambda = 0.2 balances the two terms at that scale.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers import PriorTransformer as DiffusionPriorTransformer
+from torch import nn
+
+from training.prior import PriorTransformer, preset_config
+
+OBJECTIVES = ("eclipse", "projection", "diffusion")
+
+# tau: CLIP's initial temperature (Radford et al. 2021), also the common fixed choice of
+# MoCo/SimCLR-style InfoNCE. The paper does not state its tau. A trained CLIP's own value
+# (logit scale 100, tau 0.01) makes the softmax nearly one-hot over the batch, and with
+# lambda 0.2 its gradients swamp the MSE term and pull predictions toward the text side of
+# the modality gap; 0.07 keeps the contrastive term a regulariser. A prototype on a synthetic
+# world (lambda 0.2, tau 0.07) gave the paper's effect (held-out R@1 0.79 -> 0.98).
+DEFAULT_TAU = 0.07
+DEFAULT_LAMBDA = 0.2
+
+
+@dataclass
+class PriorBatch:
+    """What every objective consumes: fp32 (or autocast) tensors on the training device."""
+
+    image_embed: torch.Tensor  # [B, D] raw CLIP image embeds (the target z_x)
+    text_embed: torch.Tensor  # [B, D] raw CLIP text embeds (z_y)
+    text_hidden: torch.Tensor  # [B, 77, D] padded last_hidden_state
+    text_mask: torch.Tensor  # [B, 77] bool
+    keys: list[str] = field(default_factory=list)
+
+
+# -- the losses, as plain functions (what the tests check by hand) --------------------------
+
+
+def projection_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: mean squared error between predicted and real image embeddings."""
+    return F.mse_loss(pred.float(), target.float())
+
+
+def contrastive_loss(pred_image: torch.Tensor, text_embed: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """Eq. 4: -1/N sum_i log softmax_j(<zhat_x^i, z_y^j> / tau)[i], <,> the cosine similarity.
+
+    Negatives are the other texts of this (per-device) batch, as in the paper's per-GPU batch of 256.
+    """
+    logits = F.normalize(pred_image.float(), dim=-1) @ F.normalize(text_embed.float(), dim=-1).T / tau
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def eclipse_loss(
+    pred: torch.Tensor, image_embed: torch.Tensor, text_embed: torch.Tensor,
+    lam: float = DEFAULT_LAMBDA, tau: float = DEFAULT_TAU,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 5: L_proj + lambda * L_CLS;y->x. Returns the total and its parts (detached)."""
+    proj = projection_loss(pred, image_embed)
+    cls = contrastive_loss(pred, text_embed, tau)
+    return proj + lam * cls, {"proj": proj.detach(), "cls": cls.detach()}
+
+
+def null_text(batch: PriorBatch, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace the text of rows where `drop` is True by the null condition (zeros, no real tokens).
+
+    The null condition is what the sampler uses as "unconditional": it needs no text encoder.
+    """
+    keep = (~drop).to(batch.text_embed.dtype)
+    text_embed = batch.text_embed * keep[:, None]
+    text_hidden = batch.text_hidden * keep[:, None, None]
+    text_mask = batch.text_mask & ~drop[:, None]
+    return text_embed, text_hidden, text_mask
+
+
+def make_scheduler() -> DDPMScheduler:
+    """The paper's baseline: 1000 DDPM steps, linear betas, the model predicts the clean sample.
+
+    Clipping the predicted x0 at 5 standard deviations (in the standardised space) follows the
+    Karlo prior's scheduler; the default range of 1 would cut real embeddings.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        prediction_type="sample", clip_sample=True, clip_sample_range=5.0, variance_type="fixed_small",
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP and torch.compile wrappers (for its attributes, not its forward)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def standardise(model: nn.Module, image_embed: torch.Tensor) -> torch.Tensor:
+    base = unwrap(model)
+    return (image_embed.float() - base.clip_mean) / base.clip_std
+
+
+def diffusion_loss(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    batch: PriorBatch,
+    generator: torch.Generator | None = None,
+    text_drop_prob: float = 0.1,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    drop: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 1: E_t ||x0 - g(x_t, t, z_y)||^2 with x0 the standardised image embedding.
+
+    t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, text dropped with
+    probability `text_drop_prob` (classifier-free guidance). `timesteps`, `noise`, `drop`
+    may be given explicitly (tests); otherwise drawn from `generator`.
+    """
+    x0 = standardise(model, batch.image_embed)
+    b, device = x0.shape[0], x0.device
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+    if drop is None:
+        drop = torch.rand(b, generator=generator, device=device) < text_drop_prob
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    text_embed, text_hidden, text_mask = null_text(batch, drop)
+    pred = model(
+        x_t, timesteps, proj_embedding=text_embed, encoder_hidden_states=text_hidden, attention_mask=text_mask
+    ).predicted_image_embedding
+    loss = F.mse_loss(pred.float(), x0)
+    return loss, {"mse_x0": loss.detach()}
+
+
+@torch.no_grad()
+def sample_diffusion_prior(
+    model: nn.Module,
+    text_embed: torch.Tensor,
+    text_hidden: torch.Tensor,
+    text_mask: torch.Tensor,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    generator: torch.Generator | None = None,
+    scheduler: DDPMScheduler | None = None,
+) -> torch.Tensor:
+    """The paper's inference: 25 DDPM steps (noise added at every step but the last), CFG 4.0.
+
+    Returns raw (un-standardised) image embeddings [B, D].
+    """
+    scheduler = DDPMScheduler.from_config((scheduler or make_scheduler()).config)  # own step state
+    scheduler.set_timesteps(num_inference_steps, device=text_embed.device)
+    b = text_embed.shape[0]
+    dim = model.config.embedding_dim
+    x = torch.randn((b, dim), generator=generator, device=text_embed.device) * scheduler.init_noise_sigma
+    drop = torch.cat([torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)]).to(text_embed.device)
+    both = PriorBatch(
+        image_embed=x, text_embed=torch.cat([text_embed, text_embed]).float(),
+        text_hidden=torch.cat([text_hidden, text_hidden]).float(), text_mask=torch.cat([text_mask, text_mask]),
+    )
+    cond_embed, cond_hidden, cond_mask = null_text(both, drop)  # first half unconditional
+    for t in scheduler.timesteps:
+        pred = model(
+            torch.cat([x, x]), t, proj_embedding=cond_embed, encoder_hidden_states=cond_hidden,
+            attention_mask=cond_mask,
+        ).predicted_image_embedding.float()
+        uncond, cond = pred.chunk(2)
+        pred = uncond + guidance_scale * (cond - uncond)
+        x = scheduler.step(pred, t, x, generator=generator).prev_sample
+    return model.post_process_latents(x)
+
+
+# -- objectives as objects the trainer drives ------------------------------------------------
+
+
+class Objective:
+    """Builds its model, computes the training loss, and predicts image embeddings for evaluation."""
+
+    name: str = ""
+
+    def build_model(self, preset: str, embedding_dim: int | None = None) -> nn.Module:
+        return PriorTransformer(**preset_config(preset, embedding_dim))
+
+    def loss(self, model: nn.Module, batch: PriorBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: PriorBatch, generator: torch.Generator) -> torch.Tensor:
+        """Image embeddings as used at inference (one forward pass; the diffusion baseline samples)."""
+        return self._forward(model, batch, generator)
+
+    def _forward(self, model, batch, generator) -> torch.Tensor:
+        # eps ~ N(0, I) as the prior's "hidden_states" input: g(eps, z_y) of eq. 3.
+        noise = torch.randn(batch.image_embed.shape, generator=generator, device=batch.image_embed.device)
+        return model(noise, batch.text_embed, batch.text_hidden, batch.text_mask).predicted_image_embedding
+
+
+class ProjectionObjective(Objective):
+    name = "projection"
+
+    def loss(self, model, batch, generator):
+        loss = projection_loss(self._forward(model, batch, generator), batch.image_embed)
+        return loss, {"proj": loss.detach()}
+
+
+class EclipseObjective(Objective):
+    name = "eclipse"
+
+    def __init__(self, lam: float = DEFAULT_LAMBDA, tau: float = DEFAULT_TAU):
+        self.lam, self.tau = lam, tau
+
+    def loss(self, model, batch, generator):
+        pred = self._forward(model, batch, generator)
+        return eclipse_loss(pred, batch.image_embed, batch.text_embed, self.lam, self.tau)
+
+
+class DiffusionObjective(Objective):
+    name = "diffusion"
+
+    def __init__(self, text_drop_prob: float = 0.1, num_inference_steps: int = 25, guidance_scale: float = 4.0):
+        self.text_drop_prob = text_drop_prob
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.scheduler = make_scheduler()
+
+    def build_model(self, preset: str, embedding_dim: int | None = None) -> nn.Module:
+        """diffusers' stock PriorTransformer with the ECLIPSE preset's size, plus its time embedding.
+
+        clip_mean/clip_std standardise the target (set from the data before training); frozen.
+        """
+        cfg = preset_config(preset, embedding_dim)
+        cfg["additional_embeddings"] = 4  # + the timestep token
+        model = DiffusionPriorTransformer(**cfg)
+        with torch.no_grad():
+            model.clip_std.fill_(1.0)
+        model.clip_mean.requires_grad_(False)
+        model.clip_std.requires_grad_(False)
+        return model
+
+    def loss(self, model, batch, generator):
+        return diffusion_loss(model, self.scheduler, batch, generator, self.text_drop_prob)
+
+    @torch.no_grad()
+    def predict(self, model, batch, generator):
+        return sample_diffusion_prior(
+            model, batch.text_embed, batch.text_hidden, batch.text_mask, self.num_inference_steps,
+            self.guidance_scale, generator, self.scheduler,
+        )
+
+
+def make_objective(name: str, **kw) -> Objective:
+    if name == "eclipse":
+        return EclipseObjective(kw.get("lam", DEFAULT_LAMBDA), kw.get("tau", DEFAULT_TAU))
+    if name == "projection":
+        return ProjectionObjective()
+    if name == "diffusion":
+        return DiffusionObjective(kw.get("text_drop_prob", 0.1), kw.get("num_inference_steps", 25),
+                                  kw.get("guidance_scale", 4.0))
+    raise ValueError(f"unknown objective {name!r}; choose one of {list(OBJECTIVES)}")
