@@ -142,6 +142,8 @@ class EmbeddingStore:
         extra = ([TEXT_LEN] if TEXT_HIDDEN in cols else []) + ([KEY] if row_filter else [])
         read_cols = list(dict.fromkeys(cols + extra))
         order = list(shards) if shards is not None else list(self.shards)
+        if unknown := sorted(set(order) - set(self.shards)):
+            raise StoreError(f"{self.dir}: no shards {unknown} in this store")
         rng = np.random.default_rng([seed, epoch])
         if shuffle:
             order = [order[i] for i in rng.permutation(len(order))]

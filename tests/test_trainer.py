@@ -218,3 +218,19 @@ def test_torchrun_two_processes_on_cpu(tmp_path, store):
     assert state["world_size"] == 2 and len(state["positions"]) == 2 and state["samples_seen"] == 12 * 16 * 2
     assert isinstance(load_prior(latest_checkpoint(run) / "prior"), PriorTransformer)
     assert isinstance(load_prior(run / "prior"), PriorTransformer)
+
+
+def test_continue_from_an_exported_prior_on_chosen_shards(tmp_path, store):
+    first = train(tiny(store, tmp_path / "a", steps=20))
+    keys_by_shard = dict(__import__("storage_schema").EmbeddingStore(store).keys())
+    chosen = ["shard-00002.parquet", "shard-00003.parquet"]
+    cfg = tiny(store, tmp_path / "b", steps=1, lr=0.0, init_from=str(first), shards=chosen, record_keys=True)
+    second = train(cfg)
+    # lr 0: the continued prior is the one it started from, so it really was loaded
+    a, b = load_prior(first).state_dict(), load_prior(second).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    trained_on = {line.split("\t")[1] for line in (tmp_path / "b" / "logs" / "keys-rank0.tsv").read_text().splitlines()}
+    allowed = set(keys_by_shard[chosen[0]]) | set(keys_by_shard[chosen[1]])
+    assert trained_on and trained_on <= allowed
+    with pytest.raises(StoreError, match="does not have"):
+        train(tiny(store, tmp_path / "c", shards=["shard-00009.parquet"]))

@@ -26,6 +26,8 @@ class TrainConfig:
     objective: str = "eclipse"  # eclipse | projection | diffusion
     preset: str = "kandinsky22"  # kandinsky22 (D=1280) | karlo (D=768) | tiny
     embedding_dim: int | None = None  # None: the preset's D; set it for a tiny prior over a tiny encoder's store
+    init_from: str | None = None  # an exported prior folder to start from (continued training, retrain flow)
+    shards: list[str] | None = None  # train on these store shards only (None: all); eval uses all shards
 
     # the paper's recipe: AdamW, lr 5e-5, CosineAnnealingWarmRestarts, 256 per GPU, ~60k iterations
     steps: int = 60_000

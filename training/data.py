@@ -153,6 +153,7 @@ class StoreLoader:
         pad_to: int = 77,
         prefetch: int = 4,
         pin_memory: bool = False,
+        shards: list[str] | None = None,
     ):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
@@ -165,6 +166,7 @@ class StoreLoader:
         self.start = start
         self.buffer_size, self.pad_to = buffer_size, pad_to
         self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.shards = shards
 
     def _row_filter(self):
         if self.split == "all" or self.heldout_fraction <= 0:
@@ -181,7 +183,7 @@ class StoreLoader:
             for index, raw in enumerate(self.store.iter_batches(
                 self.batch_size, TRAIN_COLUMNS, rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
                 seed=self.seed, epoch=epoch, buffer_size=self.buffer_size, pad_to=self.pad_to,
-                drop_last=self.drop_last, row_filter=row_filter,
+                drop_last=self.drop_last, row_filter=row_filter, shards=self.shards,
             )):
                 produced += 1
                 if index >= skip:

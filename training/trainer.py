@@ -45,7 +45,7 @@ from training.export import (
     latest_checkpoint,
 )
 from training.objectives import Objective, make_objective
-from training.prior import count_parameters, preset_config
+from training.prior import count_parameters, load_prior, preset_config
 
 EVAL_SEED = 1234  # evaluation draws its noise from its own generator: it never shifts training randomness
 
@@ -320,7 +320,10 @@ def train(config: TrainConfig | dict) -> Path:
 
 def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, world: Dist) -> Path:
     device = world.device
-    if len(store.shards) < world.world_size:
+    unknown = sorted(set(cfg.shards or []) - set(store.shards))
+    if unknown:
+        raise StoreError(f"{store.dir}: config names shards the store does not have: {unknown}")
+    if len(cfg.shards or store.shards) < world.world_size:
         raise StoreError(f"{store.dir}: {len(store.shards)} shards cannot feed {world.world_size} processes "
                          f"(ranks read disjoint shards); write more, smaller shards")
     if device.type == "cpu":
@@ -348,7 +351,13 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
                                guidance_scale=cfg.guidance_scale)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = objective.build_model(cfg.preset, cfg.embedding_dim)
-    if cfg.objective == "diffusion" and resume_from is None:
+    if cfg.init_from and resume_from is None:
+        init = load_prior(cfg.init_from)
+        if type(init) is not type(model):
+            raise ValueError(f"init_from {cfg.init_from}: a {type(init).__name__}, but objective "
+                             f"{cfg.objective!r} trains a {type(model).__name__}")
+        model.load_state_dict(init.state_dict())  # shapes are checked here: a wrong D fails loudly
+    elif cfg.objective == "diffusion" and resume_from is None:
         fit_standardisation(model, store, cfg)
     model.to(device)
     n_params = count_parameters(model)
@@ -402,7 +411,7 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
         store, cfg.batch_size, split="train", heldout_fraction=cfg.heldout_fraction, heldout_seed=cfg.heldout_seed,
         rank=world.rank, world_size=world.world_size, seed=cfg.seed, shuffle=True, infinite=True, start=position,
         buffer_size=cfg.shuffle_buffer, pad_to=model.config.num_embeddings, prefetch=cfg.prefetch,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", shards=cfg.shards,
     )
     batches = iter(loader)
     from tqdm import tqdm
