@@ -30,3 +30,28 @@ class ClusterParams(_Params):
     address: str | None = Field(None, description="tcp://host:8786 of a running Dask scheduler; None: local")
     n_workers: int | None = Field(None, gt=0, description="local CPU workers (GPUs: one worker each)")
     wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for Dask workers before failing")
+
+
+class TrainParams(_Params):
+    """Trainer settings a flow run may change; everything else keeps training.config's defaults."""
+
+    batch_size: int = Field(256, gt=0, description="per process (per GPU)")
+    lr: float = Field(5e-5, gt=0)
+    seed: int = 0
+    embedding_dim: int | None = Field(None, gt=0, description="override the preset's D (tiny priors)")
+    heldout_fraction: float = Field(0.01, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ckpt_every: int = Field(1000, gt=0)
+    eval_every: int = Field(2000, ge=0)
+    num_threads: int | None = Field(None, gt=0)
+    progress: bool = False  # flow logs are not a terminal
+
+
+class GateParams(_Params):
+    """When the retrain flow may promote a new prior (higher is better for every metric named)."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["cos_pred_image", "r_at_1"],
+                               description="held-out metrics that must not regress")
+    tolerance: float = Field(0.005, ge=0, description="allowed drop (absolute) per metric")

@@ -483,6 +483,7 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
                         "positions": [r["position"] for r in rank_states], "embedding_dim": dim,
                         "parameters": n_params, "metrics": metrics, "config": cfg.to_dict(),
                         "encoder": store.encoder.to_dict(), "store_rows": store.num_rows, "time": time.time(),
+                        "store_shards": list(cfg.shards or store.shards),
                     }
                     save_checkpoint(run_dir, step, model, ema, optimizer, scheduler, rank_states, state,
                                     cfg.keep_checkpoints)
