@@ -13,6 +13,9 @@ Stages (each one resumable; rerunning skips finished work):
   encode      image shards -> embedding store (decoder's CLIP encoders, Dask workers)
   precompute  download + encode in one go
   train       embedding store -> ECLIPSE / projection / diffusion prior
+  evaluate    priors + store -> metrics.json and report.html
+  generate    prompt -> image through a prior and a decoder
+  serve       run the Prefect deployments (precompute/<dataset>, train, evaluate, retrain)
   store       look inside an embedding store
 """
 
@@ -133,6 +136,63 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `eclipse-prior evaluate` (argparse), named as evaluate_main's parameters."""
+    p.add_argument("--prior", action="append", required=True, help="prior folder, run folder or checkpoint "
+                   "(repeat to compare several)")
+    p.add_argument("--store", required=True, help="embedding store directory")
+    p.add_argument("--out", required=True, help="output folder for metrics.json and report.html")
+    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float, default=None,
+                   help="default: the split the runs trained with")
+    p.add_argument("--heldout-seed", dest="heldout_seed", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=3, help="noise seeds per prior (>= 3)")
+    p.add_argument("--max-rows", dest="max_rows", type=int, default=2000, help="held-out rows (retrieval gallery)")
+    p.add_argument("--encoder", default=None, help="the store's text encoder for prompt suites (default: its preset)")
+    p.add_argument("--no-prompts", dest="no_prompts", action="store_true", help="skip the T2I-CompBench suites")
+    p.add_argument("--max-prompts", dest="max_prompts", type=int, default=None, help="per category (default all)")
+    p.add_argument("--image-source", dest="image_source", default=None,
+                   help="folder of webdataset tars / image files named by key, for example images")
+    p.add_argument("--decoder", choices=["kandinsky22", "karlo"], default=None, help="also render images")
+    p.add_argument("--decoder-path", dest="decoder_path", default=None)
+    p.add_argument("--n-generate", dest="n_generate", type=int, default=4)
+    p.add_argument("--generate-from", dest="generate_from", default="heldout",
+                   help="heldout captions or a T2I-CompBench category")
+    p.add_argument("--clip-model", dest="clip_model", default=None, help="local CLIP weights for CLIPScore")
+    p.add_argument("--pickscore-model", dest="pickscore_model", default=None, help="local PickScore weights")
+    p.add_argument("--pickscore-processor", dest="pickscore_processor", default=None,
+                   help="its processor (default: the model folder, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    p.add_argument("--fid", action="store_true", help="FID of generated vs real images (needs torchmetrics/clean-fid)")
+    p.add_argument("--device", default=None)
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `eclipse-prior generate` (argparse), named as generate_main's parameters."""
+    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("--prior", required=True, help="exported prior folder, run folder or checkpoint")
+    p.add_argument("--decoder", choices=["kandinsky22", "karlo"], default="kandinsky22")
+    p.add_argument("--decoder-path", dest="decoder_path", default=None,
+                   help="local decoder folder (default: the decoder's hub id from the Hugging Face cache)")
+    p.add_argument("--out", default=None, help="output PNG (default: PROMPT-seedN.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="decoder steps (default: 50 Kandinsky, 25 Karlo)")
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=None, help="default 7.5")
+    p.add_argument("--negative-prompt", dest="negative_prompt", default=None, help="Kandinsky only")
+    p.add_argument("--encoder", default=None, help="the prior's text encoder (default: recorded in the run folder)")
+    p.add_argument("--height", type=int, default=None, help="Kandinsky only (default 512)")
+    p.add_argument("--width", type=int, default=None, help="Kandinsky only (default 512)")
+    p.add_argument("--device", default=None)
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from training.generate import generate_cli
+
+    return generate_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eclipse-prior", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -229,6 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                      help="export the EMA weights (default: when the run kept them)")
     exp.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="embedding metrics, prompt suites, optional decoder images -> metrics.json + report.html",
+        description="Evaluate one or more priors on the store's held-out split (never trained on): cosine to the "
+        "true image, retrieval R@k, Fréchet distance, norm ratio, each over >= 3 noise seeds with bootstrap CIs, "
+        "next to the TextEmb, text-shift, mean-image and ridge baselines; T2I-CompBench prompt probes; and "
+        "decoder images when --decoder is given. Writes OUT/metrics.json and a self-contained OUT/report.html.",
+    )
+    add_evaluate_arguments(ev)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    gen = sub.add_parser(
+        "generate",
+        help="prompt -> image through a prior and an unCLIP decoder (Kandinsky v2.2 or Karlo)",
+        description="Encode PROMPT with the prior's text encoder, predict its image embedding with the prior, and "
+        "decode it with Kandinsky v2.2 (KandinskyV22Pipeline) or Karlo's decoder. Weights come from --decoder-path "
+        "or the local Hugging Face cache.",
+    )
+    add_generate_arguments(gen)
+    gen.set_defaults(func=_cmd_generate)
 
     srv = sub.add_parser(
         "serve",

@@ -1,0 +1,240 @@
+"""evaluate() end to end on a small store encoded with a tiny random CLIP (real writer, real encoder),
+tiny priors saved with the training package, a tiny decoder and a tiny CLIP scorer."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline.encoders import load_encoder, save_encoder
+from storage_schema import EmbeddingStore, StoreError, StoreWriter, build_table
+from training.data import is_heldout
+from training.evaluate import ImageSource, evaluate, read_training_log, resolve_split
+from training.generate import (
+    WeightsMissingError,
+    build_tiny_decoder,
+    open_prior,
+    save_tiny_clip_scorer,
+)
+from training.prior import build_prior
+
+DIM = 32
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
+SHAPES = ("square", "circle")
+FRACTION = 0.25
+
+
+def render(color: str, shape: str, size: int) -> Image.Image:
+    im = Image.new("RGB", (32, 32), (128, 128, 128))
+    draw = ImageDraw.Draw(im)
+    box = [16 - size, 16 - size, 16 + size, 16 + size]
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLORS[color])
+    return im
+
+
+def write_encoded_store(root, enc, shards: int = 3, rows: int = 40, seed: int = 0):
+    """Captions and rendered images of colored shapes, encoded by `enc`, written with the store writer;
+    the images also go into webdataset tars (img2dataset's KEY.png layout) for the image source."""
+    rng = np.random.default_rng(seed)
+    writer = StoreWriter(root / "store", enc.info)
+    (root / "images").mkdir()
+    for s in range(shards):
+        keys, caps, ims = [], [], []
+        for i in range(rows):
+            c, sh = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            keys.append(f"{s:05d}{i:04d}")
+            caps.append(f"a {c} {sh} on a table")
+            ims.append(render(c, sh, int(rng.integers(5, 12))))
+        out = enc.encode_texts(caps)
+        img = enc.encode_images(enc.preprocess(ims))
+        writer.write_shard(f"{s:05d}", build_table(
+            enc.info, keys, caps, img.numpy().astype(np.float16), out.text_embeds.numpy().astype(np.float16),
+            [h.astype(np.float16) for h in out.hidden], out.truncated))
+        with tarfile.open(root / "images" / f"{s:05d}.tar", "w") as tar:
+            for k, im in zip(keys, ims, strict=True):
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                info = tarfile.TarInfo(f"{k}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+    return root / "store"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models do microseconds of work per op: a second OpenMP thread only adds barrier waits, which on
+    a shared 2-core machine made these tests ~10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    enc = load_encoder(save_encoder(load_encoder("tiny-clip", device="cpu"), root / "encoder"), device="cpu")
+    store = write_encoded_store(root, enc)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        build_prior("tiny", embedding_dim=DIM).save_pretrained(root / "eclipse-a")
+        build_prior("tiny", embedding_dim=DIM).save_pretrained(root / "eclipse-b")
+    return {"root": root, "store": store, "priors": [root / "eclipse-a", root / "eclipse-b"],
+            "kandinsky22": build_tiny_decoder("kandinsky22", root / "kandinsky22", DIM),
+            "clip": save_tiny_clip_scorer(root / "clip")}
+
+
+@pytest.fixture(scope="module")
+def full(world):
+    out = world["root"] / "out"
+    res = evaluate(world["priors"], world["store"], out, heldout_fraction=FRACTION, seeds=3, n_boot=200,
+                   max_prompts=6, prompt_categories=("color", "spatial"), image_source=world["root"] / "images",
+                   n_examples=3, decoder="kandinsky22", decoder_path=world["kandinsky22"], n_generate=2,
+                   decoder_steps=2, decoder_size=64, clip_model=world["clip"], pickscore_model=world["clip"],
+                   fid=True, device="cpu")
+    return res, out
+
+
+def test_metrics_json_has_every_figure_with_its_interval(full, world):
+    res, out = full
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["models"].keys() == res["models"].keys()
+    assert list(res["models"]) == ["eclipse-a", "eclipse-b", "TextEmb", "text-shift", "mean-image", "ridge"]
+    store = EmbeddingStore(world["store"])
+    keys = [k for _, ks in store.keys() for k in ks]
+    n_held = int(is_heldout(keys, FRACTION, 0).sum())
+    assert res["split"]["heldout_rows"] == n_held == res["split"]["gallery_size"]
+    assert res["split"]["train_rows_used"] + n_held == store.num_rows
+    for name, m in res["models"].items():
+        for key in ("cos_image", "cos_text", "cos_unrelated_text", "cos_image_minus_baseline", "r1", "r5", "r10",
+                    "rank", "frechet", "norm_ratio", "mse"):
+            s = m["metrics"][key]
+            assert s["value"] is not None and s["ci"][0] <= s["value"] + 1e-9 and s["value"] <= s["ci"][1] + 1e-9, \
+                (name, key, s)
+        if m["kind"] == "prior":
+            assert m["metrics"]["cos_image"]["seeds"] == 3 and len(m["metrics"]["frechet"]["seed_values"]) == 3
+    te = res["models"]["TextEmb"]["metrics"]
+    assert te["cos_text"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert te["cos_image_minus_baseline"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert res["dataset"]["cos_text_image"]["value"] == pytest.approx(te["cos_image"]["value"])
+    # the trivial baselines that see the training split beat the raw text embedding on the gap
+    for name in ("text-shift", "ridge"):
+        assert res["models"][name]["metrics"]["cos_image"]["value"] > te["cos_image"]["value"]
+    assert {(c["a"], c["b"]) for c in res["comparisons"]} >= {("eclipse-a", "eclipse-b"), ("eclipse-a", "ridge")}
+
+
+def test_probe_prompts_examples_and_images(full):
+    res, out = full
+    probe = res["probe"]
+    assert set(probe["words"]) <= {"red", "blue", "green", "yellow", "square", "circle"} and probe["words"]
+    assert probe["models"]["real images (ceiling)"]["value"] > 0.9  # colors are visible in the images
+    prompts = res["prompts"]
+    assert set(prompts["categories"]) == {"color", "spatial"}
+    assert prompts["categories"]["color"]["models"]["TextEmb"]["swap_acc"]["value"] == 1.0
+    assert prompts["categories"]["color"]["models"]["eclipse-a"]["swap_acc"]["seeds"] == 3
+    assert len(res["examples"]) == 3
+    ex = res["examples"][0]
+    assert ex["image"] and all(nb["image"] for m in ex["models"].values() for nb in m["neighbours"])
+    gen = res["generation"]
+    assert len(gen["items"]) == 2 and set(gen["items"][0]["images"]) == {"eclipse-a", "eclipse-b"}
+    assert (out / "images" / f"{gen['items'][0]['images']['eclipse-a']}.png").is_file()
+    clip = gen["metrics"]["clipscore"]["per_prior"]["eclipse-a"]
+    assert 0 <= clip["value"] <= 100 and clip["n"] == 2
+    wr = gen["metrics"]["pickscore"]["win_rates"]["eclipse-b"]
+    assert 0 <= wr["hard"]["value"] <= 1 and 0 <= wr["soft"]["value"] <= 1
+    assert gen["metrics"]["pickscore"]["win_rate_vs"] == "eclipse-a"
+    assert "fid" in gen["metrics"]  # a number where a library is installed, else the reason
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 + 3  # generated + example images inlined
+    assert "<svg" in html and "Prompt suites" in html
+
+
+def test_rerun_gives_the_same_numbers(full, world, tmp_path):
+    res, _ = full
+    again = evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, seeds=3, n_boot=200,
+                     prompt_suite=False, probe=False, n_examples=0, device="cpu")
+    for name in res["models"]:
+        for key in ("cos_image", "r1", "frechet"):
+            assert again["models"][name]["metrics"][key] == res["models"][name]["metrics"][key], (name, key)
+
+
+def test_max_rows_subsamples_every_shard(world, tmp_path):
+    res = evaluate(world["priors"][:1], world["store"], tmp_path, heldout_fraction=FRACTION, max_rows=12,
+                   max_train_rows=30, n_boot=50, prompt_suite=False, probe=False, n_examples=12, device="cpu")
+    sp = res["split"]
+    assert sp["heldout_rows_in_store"] > 20 and 4 <= sp["heldout_rows"] <= 22  # ~12 by key hash
+    assert 15 <= sp["train_rows_used"] <= 50 < sp["train_rows_in_store"]
+    assert len({ex["key"][:5] for ex in res["examples"]}) > 1  # not just the first shard
+
+
+def test_refusals(world, tmp_path):
+    with pytest.raises(ValueError, match="at least 3 noise seeds"):
+        evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, seeds=2)
+    with pytest.raises(WeightsMissingError, match="Kandinsky 2.2 decoder"):
+        evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, decoder="kandinsky22",
+                 decoder_path=tmp_path / "missing", device="cpu")
+    assert not (tmp_path / "metrics.json").exists()  # refused before any work
+    with torch.random.fork_rng(devices=[]):
+        build_prior("tiny", embedding_dim=16).save_pretrained(tmp_path / "d16")
+    with pytest.raises(StoreError, match="does not fit prior"):
+        evaluate([tmp_path / "d16"], world["store"], tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="every row is a training row"):
+        evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=0.0, device="cpu")
+    bare = [open_prior(p, "cpu") for p in world["priors"]]
+    split = resolve_split(bare, None, None)
+    assert split.fraction == 0.01 and "unknown" in split.source  # bare prior folders record no split
+
+
+def test_image_source_reads_tars_folders_and_file_urls(world, tmp_path):
+    src = ImageSource(world["root"] / "images")
+    assert src.get("000000000").size == (32, 32)
+    assert src.get("no-such-key") is None
+    render("red", "square", 6).save(tmp_path / "k1.jpg")
+    assert ImageSource(tmp_path).get("k1") is not None
+    assert ImageSource().get("x", url=f"file://{tmp_path / 'k1.jpg'}") is not None
+    with pytest.raises(FileNotFoundError):
+        ImageSource(tmp_path / "nope")
+
+
+def test_run_folder_curves_and_split_from_the_run(world, tmp_path):
+    """A real run folder from the trainer: its JSONL log becomes curves, its config the held-out split."""
+    from training.trainer import train
+
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        train(dict(store=str(world["store"]), out=str(run), objective="eclipse", preset="tiny", embedding_dim=DIM,
+                   steps=8, batch_size=16, heldout_fraction=FRACTION, log_every=2, ckpt_every=8, eval_every=4,
+                   progress=False, device="cpu", num_threads=1))
+    finally:
+        torch.set_num_threads(threads)  # the trainer sets the process's thread count
+    # the run records its store's encoder: generate() needs no --encoder for a run folder
+    from training.generate import prior_encoder
+
+    assert prior_encoder(open_prior(run, "cpu"), device="cpu").info == EmbeddingStore(world["store"]).encoder
+    log = read_training_log(run / "logs" / "train.jsonl")
+    assert log["train"]["step"] == [2.0, 4.0, 6.0, 8.0] and len(log["eval"]["cos_to_image"]) == 2
+    res = evaluate([run, world["priors"][0]], world["store"], tmp_path / "out", seeds=3, n_boot=100,
+                   prompt_suite=False, n_examples=1, device="cpu")
+    assert res["split"]["source"] == "run config" and res["split"]["heldout_fraction"] == FRACTION
+    assert res["models"]["run"]["objective"] == "eclipse"
+    assert res["training"]["run"]["curves"]["train"]["loss"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<polyline" in html and "training loss" in html
+    with pytest.raises(ValueError, match="rows it trained on"):
+        evaluate([run], world["store"], tmp_path / "bad", heldout_fraction=0.5, device="cpu")
+
+
+def test_cli_entry(world, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["evaluate", "--prior", str(world["priors"][0]), "--prior", str(world["priors"][1]), "--store",
+                              str(world["store"]), "--out", str(tmp_path), "--heldout-fraction", str(FRACTION),
+                 "--no-prompts", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "eclipse-b" in out and "text-shift" in out and str(tmp_path / "report.html") in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["settings"]["seeds"] == 3
