@@ -9,15 +9,22 @@ from pathlib import Path
 
 from prefect.deployments.runner import EntrypointType
 
+from flows.evaluate import evaluate
 from flows.precompute import precompute
+from flows.retrain import retrain
+from flows.train import train
 
-# Dataset presets get their own precompute deployment; the encoder is the decoder's own.
+# deployment name -> (dataset preset, encoder preset): the encoder is the decoder's own.
 DATASET_DEPLOYMENTS = {
-    "laion-highres-5m": "kandinsky22",  # the paper's Kandinsky setting
-    "mscoco": "kandinsky22",
-    "cc3m": "kandinsky22",
-    "cc12m": "kandinsky22",
+    "laion-highres-5m": ("laion-highres-5m", "kandinsky22"),  # the paper's Kandinsky setting
+    "mscoco": ("mscoco", "kandinsky22"),
+    "cc3m": ("cc3m", "kandinsky22"),
+    "cc12m": ("cc12m", "kandinsky22"),
+    "cc12m-karlo": ("cc12m", "karlo"),  # Karlo's decoder needs ViT-L/14 embeddings
 }
+# decoder preset -> the precompute deployment whose store its train/evaluate/retrain use by default
+DECODER_STORES = {"kandinsky22": "laion-highres-5m", "karlo": "cc12m-karlo"}
+RETRAIN_CRON = "0 3 * * 0"  # Sundays 03:00: pick up the week's new shards
 
 
 def build_deployments(data_dir: str | Path = "runs", dask_address: str | None = None) -> list:
@@ -26,17 +33,39 @@ def build_deployments(data_dir: str | Path = "runs", dask_address: str | None = 
     common = {"entrypoint_type": EntrypointType.MODULE_PATH}  # found via the installed package, not the cwd
     deployments = [
         precompute.to_deployment(
-            name, parameters={"urls": name, "encoder": encoder, "out": str(data / name), "cluster": cluster},
-            description=f"Download {name} and encode it with the {encoder} encoders into {data / name}/store.",
+            name, parameters={"urls": dataset, "encoder": encoder, "out": str(data / name), "cluster": cluster},
+            description=f"Download {dataset} and encode it with the {encoder} encoders into {data / name}/store.",
             tags=["precompute", name], **common,
         )
-        for name, encoder in DATASET_DEPLOYMENTS.items()
+        for name, (dataset, encoder) in DATASET_DEPLOYMENTS.items()
     ]
     deployments.append(precompute.to_deployment(
         "local", parameters={"cluster": cluster} if cluster else {},
         description="Any local url list: parameters urls (file or folder), encoder (preset or folder), out.",
         tags=["precompute", "local"], **common,
     ))
+    for decoder, dataset in DECODER_STORES.items():
+        store = str(data / dataset / "store")
+        deployments += [
+            train.to_deployment(
+                decoder, parameters={"store": store, "out": str(data / "runs" / f"{decoder}-eclipse"),
+                                     "preset": decoder, "objective": "eclipse"},
+                description=f"Train an ECLIPSE prior for the {decoder} decoder (the paper's recipe) on {store}.",
+                tags=["train", decoder], **common,
+            ),
+            evaluate.to_deployment(
+                decoder, parameters={"priors": [str(data / "runs" / f"{decoder}-eclipse")], "store": store,
+                                     "out": str(data / "evaluations" / decoder)},
+                description=f"Evaluate {decoder} priors on the held-out split of {store}.",
+                tags=["evaluate", decoder], **common,
+            ),
+            retrain.to_deployment(
+                decoder, cron=RETRAIN_CRON,
+                parameters={"store": store, "registry": str(data / "registry" / decoder), "preset": decoder},
+                description=f"Weekly: continue the promoted {decoder} prior on new shards; promote if not worse.",
+                tags=["retrain", decoder], **common,
+            ),
+        ]
     return deployments
 
 

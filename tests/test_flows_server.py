@@ -46,7 +46,12 @@ def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp
                                      env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_deployment(api, "precompute/local", serve, log)
-            _wait_for_deployment(api, "precompute/laion-highres-5m", serve, log)
+            for name in ("precompute/laion-highres-5m", "train/kandinsky22", "evaluate/karlo"):
+                _wait_for_deployment(api, name, serve, log)
+            _wait_for_deployment(api, "retrain/kandinsky22", serve, log)
+            with urllib.request.urlopen(f"{api}/deployments/name/retrain/kandinsky22", timeout=5) as r:
+                schedules = json.loads(r.read())["schedules"]
+            assert [s["schedule"]["cron"] for s in schedules] == ["0 3 * * 0"]
             params = {
                 "urls": str(tmp_path / "urls.parquet"), "encoder": "tiny-clip", "out": str(tmp_path / "out"),
                 "download": {"image_size": 32, "processes_count": 1, "thread_count": 4,

@@ -1,0 +1,70 @@
+"""Prefect flow `evaluate`: metrics.json + report.html for one or more priors, as artifacts too.
+
+A rerun with the same priors (same weights), store and settings is a no-op."""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from training.evaluate import evaluate as evaluate_priors
+
+SUMMARY_METRICS = ("cos_image", "r1", "r5", "frechet", "norm_ratio")
+INPUTS = ".evaluate-inputs.json"
+
+
+def _inputs_fingerprint(priors: list[str], store: str, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for p in priors:
+        for f in sorted(Path(p).rglob("*.safetensors")):  # weights changed -> evaluate again
+            h.update(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    h.update((Path(store) / "_manifest.json").read_bytes())
+    return h.hexdigest()
+
+
+@task(name="evaluate-priors")
+def evaluate_task(priors: list[str], store: str, out: str, settings: dict) -> dict:
+    return evaluate_priors(priors, store, out, **settings)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    priors: list[str],
+    store: str,
+    out: str,
+    seeds: int = 3,
+    max_rows: int = 2000,
+    heldout_fraction: float | None = None,
+    prompt_suite: bool = True,
+    decoder: Literal["kandinsky22", "karlo"] | None = None,
+    decoder_path: str | None = None,
+    device: str | None = None,
+) -> dict:
+    """Evaluate `priors` (prior, run or checkpoint folders) on the store's held-out split into `out`."""
+    settings = {"seeds": seeds, "max_rows": max_rows, "heldout_fraction": heldout_fraction,
+                "prompt_suite": prompt_suite, "decoder": decoder, "decoder_path": decoder_path, "device": device}
+    fingerprint = _inputs_fingerprint(priors, store, settings)
+    out_dir = Path(out)
+    if (out_dir / "metrics.json").exists() and (out_dir / INPUTS).exists() \
+            and (out_dir / INPUTS).read_text() == fingerprint:
+        get_run_logger().info("%s already holds this evaluation; nothing to do", out)
+        return json.loads((out_dir / "metrics.json").read_text())
+    result = evaluate_task(priors, store, out, settings)
+    (out_dir / INPUTS).write_text(fingerprint)  # after metrics.json: completion recorded last
+
+    rows = []
+    for name, model in result["models"].items():
+        m = model["metrics"]
+        rows.append({"model": name, "kind": model["kind"],
+                     **{k: round(m[k]["value"], 4) for k in SUMMARY_METRICS if k in m}})
+    create_table_artifact(rows, key="evaluate-metrics", description="held-out metrics (mean over seeds)")
+    create_markdown_artifact(
+        "| model | " + " | ".join(SUMMARY_METRICS) + " |\n|---|" + "---|" * len(SUMMARY_METRICS) + "\n"
+        + "\n".join(f"| {r['model']} | " + " | ".join(str(r.get(k, "")) for k in SUMMARY_METRICS) + " |"
+                    for r in rows) + f"\n\nReport: `{out_dir / 'report.html'}`",
+        key="evaluate-summary", description="held-out metrics of every prior and baseline",
+    )
+    return result
