@@ -42,10 +42,15 @@ def evaluate(
     decoder: Literal["kandinsky22", "karlo"] | None = None,
     decoder_path: str | None = None,
     device: str | None = None,
+    heldout_shards: list[str] | None = None,
 ) -> dict:
-    """Evaluate `priors` (prior, run or checkpoint folders) on the store's held-out split into `out`."""
+    """Evaluate `priors` (prior, run or checkpoint folders) on the store's held-out split into `out`.
+
+    heldout_shards: evaluate every row of these shards (a composition hold-out the priors never read).
+    """
     settings = {"seeds": seeds, "max_rows": max_rows, "heldout_fraction": heldout_fraction,
-                "prompt_suite": prompt_suite, "decoder": decoder, "decoder_path": decoder_path, "device": device}
+                "prompt_suite": prompt_suite, "decoder": decoder, "decoder_path": decoder_path, "device": device,
+                "heldout_shards": heldout_shards}
     fingerprint = _inputs_fingerprint(priors, store, settings)
     out_dir = Path(out)
     if (out_dir / "metrics.json").exists() and (out_dir / INPUTS).exists() \

@@ -238,3 +238,38 @@ def test_cli_entry(world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eclipse-b" in out and "text-shift" in out and str(tmp_path / "report.html") in out
     assert json.loads((tmp_path / "metrics.json").read_text())["settings"]["seeds"] == 3
+
+
+def _run_folder(root, name: str, shards: list[str] | None):
+    """A run folder as the trainer leaves it: train_config.json beside prior/."""
+    run = root / name
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        build_prior("tiny", embedding_dim=DIM).save_pretrained(run / "prior")
+    (run / "train_config.json").write_text(json.dumps(
+        {"objective": "eclipse", "heldout_fraction": FRACTION, "heldout_seed": 0, "shards": shards}))
+    return run
+
+
+def test_composition_holdout_evaluates_whole_unseen_shards(world, tmp_path):
+    run = _run_folder(tmp_path, "on-two-shards", ["00000.parquet", "00001.parquet"])
+    res = evaluate([run], world["store"], tmp_path / "out", seeds=3, n_boot=50, prompt_suite=False, probe=False,
+                   heldout_shards=["00002.parquet"], device="cpu")
+    store = EmbeddingStore(world["store"])
+    shard_keys = dict(store.keys())
+    assert res["split"]["heldout_rows"] == len(shard_keys["00002.parquet"])  # every row of the unseen shard
+    train_keys = shard_keys["00000.parquet"] + shard_keys["00001.parquet"]
+    assert res["split"]["train_rows_used"] == int((~is_heldout(train_keys, FRACTION, 0)).sum())
+    # held-in: the hash-held-out rows of the two training shards only
+    res_in = evaluate([run], world["store"], tmp_path / "in", seeds=3, n_boot=50, prompt_suite=False, probe=False,
+                      device="cpu")
+    assert res_in["split"]["heldout_rows"] == int(is_heldout(train_keys, FRACTION, 0).sum())
+
+
+def test_heldout_shards_a_prior_trained_on_are_refused(world, tmp_path):
+    everything = _run_folder(tmp_path, "on-all", None)
+    with pytest.raises(ValueError, match="trained on every shard"):
+        evaluate([everything], world["store"], tmp_path / "o1", heldout_shards=["00002.parquet"], device="cpu")
+    overlap = _run_folder(tmp_path, "overlap", ["00001.parquet", "00002.parquet"])
+    with pytest.raises(ValueError, match=r"trained on \['00002.parquet'\]"):
+        evaluate([overlap], world["store"], tmp_path / "o2", heldout_shards=["00002.parquet"], device="cpu")

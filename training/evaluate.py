@@ -78,34 +78,81 @@ SAMPLE_SALT_HELDOUT, SAMPLE_SALT_TRAIN, SAMPLE_SALT_PROBE = 1_000_003, 2_000_003
 
 @dataclass
 class Split:
+    """Which rows are evaluated and which rows fit the baselines.
+
+    By default both sides come from every shard, split by key hash (fraction, seed), as in training.
+    train_shards restricts both sides to the shards the priors trained on. heldout_shards (a
+    composition hold-out: shards the priors never read) makes every row of those shards the
+    evaluation side; the training side stays the non-held-out rows of the training shards.
+    """
+
     fraction: float
     seed: int
     source: str  # where the numbers came from
+    train_shards: tuple[str, ...] | None = None
+    heldout_shards: tuple[str, ...] | None = None
 
     def heldout(self, keys) -> np.ndarray:
         return is_heldout(keys, self.fraction, self.seed)
 
+    def shards(self, store: EmbeddingStore, heldout: bool) -> list[str]:
+        if heldout and self.heldout_shards:
+            return list(self.heldout_shards)
+        if self.train_shards:
+            return list(self.train_shards)
+        return [s for s in store.shards if s not in set(self.heldout_shards or ())]
+
     def count(self, store: EmbeddingStore) -> tuple[int, int]:
         """(held-out rows, training rows) of the store; reads only the key column."""
-        held = total = 0
-        for _, keys in store.keys():
-            held += int(self.heldout(keys).sum())
-            total += len(keys)
-        return held, total - held
+        held = train = 0
+        held_shards, train_shards = set(self.shards(store, True)), set(self.shards(store, False))
+        for shard, keys in store.keys():
+            by_hash = self.heldout(keys)
+            if shard in train_shards:
+                train += int((~by_hash).sum())
+            if shard in held_shards:
+                held += len(keys) if self.heldout_shards else int(by_hash.sum())
+        return held, train
 
     def row_filter(self, heldout: bool, keep_fraction: float):
         """Rows of one side of the split, subsampled by a second key hash when keep_fraction < 1: every shard
         contributes alike (taking the first rows in shard order would favour the first shards/sources)."""
         salt = self.seed + (SAMPLE_SALT_HELDOUT if heldout else SAMPLE_SALT_TRAIN)
+        whole_shards = heldout and bool(self.heldout_shards)
 
         def keep(keys) -> np.ndarray:
-            side = self.heldout(keys) == heldout
+            side = np.ones(len(keys), dtype=bool) if whole_shards else self.heldout(keys) == heldout
             return side & is_heldout(keys, keep_fraction, salt) if keep_fraction < 1.0 else side
 
         return keep
 
 
-def resolve_split(handles: Sequence[PriorHandle], fraction: float | None, seed: int | None) -> Split:
+def resolve_split(handles: Sequence[PriorHandle], fraction: float | None, seed: int | None,
+                  train_shards: Sequence[str] | None = None, heldout_shards: Sequence[str] | None = None,
+                  store: EmbeddingStore | None = None) -> Split:
+    """The split, with the shard restrictions checked against the runs (see `_split_by_hash`)."""
+    split = _split_by_hash(handles, fraction, seed)
+    recorded = {h.name: h.train_config.get("shards") for h in handles if h.train_config}
+    if train_shards is None:
+        known = [tuple(v) for v in recorded.values() if v]
+        train_shards = known[0] if known and all(k == known[0] for k in known) else None
+    if heldout_shards:
+        for name, used in recorded.items():
+            if used is None:
+                raise ValueError(f"prior {name} trained on every shard; held-out shards {list(heldout_shards)} "
+                                 f"would be rows it trained on")
+            if overlap := sorted(set(used) & set(heldout_shards)):
+                raise ValueError(f"prior {name} trained on {overlap}, which are given as held-out shards")
+    if store is not None:
+        unknown = sorted((set(train_shards or ()) | set(heldout_shards or ())) - set(store.shards))
+        if unknown:
+            raise ValueError(f"{store.dir}: no shards {unknown}")
+    split.train_shards = tuple(train_shards) if train_shards else None
+    split.heldout_shards = tuple(heldout_shards) if heldout_shards else None
+    return split
+
+
+def _split_by_hash(handles: Sequence[PriorHandle], fraction: float | None, seed: int | None) -> Split:
     """The split to evaluate on: the one the runs trained with, unless given.
 
     A given split must lie inside every run's held-out split (same seed, fraction no larger: the
@@ -158,7 +205,8 @@ def scan_training_split(store: EmbeddingStore, split: Split, keep_fraction: floa
     probe_cap: list[str] = []
     rows = 0
     keep = split.row_filter(heldout=False, keep_fraction=keep_fraction)
-    for raw in store.iter_batches(batch_size, [KEY, CAPTION, IMAGE_EMBED, TEXT_EMBED], row_filter=keep):
+    for raw in store.iter_batches(batch_size, [KEY, CAPTION, IMAGE_EMBED, TEXT_EMBED], row_filter=keep,
+                                  shards=split.shards(store, heldout=False)):
         n = len(raw[KEY])
         text = raw[TEXT_EMBED].astype(np.float64)
         image = raw[IMAGE_EMBED].astype(np.float64)
@@ -226,7 +274,7 @@ def predict_heldout(store: EmbeddingStore, split: Split, handles: Sequence[Prior
     preds: dict[str, list[list[np.ndarray]]] = {h.name: [[] for _ in range(seeds)] for h in handles}
     cols = [KEY, CAPTION, URL, IMAGE_EMBED, TEXT_EMBED, TEXT_HIDDEN]
     keep = split.row_filter(heldout=True, keep_fraction=keep_fraction)
-    for raw in store.iter_batches(batch_size, cols, pad_to=pad, row_filter=keep):
+    for raw in store.iter_batches(batch_size, cols, pad_to=pad, row_filter=keep, shards=split.shards(store, True)):
         n = len(raw[KEY])
         keys += [str(k) for k in raw[KEY][:n]]
         caps += [str(c) for c in raw[CAPTION][:n]]
@@ -473,6 +521,8 @@ def evaluate(
     fid: bool = False,
     device: str | None = None,
     local_files_only: bool = True,
+    train_shards: Sequence[str] | None = None,
+    heldout_shards: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate `priors` (prior folders, run folders or checkpoints) on `store`; write
     out/metrics.json and out/report.html (+ out/images/). Returns the metrics dict.
@@ -489,6 +539,9 @@ def evaluate(
     each, the same prompts and seeds for every prior; clip_model /
     pickscore_model: local CLIP / PickScore weights for CLIPScore and PickScore win rates.
     Decoder and scorer weights are never downloaded unless local_files_only=False.
+    train_shards: shards the priors trained on (default: from the run configs; baselines fit there).
+    heldout_shards: evaluate every row of these shards instead (a composition hold-out; the priors must
+    not have trained on them).
     """
     t_start = time.time()
     if seeds < 3:
@@ -519,7 +572,7 @@ def evaluate(
     if pickscore_model is not None:
         scorers["pickscore"] = ClipImageScorer.load("pickscore", pickscore_model, pickscore_processor, device=dev,
                                                     local_files_only=local_files_only)
-    split = resolve_split(handles, heldout_fraction, heldout_seed)
+    split = resolve_split(handles, heldout_fraction, heldout_seed, train_shards, heldout_shards, st)
     level = float(ci)
     d = st.encoder.image_dim
     n_boot_fd = n_boot_fd if n_boot_fd is not None else (min(n_boot, 200) if d <= 256 else 20)
@@ -543,6 +596,7 @@ def evaluate(
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "store": {"path": str(st.dir), "rows": st.num_rows, "encoder": st.encoder.to_dict()},
         "split": {"heldout_fraction": split.fraction, "heldout_seed": split.seed, "source": split.source,
+                  "train_shards": split.train_shards, "heldout_shards": split.heldout_shards,
                   "heldout_rows_in_store": n_held, "heldout_rows": len(held.keys), "gallery_size": len(held.keys),
                   "train_rows_in_store": n_train, "train_rows_used": stats.rows},
         "settings": {"seeds": seeds, "n_boot": n_boot, "n_boot_fd": n_boot_fd, "ci": level,
