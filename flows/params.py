@@ -39,6 +39,7 @@ class TrainParams(_Params):
     lr: float = Field(5e-5, gt=0)
     seed: int = 0
     embedding_dim: int | None = Field(None, gt=0, description="override the preset's D (tiny priors)")
+    text_length: int | None = Field(None, gt=0, description="override the 77 text positions (short contexts)")
     heldout_fraction: float = Field(0.01, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1)
     compile: bool = False

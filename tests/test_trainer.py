@@ -234,3 +234,15 @@ def test_continue_from_an_exported_prior_on_chosen_shards(tmp_path, store):
     assert trained_on and trained_on <= allowed
     with pytest.raises(StoreError, match="does not have"):
         train(tiny(store, tmp_path / "c", shards=["shard-00009.parquet"]))
+
+
+def test_text_length_below_the_store_context_is_refused_and_recorded_in_the_export(tmp_path):
+    from training.data import write_synthetic_store as wss
+
+    wss(tmp_path / "short", rows=64, dim=32, shards=2, tokens=(3, 8))
+    # synthetic stores declare context 77, so a 20-position prior cannot take them ...
+    with pytest.raises(ValueError, match="takes 20 text positions but the store's encoder has context length 77"):
+        train(tiny(tmp_path / "short", tmp_path / "r0", text_length=20))
+    # ... while the full 77 works and the exported prior keeps its text length
+    prior = train(tiny(tmp_path / "short", tmp_path / "r1", steps=3, text_length=77, ckpt_every=3))
+    assert load_prior(prior).config.num_embeddings == 77

@@ -26,6 +26,7 @@ class TrainConfig:
     objective: str = "eclipse"  # eclipse | projection | diffusion
     preset: str = "kandinsky22"  # kandinsky22 (D=1280) | karlo (D=768) | tiny
     embedding_dim: int | None = None  # None: the preset's D; set it for a tiny prior over a tiny encoder's store
+    text_length: int | None = None  # None: 77 text positions; fewer suit an encoder with a short context
     init_from: str | None = None  # an exported prior folder to start from (continued training, retrain flow)
     shards: list[str] | None = None  # train on these store shards only (None: all); eval uses all shards
 

@@ -187,8 +187,8 @@ class Objective:
 
     name: str = ""
 
-    def build_model(self, preset: str, embedding_dim: int | None = None) -> nn.Module:
-        return PriorTransformer(**preset_config(preset, embedding_dim))
+    def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> nn.Module:
+        return PriorTransformer(**preset_config(preset, embedding_dim, text_length))
 
     def loss(self, model: nn.Module, batch: PriorBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -232,12 +232,12 @@ class DiffusionObjective(Objective):
         self.guidance_scale = guidance_scale
         self.scheduler = make_scheduler()
 
-    def build_model(self, preset: str, embedding_dim: int | None = None) -> nn.Module:
+    def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> nn.Module:
         """diffusers' stock PriorTransformer with the ECLIPSE preset's size, plus its time embedding.
 
         clip_mean/clip_std standardise the target (set from the data before training); frozen.
         """
-        cfg = preset_config(preset, embedding_dim)
+        cfg = preset_config(preset, embedding_dim, text_length)
         cfg["additional_embeddings"] = 4  # + the timestep token
         model = DiffusionPriorTransformer(**cfg)
         with torch.no_grad():

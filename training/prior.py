@@ -48,13 +48,16 @@ COMMON = dict(
 )
 
 
-def preset_config(name: str, embedding_dim: int | None = None) -> dict:
-    """Constructor kwargs of a preset; `embedding_dim` overrides D (e.g. a tiny test encoder)."""
+def preset_config(name: str, embedding_dim: int | None = None, text_length: int | None = None) -> dict:
+    """Constructor kwargs of a preset; `embedding_dim` overrides D (e.g. a tiny test encoder) and
+    `text_length` the 77 text positions (a small encoder with a short context: shorter sequences)."""
     if name not in PRESETS:
         raise ValueError(f"unknown prior preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = {**PRESETS[name], **COMMON}
     if embedding_dim is not None:
         cfg["embedding_dim"] = int(embedding_dim)
+    if text_length is not None:
+        cfg["num_embeddings"] = int(text_length)
     return cfg
 
 
@@ -230,8 +233,8 @@ class PriorTransformer(ModelMixin, ConfigMixin):
         return prior_latents * self.clip_std + self.clip_mean
 
 
-def build_prior(preset: str, embedding_dim: int | None = None) -> PriorTransformer:
-    return PriorTransformer(**preset_config(preset, embedding_dim))
+def build_prior(preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> PriorTransformer:
+    return PriorTransformer(**preset_config(preset, embedding_dim, text_length))
 
 
 def count_parameters(model: nn.Module) -> int:

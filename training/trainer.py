@@ -44,7 +44,7 @@ from training.export import (
     export_checkpoint,
     latest_checkpoint,
 )
-from training.objectives import Objective, make_objective
+from training.objectives import Objective, make_objective, unwrap
 from training.prior import count_parameters, load_prior, preset_config
 
 EVAL_SEED = 1234  # evaluation draws its noise from its own generator: it never shifts training randomness
@@ -244,6 +244,7 @@ def evaluate(objective: Objective, model: torch.nn.Module, store: EmbeddingStore
     loader = StoreLoader(
         store, cfg.eval_batch_size or cfg.batch_size, split="heldout", heldout_fraction=cfg.heldout_fraction,
         heldout_seed=cfg.heldout_seed, shuffle=False, infinite=False, drop_last=False, prefetch=0,
+        pad_to=unwrap(model).config.num_embeddings, shards=cfg.shards,
     )
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
     was_training = model.training
@@ -311,6 +312,10 @@ def train(config: TrainConfig | dict) -> Path:
     store = EmbeddingStore(cfg.store)
     dim = preset_config(cfg.preset, cfg.embedding_dim)["embedding_dim"]
     check_store_dims(store.encoder, dim, f"the {cfg.preset!r} prior")
+    text_length = preset_config(cfg.preset, cfg.embedding_dim, cfg.text_length)["num_embeddings"]
+    if text_length < store.encoder.context_length:
+        raise ValueError(f"the prior takes {text_length} text positions but the store's encoder has context length "
+                         f"{store.encoder.context_length}; set text_length >= {store.encoder.context_length}")
     world = Dist(cfg.device)
     try:
         return _train(cfg, store, dim, run_dir, world)
@@ -350,7 +355,7 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
                                text_drop_prob=cfg.text_drop_prob, num_inference_steps=cfg.inference_steps,
                                guidance_scale=cfg.guidance_scale)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = objective.build_model(cfg.preset, cfg.embedding_dim)
+    model = objective.build_model(cfg.preset, cfg.embedding_dim, cfg.text_length)
     if cfg.init_from and resume_from is None:
         init = load_prior(cfg.init_from)
         if type(init) is not type(model):
