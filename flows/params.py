@@ -17,7 +17,10 @@ class DownloadParams(_Params):
     thread_count: int = Field(64, gt=0)
     number_sample_per_shard: int = Field(10_000, gt=0)
     timeout: int = Field(10, gt=0, description="seconds per url")
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality, or png compression 0-9")
     retry_failed: bool = Field(False, description="re-feed failed urls once after the download")
+    overwrite: bool = Field(False, description="start the download over instead of resuming it")
 
 
 class EncodeParams(_Params):

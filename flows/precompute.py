@@ -22,7 +22,8 @@ from storage_schema.writer import read_manifest
 
 @task(name="download", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10))
 def download_task(urls: str, images: str, params: DownloadParams) -> dict:
-    cfg = DownloadConfig(**params.model_dump(exclude={"retry_failed", "processes_count"}, exclude_none=True),
+    cfg = DownloadConfig(**params.model_dump(exclude={"retry_failed", "processes_count", "overwrite"}),
+                         incremental_mode="overwrite" if params.overwrite else "incremental",
                          **({"processes_count": params.processes_count} if params.processes_count else {}))
     summary = download_main(urls, images, retry=params.retry_failed,
                             **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})

@@ -1,0 +1,164 @@
+"""Prefect flow `demo`: the whole DAG on a CPU, on a synthetic compositional world.
+
+world -> teacher CLIP (trained here) -> url list served on loopback -> precompute (img2dataset +
+encode) -> projection / eclipse / diffusion priors on held-in compositions, several seeds ->
+evaluate on held-in rows and on held-out compositions -> DIR/metrics.json + DIR/report.html.
+Every stage skips what an earlier run finished.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from pydantic import Field
+
+from flows.evaluate import evaluate
+from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams, _Params
+from flows.precompute import precompute
+from flows.train import train
+from pipeline.world import World, WorldServer, split_by_pairs, write_url_list
+from storage_schema import EmbeddingStore
+
+OBJECTIVES = ("projection", "eclipse", "diffusion")
+
+
+class DemoParams(_Params):
+    images: int = Field(8000, gt=0, description="rendered image-caption pairs")
+    heldout_pair_fraction: float = Field(0.75, gt=0, lt=1, description="color x shape pairs the priors never see")
+    teacher_steps: int = Field(600, gt=0)
+    prior_steps: int = Field(800, gt=0)
+    seeds: int = Field(3, gt=0, description="training seeds per objective")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    shard_size: int = Field(500, gt=0, description="images per shard")
+    eval_seeds: int = Field(3, ge=3, description="noise seeds per prior in the evaluation")
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "DemoParams":
+        """The same path, small: fewer images, steps and seeds (CI)."""
+        return cls(images=1600, teacher_steps=250, prior_steps=150, seeds=1, shard_size=100)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@task(name="teacher")
+def teacher_task(world: World, steps: int, seed: int, out: str) -> dict:
+    from pipeline.encoders import load_encoder
+    from pipeline.teacher import teacher_metrics, train_teacher
+
+    path = Path(out)
+    report_file = path / "teacher_report.json"
+    if report_file.exists():
+        return json.loads(report_file.read_text())["report"]
+    if (path / "encoder.json").exists():  # saved, but killed before its report: measure it again
+        report = teacher_metrics(load_encoder(path), world).to_dict()
+        report_file.write_text(json.dumps({"report": report, "world": world.to_dict(), "seed": seed}, indent=2))
+        return report
+    return train_teacher(world, steps=steps, seed=seed, out_dir=path).to_dict()
+
+
+@flow(name="demo", log_prints=True)
+def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
+    from training.experiment import caption_retrieval, format_table, oracle_metrics, report_section, summarize
+
+    log = get_run_logger()
+    root = Path(out).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    p = params
+    world = World(seed=p.seed, image_size=32)
+
+    print("1/5 teacher CLIP on the synthetic world")
+    teacher = teacher_task(world, p.teacher_steps, p.seed, str(root / "teacher"))
+    print(f"    color {teacher['color_acc']:.3f}, shape {teacher['shape_acc']:.3f}, matched text-image cos "
+          f"{teacher['matched_cos']:.3f} vs same-caption image-image cos {teacher['image_image_cos']:.3f}")
+
+    # Held-in compositions first, cut to whole shards, then the held-out ones: shard i of the url
+    # list is rows [i*N, (i+1)*N) in img2dataset, so the split is a split of store shards.
+    specs = world.sample_specs(p.images, seed=p.seed)
+    held_pairs = world.holdout_pairs(p.heldout_pair_fraction, seed=p.seed)
+    kept, held = split_by_pairs(specs, held_pairs)
+    kept = kept[: (len(kept) // p.shard_size) * p.shard_size]
+    if not kept or not held:
+        raise ValueError(f"{p.images} images leave {len(kept)} held-in (whole shards of {p.shard_size}) and "
+                         f"{len(held)} held-out rows; use more images or smaller shards")
+    n_in_shards = len(kept) // p.shard_size
+
+    print(f"2/5 precompute: {len(kept)} held-in + {len(held)} held-out-composition images, served on loopback")
+    state_file = root / "demo_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    port = state.get("port", 0)
+    overwrite = bool(port) and not _port_free(port)  # urls of an unfinished earlier run cannot be resumed
+    with WorldServer(world, port=0 if overwrite else port) as server:
+        state_file.write_text(json.dumps({"port": server.port}))
+        write_url_list(kept + held, server.base_url, root / "urls.parquet", fmt="png")
+        pre = precompute(
+            urls=str(root / "urls.parquet"), encoder=str(root / "teacher"), out=str(root / "data"),
+            # png: the teacher sees exactly the pixels it was trained on
+            download=DownloadParams(image_size=32, encode_format="png", encode_quality=1, processes_count=1,
+                                    thread_count=16, number_sample_per_shard=p.shard_size, timeout=20,
+                                    overwrite=overwrite),
+            encode=EncodeParams(batch_size=256), cluster=ClusterParams(n_workers=1),
+        )
+    store = pre["store"]
+    shards = EmbeddingStore(store).shards
+    heldin_shards, heldout_shards = shards[:n_in_shards], shards[n_in_shards:]
+
+    dim = EmbeddingStore(store).encoder.image_dim
+    context = EmbeddingStore(store).encoder.context_length
+    runs: dict[str, list[str]] = {o: [] for o in OBJECTIVES}
+    total = len(OBJECTIVES) * p.seeds
+    print(f"3/5 training {total} priors ({p.prior_steps} steps each) on the held-in shards {heldin_shards}")
+    for s in range(p.seeds):
+        for obj in OBJECTIVES:
+            name = f"{obj}-s{s}"
+            print(f"    [{sum(map(len, runs.values())) + 1}/{total}] {name}")
+            train(store=store, out=str(root / "runs" / name), objective=obj, preset="tiny", steps=p.prior_steps,
+                  params=TrainParams(batch_size=p.batch_size, lr=p.lr, seed=s, embedding_dim=dim,
+                                     text_length=context, heldout_fraction=0.1, ckpt_every=max(p.prior_steps // 4, 1),
+                                     eval_every=0, num_threads=max(1, os.cpu_count() or 1)),
+                  shards=heldin_shards)
+            runs[obj].append(name)
+
+    print("4/5 evaluating on held-in rows and on held-out compositions")
+    priors = [str(root / "runs" / n) for obj in OBJECTIVES for n in runs[obj]]
+    common = dict(priors=priors, store=store, seeds=p.eval_seeds, max_rows=4000, prompt_suite=False,
+                  device="cpu")
+    results = {"heldin": evaluate(out=str(root / "eval-heldin"), **common),
+               "heldout": evaluate(out=str(root / "eval-heldout"), heldout_shards=heldout_shards, **common)}
+    st = EmbeddingStore(store)
+    oracle = {"heldout": oracle_metrics(st, heldout_shards)}
+    for split, held_shards in (("heldin", None), ("heldout", heldout_shards)):
+        results[split]["caption_retrieval"] = caption_retrieval(st, priors, heldin_shards, held_shards,
+                                                                seeds=p.eval_seeds)
+
+    print("5/5 report")
+    table = summarize(results, runs, oracle)
+    metrics = {"teacher": teacher, "world": world.to_dict(), "params": p.model_dump(),
+               "split": {"heldin_shards": heldin_shards, "heldout_shards": heldout_shards,
+                         "heldout_pairs": sorted(map(list, held_pairs)), "heldin_rows": len(kept),
+                         "heldout_rows": len(held)},
+               "experiment": table, "heldin": results["heldin"], "heldout": results["heldout"],
+               "oracle": oracle}
+    (root / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    notes = (f"{len(kept)} held-in and {len(held)} held-out-composition images; "
+             f"{len(held_pairs)} of {len(world.colors) * len(world.shapes)} color × shape pairs never reach a prior. "
+             "The evaluation below is the held-out-composition split; held-in figures are in the table above "
+             "and in eval-heldin/report.html.")
+    heldout_html = (root / "eval-heldout" / "report.html").read_text()
+    top = report_section(table, teacher, notes)
+    (root / "report.html").write_text(heldout_html.replace("<body>", "<body>" + top, 1))
+    text = format_table(table)
+    print(text)
+    print(f"report: {root / 'report.html'}")
+    log.info("demo finished")
+    return {"table": text, "report": str(root / "report.html"), "metrics": str(root / "metrics.json")}
