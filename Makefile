@@ -16,10 +16,9 @@ $(BIN)/eclipse-prior: pyproject.toml
 
 setup: $(BIN)/eclipse-prior
 
-# Until `eclipse-prior demo` exists this runs the largest end-to-end path that works:
-# write a realistic embedding store, validate it, and measure it.
+# The whole DAG on the embedded default (a synthetic world), on a CPU, no internet needed.
 demo: setup
-	$(BIN)/python benchmarks/store_io.py
+	$(BIN)/eclipse-prior demo --out runs/demo
 
 test: setup
 	$(BIN)/ruff check .
@@ -33,3 +32,5 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/store_io.py
+	$(BIN)/python benchmarks/encode.py
+	$(BIN)/python benchmarks/train.py

@@ -132,7 +132,7 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     print("4/5 evaluating on held-in rows and on held-out compositions")
     priors = [str(root / "runs" / n) for obj in OBJECTIVES for n in runs[obj]]
     common = dict(priors=priors, store=store, seeds=p.eval_seeds, max_rows=4000, prompt_suite=False,
-                  device="cpu")
+                  device="cpu", image_source=pre["images"])
     results = {"heldin": evaluate(out=str(root / "eval-heldin"), **common),
                "heldout": evaluate(out=str(root / "eval-heldout"), heldout_shards=heldout_shards, **common)}
     st = EmbeddingStore(store)

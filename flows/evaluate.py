@@ -43,14 +43,16 @@ def evaluate(
     decoder_path: str | None = None,
     device: str | None = None,
     heldout_shards: list[str] | None = None,
+    image_source: str | None = None,
 ) -> dict:
     """Evaluate `priors` (prior, run or checkpoint folders) on the store's held-out split into `out`.
 
     heldout_shards: evaluate every row of these shards (a composition hold-out the priors never read).
+    image_source: folder of the webdataset image shards, for the report's nearest-real-image examples.
     """
     settings = {"seeds": seeds, "max_rows": max_rows, "heldout_fraction": heldout_fraction,
                 "prompt_suite": prompt_suite, "decoder": decoder, "decoder_path": decoder_path, "device": device,
-                "heldout_shards": heldout_shards}
+                "heldout_shards": heldout_shards, "image_source": image_source}
     fingerprint = _inputs_fingerprint(priors, store, settings)
     out_dir = Path(out)
     if (out_dir / "metrics.json").exists() and (out_dir / INPUTS).exists() \

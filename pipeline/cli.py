@@ -199,6 +199,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # `import prefect` writes to ~/.prefect unless PREFECT_HOME is set; keep the demo's state beside it.
     os.environ.setdefault("PREFECT_HOME", os.path.join(out, ".prefect"))
     os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the temporary local API sends nothing
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.demo import DemoParams, demo
 
     demo(out=out, params=DemoParams.quick() if args.quick else DemoParams())
