@@ -376,7 +376,7 @@ _TINY_WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's / GPT-2's reversible byte -> printable unicode map (byte-level BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -391,7 +391,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP-ordered vocab: 256 bytes, 256 bytes+`</w>`, merge results, then BOS and EOS last."""
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     merges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     for word in _TINY_WORDS:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from pipeline.encoders import ClipEncoder, OpenClipEncoder, save_encoder
+from pipeline.encoders import ClipEncoder, OpenClipEncoder, bytes_to_unicode, save_encoder
 from pipeline.world import (
     ATTRIBUTES,
     COLORS,
@@ -147,19 +147,6 @@ class TeacherReport:
 # Tokenizer: CLIP's byte-level BPE with merges for exactly the caption words
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's / GPT-2's reversible byte -> printable character map (the BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding of one word as the tokenizers library does it: merge the best-ranked
     adjacent pair (everywhere in the word), repeat until no known pair is left."""
@@ -189,7 +176,7 @@ def build_tokenizer(words: Sequence[str] | None = None, context_length: int = Te
     """
     from transformers import CLIPTokenizer
 
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     ranks: dict[tuple[str, str], int] = {}
     for word in words if words is not None else caption_words():
         initial = [*word[:-1], word[-1] + "</w>"]

@@ -41,7 +41,8 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -66,7 +67,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def read_manifest(store_dir: Path) -> dict | None:
@@ -200,7 +201,7 @@ class StoreWriter:
             os.fsync(f.fileno())
         entry = {"rows": table.num_rows, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), **(extra or {})}
         os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
         self._record(file_name, entry)
         return entry
 

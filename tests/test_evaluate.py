@@ -64,16 +64,6 @@ def write_encoded_store(root, enc, shards: int = 3, rows: int = 40, seed: int = 
     return root / "store"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models do microseconds of work per op: a second OpenMP thread only adds barrier waits, which on
-    a shared 2-core machine made these tests ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")

@@ -28,16 +28,6 @@ DIM = 32
 PROMPT = "a red car and a blue bench"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models do microseconds of work per op: a second OpenMP thread only adds barrier waits, which on
-    a shared 2-core machine made these tests ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")

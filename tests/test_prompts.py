@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.encoders import load_encoder, save_encoder
 from training.prompts import (
@@ -17,16 +16,6 @@ from training.prompts import (
     run_prompt_suite,
     swap_prompt,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models do microseconds of work per op: a second OpenMP thread only adds barrier waits, which on
-    a shared 2-core machine made these tests ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

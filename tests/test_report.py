@@ -39,16 +39,6 @@ class Collect(HTMLParser):
         self.text.append(data)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models do microseconds of work per op: a second OpenMP thread only adds barrier waits, which on
-    a shared 2-core machine made these tests ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """A small random store (storage_schema's writer), one image per row in a folder named by key."""

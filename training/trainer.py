@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from storage_schema import IMAGE_EMBED, EmbeddingStore, StoreError
+from storage_schema.writer import atomic_write_bytes, fsync_path
 from training.config import CONFIG_NAME, TrainConfig
 from training.data import StoreLoader, check_store_dims, is_heldout
 from training.export import (
@@ -53,20 +54,8 @@ EVAL_SEED = 1234  # evaluation draws its noise from its own generator: it never 
 # -- small file helpers ---------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    atomic_write_bytes(path, text.encode())
 
 
 # -- distributed setup ----------------------------------------------------------------------
@@ -173,15 +162,15 @@ def save_checkpoint(
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     for path in tmp.rglob("*"):
         if path.is_file():
-            _fsync(path)
+            fsync_path(path)
     (tmp / COMPLETE).write_text(f"{step}\n")
-    _fsync(tmp / COMPLETE)
-    _fsync(tmp)
+    fsync_path(tmp / COMPLETE)
+    fsync_path(tmp)
     final = root / name
     if final.exists():  # the same step saved again (e.g. the final step of a resumed, finished run)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     _atomic_write_text(root / LATEST, name)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
