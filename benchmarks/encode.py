@@ -72,12 +72,13 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-threads", type=int, default=EncodeConfig.decode_threads)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_cpu_clip(tmp / "clip", args.width, args.layers)
         make_shards(tmp / "img", args.shards, args.per_shard)
-        cfg = EncodeConfig(encoder=str(tmp / "clip"), batch_size=args.batch_size)
+        cfg = EncodeConfig(encoder=str(tmp / "clip"), batch_size=args.batch_size, decode_threads=args.decode_threads)
         enc = get_encoder(cfg.encoder)  # the pipeline reuses this cached instance
         tars = sorted((tmp / "img").glob("*.tar"))
 
