@@ -203,7 +203,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.demo import DemoParams, demo
 
-    demo(out=out, params=DemoParams.quick() if args.quick else DemoParams())
+    result = demo(out=out, params=DemoParams.quick() if args.quick else DemoParams())
+    print(result["table"])  # the flow's own prints went to its log; the answer goes to stdout
+    print(f"report:  {result['report']}\nmetrics: {result['metrics']}")
     return 0
 
 
