@@ -3,7 +3,8 @@
 Prints, last: encode_pipeline_efficiency=<x> = images/s of `encode_shard` (tar read, JPEG
 decode, the encoder's own preprocessing, image + text forward, fp16 store write) / images/s
 of the bare image + text forward on the same, already preprocessed batches. The CLIP is a
-CPU-sized random ViT-B/32-like model (224 px), so the model dominates as it does on a GPU.
+random CLIP of ViT-B/32's architecture (224 px; `--small` halves it), the smallest standard
+CLIP, so the model dominates as it does on a GPU.
 """
 
 import argparse
@@ -24,8 +25,13 @@ from pipeline.encode import EncodeConfig, encode_shard, iter_webdataset  # noqa:
 from pipeline.encoders import HFClipEncoder, build_tiny_tokenizer, get_encoder, save_encoder  # noqa: E402
 from storage_schema import EncoderInfo  # noqa: E402
 
+# openai/clip-vit-base-patch32's architecture (random weights): the smallest standard CLIP.
+VIT_B32 = dict(vision_width=768, vision_layers=12, text_width=512, text_layers=12, dim=512)
+SMALL = dict(vision_width=384, vision_layers=6, text_width=384, text_layers=6, dim=384)
 
-def build_cpu_clip(path: Path, width: int, layers: int) -> None:
+
+def build_cpu_clip(path: Path, vision_width: int, vision_layers: int, text_width: int, text_layers: int,
+                   dim: int) -> None:
     from transformers import (
         CLIPImageProcessor,
         CLIPTextConfig,
@@ -37,14 +43,14 @@ def build_cpu_clip(path: Path, width: int, layers: int) -> None:
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        image_size=224, patch_size=32, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-        num_attention_heads=width // 64, projection_dim=width))
+        image_size=224, patch_size=32, hidden_size=vision_width, intermediate_size=4 * vision_width,
+        num_hidden_layers=vision_layers, num_attention_heads=vision_width // 64, projection_dim=dim))
     text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-        num_attention_heads=width // 64, projection_dim=width, max_position_embeddings=77,
+        vocab_size=len(tok), hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=text_layers,
+        num_attention_heads=text_width // 64, projection_dim=dim, max_position_embeddings=77,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     info = EncoderInfo(preset="bench-cpu-clip", image_model="bench/vision", text_model="bench/text",
-                       image_dim=width, text_dim=width, hidden_dim=width, tokenizer="bench/tok", context_length=77)
+                       image_dim=dim, text_dim=dim, hidden_dim=text_width, tokenizer="bench/tok", context_length=77)
     enc = HFClipEncoder(vision, text, tok, CLIPImageProcessor(), info, torch.device("cpu"), torch.float32)
     save_encoder(enc, path)
 
@@ -69,14 +75,13 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--per-shard", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--width", type=int, default=384)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--small", action="store_true", help="a half-width 6-layer CLIP instead of ViT-B/32 (faster)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-threads", type=int, default=EncodeConfig.decode_threads)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_cpu_clip(tmp / "clip", args.width, args.layers)
+        build_cpu_clip(tmp / "clip", **(SMALL if args.small else VIT_B32))
         make_shards(tmp / "img", args.shards, args.per_shard)
         cfg = EncodeConfig(encoder=str(tmp / "clip"), batch_size=args.batch_size, decode_threads=args.decode_threads)
         enc = get_encoder(cfg.encoder)  # the pipeline reuses this cached instance

@@ -110,11 +110,9 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
             encode=EncodeParams(batch_size=256), cluster=ClusterParams(n_workers=1),
         )
     store = pre["store"]
-    shards = EmbeddingStore(store).shards
-    heldin_shards, heldout_shards = shards[:n_in_shards], shards[n_in_shards:]
-
-    dim = EmbeddingStore(store).encoder.image_dim
-    context = EmbeddingStore(store).encoder.context_length
+    st = EmbeddingStore(store)
+    heldin_shards, heldout_shards = st.shards[:n_in_shards], st.shards[n_in_shards:]
+    dim, context = st.encoder.image_dim, st.encoder.context_length
     runs: dict[str, list[str]] = {o: [] for o in OBJECTIVES}
     total = len(OBJECTIVES) * p.seeds
     print(f"3/5 training {total} priors ({p.prior_steps} steps each) on the held-in shards {heldin_shards}")
@@ -135,7 +133,6 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
                   device="cpu", image_source=pre["images"])
     results = {"heldin": evaluate(out=str(root / "eval-heldin"), **common),
                "heldout": evaluate(out=str(root / "eval-heldout"), heldout_shards=heldout_shards, **common)}
-    st = EmbeddingStore(store)
     oracle = {"heldout": oracle_metrics(st, heldout_shards)}
     for split, held_shards in (("heldin", None), ("heldout", heldout_shards)):
         results[split]["caption_retrieval"] = caption_retrieval(st, priors, heldin_shards, held_shards,
