@@ -263,3 +263,22 @@ def test_heldout_shards_a_prior_trained_on_are_refused(world, tmp_path):
     overlap = _run_folder(tmp_path, "overlap", ["00001.parquet", "00002.parquet"])
     with pytest.raises(ValueError, match=r"trained on \['00002.parquet'\]"):
         evaluate([overlap], world["store"], tmp_path / "o2", heldout_shards=["00002.parquet"], device="cpu")
+
+
+def test_a_prior_is_refused_on_a_store_of_another_encoder(tmp_path):
+    """Same D, different encoder: the dims check cannot see it, the exported training info can."""
+    from storefixtures import tiny_info, write_store
+
+    from training.config import TrainConfig
+    from training.data import write_synthetic_store
+    from training.export import TRAINING_INFO
+    from training.trainer import train
+
+    write_synthetic_store(tmp_path / "a", rows=64, dim=DIM, shards=2)
+    prior = train(TrainConfig(store=str(tmp_path / "a"), out=str(tmp_path / "run"), preset="tiny", embedding_dim=DIM,
+                              steps=2, batch_size=16, heldout_fraction=0.25, num_threads=1, progress=False,
+                              eval_every=0))
+    assert json.loads((prior / TRAINING_INFO).read_text())["encoder"]["preset"] == "synthetic"
+    write_store(tmp_path / "b", shards=2, rows=30, info=tiny_info(dim=DIM, hidden=DIM, preset="another-clip"))
+    with pytest.raises(ValueError, match="trained on embeddings of encoder 'synthetic'.*'another-clip'"):
+        evaluate([prior], tmp_path / "b", tmp_path / "out", heldout_fraction=0.25, device="cpu")

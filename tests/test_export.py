@@ -31,7 +31,7 @@ def run(tmp_path_factory) -> Path:
 
 def test_every_run_ends_with_an_exported_prior(run):
     out = run / "prior"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", WEIGHTS]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", WEIGHTS, "eclipse_training.json"]
     config = json.loads((out / "config.json").read_text())
     released = json.loads((DATA / "eclipse-prior-config.json").read_text())
     assert set(config) == set(released) and config["_class_name"] == "PriorTransformer"

@@ -28,7 +28,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from storage_schema import CAPTION, IMAGE_EMBED, KEY, TEXT_EMBED, TEXT_HIDDEN, TEXT_MASK, URL, EmbeddingStore
+from storage_schema import (
+    CAPTION,
+    IMAGE_EMBED,
+    KEY,
+    TEXT_EMBED,
+    TEXT_HIDDEN,
+    TEXT_MASK,
+    URL,
+    EmbeddingStore,
+    EncoderInfo,
+)
 from training import metrics as M
 from training.data import check_store_dims, is_heldout
 from training.generate import (
@@ -558,6 +568,11 @@ def evaluate(
     _unique_names(handles)
     for h in handles:
         check_store_dims(st.encoder, h.embedding_dim, f"prior {h.name}")
+        if h.encoder_info and EncoderInfo.from_dict(h.encoder_info) != st.encoder:
+            raise ValueError(
+                f"prior {h.name} was trained on embeddings of encoder {h.encoder_info.get('preset')!r} "
+                f"({h.encoder_info.get('image_model')}); {st.dir} holds {st.encoder.preset!r} "
+                f"({st.encoder.image_model}): its predictions would be meaningless there")
     if len({h.text_length for h in handles}) > 1:  # one padded read of the store feeds every prior
         raise ValueError(f"the priors take different text lengths {[(h.name, h.text_length) for h in handles]}")
     # Explicitly requested weights load first: a missing one fails before the long part.

@@ -7,7 +7,7 @@ A run folder:
                                      COMPLETE (written last: a folder without it is ignored)
     RUN/checkpoints/latest           name of the newest complete checkpoint
     RUN/logs/train.jsonl, RUN/logs/tb/
-    RUN/prior/                       the exported prior (config.json, safetensors, README.md)
+    RUN/prior/                       the exported prior (config.json, safetensors, README.md, eclipse_training.json)
 """
 
 import json
@@ -21,6 +21,7 @@ LATEST = "latest"
 STATE = "state.json"
 TRAINER_STATE = "trainer_state.pt"
 PRIOR_DIR, EMA_DIR = "prior", "ema"
+TRAINING_INFO = "eclipse_training.json"  # in an exported prior: the encoder and data it was trained on
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -93,6 +94,12 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, u
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").write_text(model_card(state, ckpt, ema, count_parameters(model)))
+    cfg = state.get("config", {})
+    # The prior only makes sense with the encoder whose embeddings it learned: keep that beside the weights.
+    (tmp / TRAINING_INFO).write_text(json.dumps({
+        "encoder": state.get("encoder"), "objective": cfg.get("objective"), "steps": state.get("step"),
+        "store": cfg.get("store"), "store_shards": state.get("store_shards"), "ema": ema,
+    }, indent=1))
     if out.exists():
         old = out.with_name(f".old-{out.name}")
         shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.export import CHECKPOINTS, COMPLETE, EMA_DIR, PRIOR_DIR, STATE, WEIGHTS_NAME, latest_checkpoint
+from training.export import (
+    CHECKPOINTS,
+    COMPLETE,
+    EMA_DIR,
+    PRIOR_DIR,
+    STATE,
+    TRAINING_INFO,
+    WEIGHTS_NAME,
+    latest_checkpoint,
+)
 from training.objectives import Objective, PriorBatch, make_objective
 
 CONFIG_NAME = "train_config.json"  # training.config.CONFIG_NAME; not imported to keep this module light
@@ -177,7 +186,8 @@ def open_prior(path: str | os.PathLike, device: str | torch.device | None = None
     log = run_dir / TRAIN_LOG if run_dir is not None and (run_dir / TRAIN_LOG).is_file() else None
     return PriorHandle(name=label, source=source, prior_dir=prior_dir, run_dir=run_dir, model=model,
                        objective=objective, objective_name=name, train_config=train_config,
-                       encoder_info=(state or {}).get("encoder"), log_path=log, device=dev)
+                       encoder_info=(state or _read_json(prior_dir / TRAINING_INFO) or {}).get("encoder"),
+                       log_path=log, device=dev)
 
 
 def prior_encoder(handle: PriorHandle, encoder: str | os.PathLike | None = None, device=None):
