@@ -151,15 +151,7 @@ class StoreWriter:
         self.dir = Path(store_dir)
         self.info = info
         self.dir.mkdir(parents=True, exist_ok=True)
-        manifest = read_manifest(self.dir)
-        if manifest is not None:
-            existing = EncoderInfo.from_dict(manifest["encoder"])
-            if existing != info:
-                raise StoreError(
-                    f"{self.dir}: store was made by encoder {existing.preset!r} "
-                    f"({existing.image_model}, D={existing.image_dim}); refusing to add shards from "
-                    f"{info.preset!r} ({info.image_model}, D={info.image_dim}). Use a new store directory."
-                )
+        self._check_encoder(read_manifest(self.dir))
 
         self._remove_stale_temp_files()
 
@@ -169,6 +161,17 @@ class StoreWriter:
             pid = p.name.split("-")[1]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 p.unlink(missing_ok=True)
+
+    def _check_encoder(self, manifest: dict | None) -> None:
+        if manifest is None:
+            return
+        existing = EncoderInfo.from_dict(manifest["encoder"])
+        if existing != self.info:
+            raise StoreError(
+                f"{self.dir}: store was made by encoder {existing.preset!r} "
+                f"({existing.image_model}, D={existing.image_dim}); refusing to add shards from "
+                f"{self.info.preset!r} ({self.info.image_model}, D={self.info.image_dim}). Use a new store directory."
+            )
 
     def completed_shards(self) -> set[str]:
         manifest = read_manifest(self.dir)
@@ -186,7 +189,6 @@ class StoreWriter:
             raise StoreError(f"shard {name}: table schema does not match the store schema")
         table = table.replace_schema_metadata(arrow_schema(self.info).metadata)
         file_name = f"{name}.parquet"
-        final = self.dir / file_name
         tmp = self.dir / f".tmp-{os.getpid()}-{file_name}"  # leading ".": invisible to readers
         pq.write_table(
             table,
@@ -200,14 +202,22 @@ class StoreWriter:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         entry = {"rows": table.num_rows, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), **(extra or {})}
-        os.replace(tmp, final)
-        fsync_path(self.dir)
-        self._record(file_name, entry)
+        try:
+            self._record(file_name, entry, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
         return entry
 
-    def _record(self, file_name: str, entry: dict) -> None:
+    def _record(self, file_name: str, entry: dict, tmp: Path | None = None) -> None:
+        """Under the lock: re-check the encoder (another writer may have started the store since),
+        move the finished file into place, then list it in the manifest."""
         with _manifest_lock(self.dir):
-            manifest = read_manifest(self.dir) or {
+            manifest = read_manifest(self.dir)
+            self._check_encoder(manifest)
+            if tmp is not None:
+                os.replace(tmp, self.dir / file_name)
+                fsync_path(self.dir)
+            manifest = manifest or {
                 "schema_version": SCHEMA_VERSION,
                 "encoder": self.info.to_dict(),
                 "shards": {},

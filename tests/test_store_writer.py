@@ -130,3 +130,14 @@ def test_sigkill_mid_shard_leaves_a_valid_store_without_that_shard(tmp_path):
     assert not list(store_dir.glob(".tmp-*"))
     w.write_shard("00001", build_table(info, **random_rows(30, info, seed=1, prefix="b")))
     assert EmbeddingStore(store_dir, verify=True).num_rows == 50
+
+
+def test_two_writers_of_different_encoders_racing_for_a_new_store(tmp_path):
+    """Both open the empty store; the second to finish a shard is refused and leaves nothing behind."""
+    a_info, b_info = tiny_info(preset="enc-a"), tiny_info(preset="enc-b")
+    a, b = StoreWriter(tmp_path / "s", a_info), StoreWriter(tmp_path / "s", b_info)
+    a.write_shard("00000", build_table(a_info, **random_rows(5, a_info)))
+    with pytest.raises(StoreError, match="made by encoder 'enc-a'"):
+        b.write_shard("00001", build_table(b_info, **random_rows(5, b_info, prefix="b")))
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if not p.name.startswith("_")) == ["00000.parquet"]
+    assert EmbeddingStore(tmp_path / "s", verify=True).num_rows == 5
