@@ -75,6 +75,11 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     root = Path(out).absolute()
     root.mkdir(parents=True, exist_ok=True)
     p = params
+    state_file = root / "demo_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state.get("params", p.model_dump()) != p.model_dump():
+        raise ValueError(f"{root} holds a demo run with other settings ({state['params']}); resume it with the same "
+                         f"flags, or use another --out")
     world = World(seed=p.seed, image_size=32)
 
     print("1/5 teacher CLIP on the synthetic world")
@@ -94,12 +99,10 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     n_in_shards = len(kept) // p.shard_size
 
     print(f"2/5 precompute: {len(kept)} held-in + {len(held)} held-out-composition images, served on loopback")
-    state_file = root / "demo_state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
     port = state.get("port", 0)
     overwrite = bool(port) and not _port_free(port)  # urls of an unfinished earlier run cannot be resumed
     with WorldServer(world, port=0 if overwrite else port) as server:
-        state_file.write_text(json.dumps({"port": server.port}))
+        state_file.write_text(json.dumps({"port": server.port, "params": p.model_dump()}))
         write_url_list(kept + held, server.base_url, root / "urls.parquet", fmt="png")
         pre = precompute(
             urls=str(root / "urls.parquet"), encoder=str(root / "teacher"), out=str(root / "data"),

@@ -53,3 +53,12 @@ def test_demo_quick_runs_every_stage_and_resumes(tmp_path):
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in watched] == before
+
+
+def test_demo_refuses_to_resume_a_folder_made_with_other_settings(prefect_harness, tmp_path):
+    from flows.demo import DemoParams, demo
+
+    (tmp_path / "demo_state.json").write_text(json.dumps({"port": 1, "params": DemoParams().model_dump()}))
+    with pytest.raises(ValueError, match="holds a demo run with other settings"):
+        demo(out=str(tmp_path), params=DemoParams.quick())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_state.json"]  # nothing started
