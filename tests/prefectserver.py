@@ -25,6 +25,22 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
     return env
 
 
+def wait_for_url(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail early if `proc` (whose output is in `log`) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
 @contextmanager
 def prefect_server(home: Path, timeout: float = 120.0):
     """Yields the API url of a running server; kills the server's process group afterwards."""
@@ -40,19 +56,7 @@ def prefect_server(home: Path, timeout: float = 120.0):
     )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {proc.returncode}: {(home / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prefect server not healthy after {timeout}s: {(home / 'server.log').read_text()}")
-            time.sleep(0.5)
+        wait_for_url(f"{api}/health", proc, home / "server.log", timeout)
         yield api
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

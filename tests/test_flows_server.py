@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
-from prefectserver import prefect_env, prefect_server
+from prefectserver import prefect_env, prefect_server, wait_for_url
 
 from storage_schema import EmbeddingStore
 
@@ -20,17 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _wait_for_deployment(api: str, name: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"serve exited early:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{api}/deployments/name/{name}", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"deployment {name} never registered:\n{log.read_text()[-3000:]}")
+    wait_for_url(f"{api}/deployments/name/{name}", proc, log, timeout)
 
 
 @pytest.mark.slow
