@@ -31,9 +31,24 @@ from storage_schema.writer import StoreError, file_sha256, read_manifest
 TEXT_MASK = "text_mask"  # derived batch entry: True on real tokens
 
 
-def hidden_states(cell: bytes, hidden_dim: int) -> np.ndarray:
-    """One `text_hidden` cell (as pandas shows it) -> float16 array [text_len, hidden_dim]."""
-    return np.frombuffer(cell, dtype=np.float16).reshape(-1, hidden_dim)
+def hidden_states(cell: bytes, hidden_dim: int, text_len: int) -> np.ndarray:
+    """One `text_hidden` cell (as pandas shows it) -> float16 array [text_len, hidden_dim].
+
+    `text_len` is the same row's `text_len` column; `hidden_dim` is the store's H, recorded in its
+    metadata (`EmbeddingStore(dir).encoder.hidden_dim`). The cell must hold exactly
+    text_len x hidden_dim fp16 values: a wrong H would otherwise reshape into a wrong array silently.
+    """
+    n_bytes, h, n = len(cell), int(hidden_dim), int(text_len)
+    if h <= 0 or n < 0:
+        raise ValueError(f"hidden_states: hidden_dim must be positive and text_len non-negative (got {h}, {n})")
+    if n_bytes != n * h * 2:
+        own = f"; this cell fits H = {n_bytes // 2 // n}" if n and n_bytes % (2 * n) == 0 else ""
+        raise ValueError(
+            f"hidden_states: the cell holds {n_bytes} bytes ({n_bytes / 2:g} fp16 values), not text_len x H = "
+            f"{n} x {h} = {n * h} values{own}. Pass the row's own text_len and the store's H "
+            f"(EmbeddingStore(store_dir).encoder.hidden_dim)."
+        )
+    return np.frombuffer(cell, dtype=np.float16).reshape(n, h)
 
 
 def validate_shard(store_dir: Path, name: str, entry: dict, encoder: EncoderInfo, verify: bool = False) -> int:

@@ -139,3 +139,25 @@ def test_shards_are_written_in_row_groups_and_read_across_them(tmp_path):
     store = EmbeddingStore(tmp_path / "s")
     sizes = [len(b["key"]) for b in store.iter_batches(100, columns=["key"])]
     assert sum(sizes) == 1500
+
+
+def test_hidden_states_reads_h_from_the_store_and_refuses_a_wrong_one(tmp_path):
+    import pandas as pd
+
+    from storage_schema import hidden_states
+
+    info, rows = write_store(tmp_path / "s", shards=1, rows=6, info=tiny_info(hidden=16))
+    df = pd.read_parquet(tmp_path / "s" / "00000.parquet")
+    h = EmbeddingStore(tmp_path / "s").encoder.hidden_dim  # the README's way: H from the store's metadata
+    assert h == 16
+    for i in range(len(df)):
+        got = hidden_states(df.text_hidden[i], h, df.text_len[i])
+        assert got.shape == (int(df.text_len[i]), 16) and np.array_equal(got, rows[0]["text_hidden"][i])
+    cell, n = df.text_hidden[0], int(df.text_len[0])
+    # H = 8 divides the cell's length: a plain reshape would give a [2n, 8] array without complaint.
+    with pytest.raises(ValueError, match=rf"{n} x 8 = {n * 8} values; this cell fits H = 16"):
+        hidden_states(cell, 8, n)
+    with pytest.raises(ValueError, match="store's H"):
+        hidden_states(cell, 32, n)
+    with pytest.raises(ValueError, match=rf"not text_len x H = {n + 1} x 16"):
+        hidden_states(cell, 16, n + 1)

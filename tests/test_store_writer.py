@@ -53,7 +53,7 @@ def test_pandas_reads_one_shard_and_the_whole_store(tmp_path):
     cell = df["image_embed"].iloc[3]
     assert isinstance(cell, np.ndarray) and cell.dtype == np.float16 and cell.shape == (info.image_dim,)
     assert np.array_equal(cell, rows[0]["image_embeds"][3])
-    h = hidden_states(df["text_hidden"].iloc[3], info.hidden_dim)
+    h = hidden_states(df["text_hidden"].iloc[3], info.hidden_dim, df["text_len"].iloc[3])
     assert np.array_equal(h, rows[0]["text_hidden"][3])
     assert len(pd.read_parquet(tmp_path / "s")) == 20  # _manifest.json is skipped by the dataset reader
 
