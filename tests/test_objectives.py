@@ -31,6 +31,12 @@ def _cos(a, b):
     return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
+def _hand_sq_norm(pred, target):
+    """Eq. 3 as written: per row the squared L2 norm (summed over D), then the mean over rows."""
+    per_row = [sum((p - t) ** 2 for p, t in zip(pr, tr, strict=True)) for pr, tr in zip(pred, target, strict=True)]
+    return sum(per_row) / len(per_row)
+
+
 def _hand_mse(pred, target):
     sq = [(p - t) ** 2 for pr, tr in zip(pred, target, strict=True) for p, t in zip(pr, tr, strict=True)]
     return sum(sq) / len(sq)
@@ -45,16 +51,32 @@ def _hand_infonce(pred, text, tau):
     return total / len(pred)
 
 
-def test_defaults_are_the_papers():
-    assert DEFAULT_LAMBDA == 0.2
-    assert DEFAULT_TAU == 0.07
+def test_lambda_is_the_papers_and_tau_is_clips_initial_temperature():
+    assert DEFAULT_LAMBDA == 0.2  # the paper: "setting lambda = 0.2"
+    assert DEFAULT_TAU == 0.07  # not stated in the paper; CLIP's initial temperature (documented choice)
 
 
-def test_projection_loss_is_mean_squared_error():
-    # (1-0)^2 + 0 + 0 + 0 + (1-3)^2 + (1+1)^2 = 1 + 1 + 0 + 4 + 4 = 10 over 6 entries
+def test_projection_loss_sums_over_dimensions_then_averages_over_the_batch():
+    # rows: (1-0)^2 + (0-0)^2 = 1;  (0-1)^2 + (2-2)^2 = 1;  (1-3)^2 + (1+1)^2 = 8  ->  10 / 3 rows
     got = projection_loss(torch.tensor(PRED), torch.tensor(IMAGE))
-    assert _hand_mse(PRED, IMAGE) == pytest.approx(10 / 6)
+    assert _hand_sq_norm(PRED, IMAGE) == pytest.approx(10 / 3)
+    assert got.item() == pytest.approx(10 / 3, rel=1e-6)
+
+
+def test_projection_loss_mean_reduction_divides_by_d():
+    # the diffusers-style form, kept for comparison: 10 over 6 entries, i.e. Eq. 3 / D (D = 2)
+    got = projection_loss(torch.tensor(PRED), torch.tensor(IMAGE), reduction="mean")
     assert got.item() == pytest.approx(10 / 6, rel=1e-6)
+    assert got.item() == pytest.approx(_hand_mse(PRED, IMAGE), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        projection_loss(torch.tensor(PRED), torch.tensor(IMAGE), reduction="max")
+
+
+def test_sum_reduction_scales_with_d_and_mean_does_not():
+    # two copies of each row side by side: D doubles, the per-row squared norm doubles
+    wide_pred, wide_image = torch.tensor(PRED).repeat(1, 2), torch.tensor(IMAGE).repeat(1, 2)
+    assert projection_loss(wide_pred, wide_image).item() == pytest.approx(20 / 3, rel=1e-6)
+    assert projection_loss(wide_pred, wide_image, "mean").item() == pytest.approx(10 / 6, rel=1e-6)
 
 
 @pytest.mark.parametrize("tau", [0.07, 0.5, 1.0])
@@ -72,10 +94,12 @@ def test_contrastive_loss_is_scale_free_and_low_for_aligned_predictions():
 
 def test_eclipse_loss_is_projection_plus_lambda_infonce():
     total, parts = eclipse_loss(torch.tensor(PRED), torch.tensor(IMAGE), torch.tensor(TEXT))
-    expected = _hand_mse(PRED, IMAGE) + 0.2 * _hand_infonce(PRED, TEXT, 0.07)
+    expected = 10 / 3 + 0.2 * _hand_infonce(PRED, TEXT, 0.07)
     assert total.item() == pytest.approx(expected, rel=1e-5)
-    assert parts["proj"].item() == pytest.approx(_hand_mse(PRED, IMAGE), rel=1e-6)
+    assert parts["proj"].item() == pytest.approx(_hand_sq_norm(PRED, IMAGE), rel=1e-6)
     assert parts["cls"].item() == pytest.approx(_hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
+    mean_total, _ = eclipse_loss(torch.tensor(PRED), torch.tensor(IMAGE), torch.tensor(TEXT), reduction="mean")
+    assert mean_total.item() == pytest.approx(10 / 6 + 0.2 * _hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
 
 
 def _batch(d: int = 32, b: int = 4, seed: int = 0) -> PriorBatch:

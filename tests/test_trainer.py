@@ -87,12 +87,14 @@ def test_tiny_prior_overfits_a_tiny_store(tmp_path, store):
 
 
 def test_eclipse_objective_trains_and_logs_both_terms(tmp_path, store):
+    # The synthetic store maps text to image by a random linear map, so its pairs are not aligned in
+    # cosine: at lambda 0.2 the summed Eq. 3 term rules and InfoNCE stays flat; lambda 2 trains both.
     train(tiny(store, tmp_path / "run", objective="eclipse", steps=40, log_every=20, heldout_fraction=0.1,
-               eval_batches=2))
+               eval_batches=2, eclipse_lambda=2.0))
     recs = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train.jsonl").read_text().splitlines()]
     first, last = recs[0], [r for r in recs if r["type"] == "train"][-1]
     assert {"proj", "cls", "lr", "grad_norm", "samples_per_s"} <= set(first)
-    assert last["cls"] < first["cls"] and last["loss"] < first["loss"]
+    assert last["cls"] < first["cls"] and last["proj"] < first["proj"] and last["loss"] < first["loss"]
     evals = [r for r in recs if r["type"] == "eval"]
     assert evals and {"loss", "mse", "cos_to_image"} <= set(evals[-1])
     assert list((tmp_path / "run" / "logs" / "tb").glob("events.out.tfevents.*"))
@@ -151,6 +153,40 @@ def test_diffusion_baseline_trains_standardises_and_exports_a_stock_prior(tmp_pa
     assert model.clip_std.min() > 0.1 and model.clip_mean.abs().max() > 0.01  # fitted from the data
     card = (run / "README.md").read_text()
     assert "diffusion baseline" in card and "eval/cos_to_image" in card
+
+
+def test_no_heldout_shard_or_row_reaches_training_or_standardisation(tmp_path, store):
+    """Keys trained on and the diffusion standardisation come from the run's shards less held-out rows only."""
+    import numpy as np
+    import pandas as pd
+
+    chosen = ["shard-00000.parquet", "shard-00002.parquet"]
+    run = train(tiny(store, tmp_path / "run", objective="diffusion", steps=12, heldout_fraction=0.25,
+                     shards=chosen, record_keys=True, eval_batches=0))
+    frames = {p.name: pd.read_parquet(p, columns=["key", "image_embed"]) for p in sorted(store.glob("shard-*.parquet"))}
+    train_rows = pd.concat([frames[n] for n in chosen])
+    train_rows = train_rows[~is_heldout(list(train_rows["key"]), 0.25, 0)]
+    keys_file = tmp_path / "run" / "logs" / "keys-rank0.tsv"
+    trained_on = {line.split("\t")[1] for line in keys_file.read_text().splitlines()}
+    assert trained_on and trained_on <= set(train_rows["key"])
+    image = np.stack(train_rows["image_embed"].to_numpy()).astype(np.float64)
+    model = load_prior(run)
+    np.testing.assert_allclose(model.clip_mean[0].detach().double().numpy(), image.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.clip_std[0].detach().double().numpy(), image.std(0), rtol=1e-4, atol=1e-6)
+    everything = np.stack(pd.concat(frames.values())["image_embed"].to_numpy()).astype(np.float64)
+    assert np.abs(everything.mean(0) - image.mean(0)).max() > 1e-3  # the check can tell the two apart
+
+
+def test_projection_reduction_is_configurable_and_old_runs_resume_with_the_mean(tmp_path):
+    assert TrainConfig().proj_reduction == "sum"
+    with pytest.raises(ValueError, match="proj_reduction"):
+        load_config(None, {"store": "/s", "out": "/o", "proj_reduction": "max"})
+    run = tmp_path / "old"
+    run.mkdir()
+    saved = TrainConfig(store="/s", out=str(run)).to_dict()
+    del saved["proj_reduction"]  # a run folder from before the key existed
+    (run / "train_config.json").write_text(json.dumps(saved))
+    assert cli_config(None, {"out": str(run)}, [], resume=True).proj_reduction == "mean"
 
 
 def _cli(*args: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from training.objectives import DEFAULT_LAMBDA, DEFAULT_TAU, OBJECTIVES
+from training.objectives import DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_TAU, OBJECTIVES, REDUCTIONS
 from training.prior import PRESETS
 
 CONFIG_NAME = "train_config.json"  # the resolved config, saved in the run folder
@@ -48,6 +48,9 @@ class TrainConfig:
     # objectives
     eclipse_lambda: float = DEFAULT_LAMBDA
     eclipse_tau: float = DEFAULT_TAU
+    # Eq. 3 sums the squared error over D ("sum", the paper's); "mean" also averages over D, which
+    # multiplies lambda's effective weight by D. Kept for comparison with diffusers-style scripts.
+    proj_reduction: str = DEFAULT_REDUCTION
     text_drop_prob: float = 0.1  # diffusion: classifier-free guidance dropout (DALL-E 2 / Karlo use 10 %)
     guidance_scale: float = 4.0  # diffusion sampling (evaluation)
     inference_steps: int = 25
@@ -90,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"config: heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.proj_reduction not in REDUCTIONS:
+            raise ValueError(f"config: proj_reduction must be one of {list(REDUCTIONS)}, got {self.proj_reduction!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"config: precision must be auto, bf16 or fp32, got {self.precision!r}")
         return self
@@ -156,5 +161,7 @@ def cli_config(config_file: str | None, flags: dict, sets: list[str] | None, res
         saved = Path(out) / CONFIG_NAME if out else None
         if saved is not None and saved.exists():
             base = json.loads(saved.read_text())
+            # runs saved before the key existed trained with the mean over D: resume them as they were
+            base.setdefault("proj_reduction", "mean")
         overrides["resume"] = True
     return load_config(config_file, overrides, base)

@@ -263,10 +263,14 @@ def evaluate(objective: Objective, model: torch.nn.Module, store: EmbeddingStore
 
 
 def fit_standardisation(model: torch.nn.Module, store: EmbeddingStore, cfg: TrainConfig, max_rows: int = 16384) -> None:
-    """Diffusion baseline: set clip_mean/clip_std from the first training rows (same on every rank)."""
+    """Diffusion baseline: set clip_mean/clip_std from the first training rows (same on every rank).
+
+    Training rows only: the run's shards (`cfg.shards`) less the key-hash held-out rows, so no
+    held-out composition or row leaks into the prior's normalisation.
+    """
     total, total_sq, n = None, None, 0
     keep = (lambda keys: ~is_heldout(keys, cfg.heldout_fraction, cfg.heldout_seed)) if cfg.heldout_fraction else None
-    for raw in store.iter_batches(4096, [IMAGE_EMBED], row_filter=keep):
+    for raw in store.iter_batches(4096, [IMAGE_EMBED], row_filter=keep, shards=cfg.shards):
         x = torch.from_numpy(raw[IMAGE_EMBED]).double()
         total = x.sum(0) if total is None else total + x.sum(0)
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
@@ -340,7 +344,7 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
         _atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1))
     world.barrier()
 
-    objective = make_objective(cfg.objective, lam=cfg.eclipse_lambda, tau=cfg.eclipse_tau,
+    objective = make_objective(cfg.objective, lam=cfg.eclipse_lambda, tau=cfg.eclipse_tau, reduction=cfg.proj_reduction,
                                text_drop_prob=cfg.text_drop_prob, num_inference_steps=cfg.inference_steps,
                                guidance_scale=cfg.guidance_scale)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
