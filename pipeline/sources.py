@@ -6,12 +6,14 @@ into the single Parquet file the download stage feeds to img2dataset::
 
     url: string, caption: string, <extra columns...>
 
-Presets (metadata facts from the public dataset pages; the paper is ECLIPSE, Table 1/§4):
+Presets (facts from the public dataset pages; the paper is ECLIPSE, Table 1/§4). Their
+files are found on the Hugging Face hub by listing the repo and matching a glob (see
+:mod:`pipeline.hub`), never by hard-coded names:
 
 ``laion-highres-5m``  the paper's Kandinsky v2.2 setting: a 5M-pair subset of
-    LAION-HighRes (``laion/laion-high-resolution`` on the Hugging Face hub: 170M
-    pairs >= 1024x1024 from LAION-5B, 128 Parquet files
-    ``part-000NN-5d6701c4-...-c000.snappy.parquet``). Columns: ``URL``, ``TEXT``,
+    LAION-HighRes (``laion/laion-high-resolution``: 170M pairs >= 1024x1024 from
+    LAION-5B, Parquet parts ``*.parquet``; the repo is gated: accept its terms on the hub
+    and log in, see :mod:`pipeline.hub`). Columns: ``URL``, ``TEXT``,
     ``WIDTH``, ``HEIGHT``, ``similarity``, ``hash``, ``punsafe``, ``pwatermark``,
     ``LANGUAGE``. The paper does not publish its filters or sampling; ours (documented
     choices, all overridable): caption present (>= 5 chars); WIDTH and HEIGHT >= 1024
@@ -24,28 +26,36 @@ Presets (metadata facts from the public dataset pages; the paper is ECLIPSE, Tab
     sizes with one seed are nested (the 1M sample is a subset of the 5M one). Rows are
     written in score order, so every download shard is itself a random mixture.
 ``mscoco``  COCO 2017 train captions as url/text pairs (img2dataset's example):
-    ``ChristophSchuhmann/MS_COCO_2017_URL_TEXT`` file ``mscoco.parquet`` (18 MB),
+    ``ChristophSchuhmann/MS_COCO_2017_URL_TEXT`` (``*.parquet``, one 18 MB file),
     columns ``URL``, ``TEXT``; ~591k captions of ~118k images (the paper's "0.6M").
     Five captions share one url: de-duplication keeps the first caption in
-    ``caption`` and the other ones in the list column ``alt_captions`` so each image
-    is downloaded once and no caption is lost.
-``cc3m``  Conceptual Captions, Google's ``Train_GCC-training.tsv`` (~3.3M rows, no
-    header, columns ``caption<TAB>url``; ~2.5M still reachable, the paper's figure).
-    Google serves it behind a click-through: download it by hand from
-    https://ai.google.com/research/ConceptualCaptions/download and pass
-    ``metadata_dir``; the direct bucket url is tried otherwise.
-``cc12m``  Conceptual 12M, ``https://storage.googleapis.com/conceptual_12m/cc12m.tsv``
-    (~12.4M rows, no header, columns ``url<TAB>caption``; ~10M reachable).
+    ``caption`` and the other ones in the list column ``alt_captions``, so each image
+    is downloaded once, and the encode stage makes every caption its own pair
+    (``EncodeConfig.alt_captions``, on by default).
+``cc3m``  Conceptual Captions as a webdataset on the hub (``pixparse/cc3m-wds``, tars
+    ``cc3m-train-*.tar`` of ``KEY.jpg`` + ``KEY.txt``; ~2.9M pairs). Google's TSV urls
+    answer 403 and many image links have rotted, so the images are taken from the tars.
+``cc12m``  Conceptual 12M, likewise (``pixparse/cc12m-wds``, ``cc12m-train-*.tar``, ~11M pairs).
+
+A webdataset source (``kind="webdataset"``) skips the url list and img2dataset: its tars
+are laid out as image shards for the encode stage (:func:`pipeline.hub.materialize_webdataset`).
 
 Any local ``.parquet`` / ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` file, or a folder
 of them, is a source too; url and caption columns are auto-detected
-(:data:`URL_COLUMNS`, :data:`CAPTION_COLUMNS`).
+(:data:`URL_COLUMNS`, :data:`CAPTION_COLUMNS`). A folder (or file) of ``.tar`` files is a
+local webdataset source.
 
-Network: presets fetch their metadata once into a cache folder (``metadata_dir``, or
-``$ECLIPSE_METADATA_CACHE``, or ``~/.cache/eclipse-prior/metadata/<preset>``). When
-a file is missing there, the fetch first refuses outright under
-``HF_HUB_OFFLINE=1`` / ``ECLIPSE_OFFLINE=1``, then probes the host with a bounded
-timeout (DNS included), so an offline machine gets a clear error in seconds, never a hang.
+Files downloaded by hand: pass ``metadata_dir`` (``--metadata-dir``). Every file under it
+whose name matches the source's glob (:func:`local_glob`, e.g. ``*.parquet`` or
+``cc3m-train-*.tar``) is used, whatever the rest of its name, and nothing is fetched.
+
+Network: hub files go through huggingface_hub and its cache (``HF_ENDPOINT``,
+``HF_HOME``, ``HF_TOKEN`` honoured); plain http(s) files are fetched once into a cache
+folder (``metadata_dir``, or ``$ECLIPSE_METADATA_CACHE``, or
+``~/.cache/eclipse-prior/metadata/<name>``). When a file is missing, the fetch first
+refuses outright under ``HF_HUB_OFFLINE=1`` / ``ECLIPSE_OFFLINE=1`` (using the cache
+where it can), then probes the host with a bounded timeout (DNS included), so an offline
+machine gets a clear error in seconds, never a hang.
 """
 
 from __future__ import annotations
@@ -84,18 +94,16 @@ OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ECLIPSE_OFFLINE")
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
 URL_LIST_METADATA_KEY = b"eclipse.url_list"
 
-_HF = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-_LAION_HR_PARTS = tuple(
-    f"part-{i:05d}-5d6701c4-b238-4c0a-84e4-fe8e9daea963-c000.snappy.parquet" for i in range(128)
-)
-
-
 class SourceError(ValueError):
     """A source that cannot be resolved or read (bad path, no url/caption column, ...)."""
 
 
 class SourceUnavailableError(SourceError):
     """The source needs the internet (or a local metadata copy) and neither is available."""
+
+
+class SourceAccessError(SourceError):
+    """The host refused (401/403/404): a gated or private repo, a missing token, a wrong name. Not transient."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +128,8 @@ class Source:
     """Where image-text metadata lives and how to turn it into a url list."""
 
     name: str
-    files: tuple[str, ...]  # local paths or http(s) urls of metadata files
-    file_format: str  # one of FORMATS
+    files: tuple[str, ...]  # local paths or http(s) urls of metadata files (or of tars, for a webdataset)
+    file_format: str  # one of FORMATS, or "tar" for a webdataset
     url_col: str | None = None  # None: auto-detect from URL_COLUMNS
     caption_col: str | None = None  # None: auto-detect from CAPTION_COLUMNS
     header: tuple[str, ...] | None = None  # column names for header-less csv/tsv files
@@ -132,20 +140,32 @@ class Source:
     collect_alt_captions: bool = False  # keep captions of duplicate urls in `alt_captions`
     metadata_dir: str | None = None  # where remote metadata files are cached / pre-placed
     description: str = ""
+    kind: str = "pairs"  # "pairs": url/caption metadata for img2dataset; "webdataset": image-text tars
+    hub_repo: str | None = None  # Hugging Face dataset repo holding the files (listed, not named)
+    hub_pattern: str | None = None  # glob over the repo's file paths, e.g. "*.parquet"
+    hub_revision: str = "main"
+    max_files: int | None = None  # webdataset: use only the first N tars (a smaller run)
 
     @property
     def is_remote(self) -> bool:
-        return any(_is_url(f) for f in self.files)
+        return self.hub_repo is not None or any(_is_url(f) for f in self.files)
 
 
 def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
+def _webdataset_preset(name: str, repo: str, title: str, pairs: str) -> Source:
+    return Source(name=name, files=(), kind="webdataset", hub_repo=repo, hub_pattern=f"{name}-train-*.tar",
+                  file_format="tar", description=f"{title}, webdataset tars from the hub ({repo}, {pairs} pairs)")
+
+
 PRESETS: dict[str, Source] = {
     "laion-highres-5m": Source(
         name="laion-highres-5m",
-        files=tuple(f"{_HF}/datasets/laion/laion-high-resolution/resolve/main/{p}" for p in _LAION_HR_PARTS),
+        files=(),
+        hub_repo="laion/laion-high-resolution",
+        hub_pattern="*.parquet",
         file_format="parquet",
         url_col="URL",
         caption_col="TEXT",
@@ -156,38 +176,23 @@ PRESETS: dict[str, Source] = {
         ),
         sample_size=5_000_000,
         seed=0,
-        description="ECLIPSE/Kandinsky v2.2 setting: seeded 5M subset of LAION-HighRes (laion/laion-high-resolution)",
+        description="ECLIPSE/Kandinsky v2.2 setting: seeded 5M subset of LAION-HighRes (laion/laion-high-resolution, "
+        "gated: log in)",
     ),
     "mscoco": Source(
         name="mscoco",
-        files=(f"{_HF}/datasets/ChristophSchuhmann/MS_COCO_2017_URL_TEXT/resolve/main/mscoco.parquet",),
+        files=(),
+        hub_repo="ChristophSchuhmann/MS_COCO_2017_URL_TEXT",
+        hub_pattern="*.parquet",
         file_format="parquet",
         url_col="URL",
         caption_col="TEXT",
         extra_cols=(),
         collect_alt_captions=True,
-        description="MS-COCO 2017 train captions (~591k pairs, ~118k images)",
+        description="MS-COCO 2017 train captions (~591k pairs of ~118k images; every caption becomes a pair)",
     ),
-    "cc3m": Source(
-        name="cc3m",
-        files=("https://storage.googleapis.com/gcc-data/Train/GCC-training.tsv",),
-        file_format="tsv",
-        header=("caption", "url"),
-        url_col="url",
-        caption_col="caption",
-        extra_cols=(),
-        description="Conceptual Captions 3M (Google Train_GCC-training.tsv; get it by hand, pass metadata_dir)",
-    ),
-    "cc12m": Source(
-        name="cc12m",
-        files=("https://storage.googleapis.com/conceptual_12m/cc12m.tsv",),
-        file_format="tsv",
-        header=("url", "caption"),
-        url_col="url",
-        caption_col="caption",
-        extra_cols=(),
-        description="Conceptual 12M (storage.googleapis.com/conceptual_12m/cc12m.tsv)",
-    ),
+    "cc3m": _webdataset_preset("cc3m", "pixparse/cc3m-wds", "Conceptual Captions 3M", "~2.9M"),
+    "cc12m": _webdataset_preset("cc12m", "pixparse/cc12m-wds", "Conceptual 12M", "~11M"),
 }
 
 
@@ -198,7 +203,7 @@ def list_presets() -> dict[str, str]:
 
 def _format_of(path: Path) -> str | None:
     name = path.name.lower().removesuffix(".gz")
-    for fmt in FORMATS:
+    for fmt in (*FORMATS, "tar"):
         if name.endswith("." + fmt):
             return fmt
     return None
@@ -226,7 +231,7 @@ def resolve_source(name_or_path: str | os.PathLike[str], **overrides: object) ->
                 if p.is_file() and (fmt := _format_of(p)):
                     by_format.setdefault(fmt, []).append(p)
             if not by_format:
-                raise SourceError(f"{path}: no {'/'.join(FORMATS)} files inside")
+                raise SourceError(f"{path}: no {'/'.join(FORMATS)} (or webdataset .tar) files inside")
             if len(by_format) > 1:
                 raise SourceError(f"{path}: mixes formats {sorted(by_format)}; keep one format per folder")
             fmt, files = next(iter(by_format.items()))
@@ -236,7 +241,7 @@ def resolve_source(name_or_path: str | os.PathLike[str], **overrides: object) ->
                 raise SourceError(f"{path}: unknown format (expected one of {', '.join(FORMATS)}, optionally .gz)")
             files = [path]
         src = Source(name=path.name.split(".")[0] or "local", files=tuple(str(p.resolve()) for p in files),
-                     file_format=fmt)
+                     file_format=fmt, kind="webdataset" if fmt == "tar" else "pairs")
     if overrides:
         filt = overrides.pop("filters", None)
         if isinstance(filt, dict):
@@ -253,7 +258,8 @@ def resolve_source(name_or_path: str | os.PathLike[str], **overrides: object) ->
 # ---------------------------------------------------------------------------- network
 
 
-def _offline_flag() -> str | None:
+def offline_flag() -> str | None:
+    """The offline switch that is set (HF's own, or ours), or None."""
     for var in OFFLINE_ENV_VARS:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return var
@@ -307,32 +313,55 @@ def _download_file(url: str, dest: Path, timeout: float) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def local_files(src: Source, probe_timeout: float = 3.0, fetch_timeout: float = 60.0) -> list[Path]:
-    """The source's metadata files on local disk, fetching missing remote ones into the cache.
+def local_glob(src: Source) -> str:
+    """The file-name glob that recognises the source's files in a hand-filled metadata_dir."""
+    if src.hub_pattern:
+        return src.hub_pattern.rpartition("/")[2]
+    return f"*.{src.file_format}*"  # also .gz
 
-    A preset whose files were put by hand into ``metadata_dir`` (any names, same
-    format) needs no network at all.
+
+def local_matches(src: Source) -> list[Path]:
+    """Files under ``src.metadata_dir`` (any depth, hidden folders skipped) whose name matches :func:`local_glob`."""
+    if not src.metadata_dir:
+        return []
+    root = Path(src.metadata_dir).expanduser()
+    if not root.is_dir():
+        return []
+    pattern = local_glob(src)
+    return sorted(p for p in root.rglob(pattern)
+                  if p.is_file() and _format_of(p) == src.file_format
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def local_files(src: Source, probe_timeout: float = 3.0, fetch_timeout: float = 60.0) -> list[Path]:
+    """The source's metadata files on local disk, fetching missing remote ones.
+
+    Files put by hand into ``metadata_dir`` (any names matching :func:`local_glob`) need
+    no network at all. Hub sources go through huggingface_hub and its cache
+    (:func:`pipeline.hub.fetch_files`); plain urls are fetched into :func:`_cache_dir`.
     """
     if not src.is_remote:
         return [Path(f) for f in src.files]
+    placed = local_matches(src)
+    if placed:
+        log.info("%s: using the %d file(s) matching %r in %s", src.name, len(placed), local_glob(src),
+                 src.metadata_dir)
+        return placed
+    if src.metadata_dir:
+        log.warning("%s: no file matching %r in metadata_dir %s; fetching instead", src.name, local_glob(src),
+                    src.metadata_dir)
+    if src.hub_repo:
+        from pipeline.hub import fetch_files
+
+        return fetch_files(src.hub_repo, src.hub_pattern or "*", src.hub_revision)
     cache = _cache_dir(src)
     wanted = [(u, cache / Path(urllib.parse.urlsplit(u).path).name) for u in src.files]
     missing = [(u, p) for u, p in wanted if not p.exists()]
     if not missing:
         return [p for _, p in wanted]
-    # Hand-placed copies (e.g. Train_GCC-training.tsv, or a subset of LAION parts).
-    placed = sorted(p for p in cache.glob("*") if p.is_file() and _format_of(p) == src.file_format) \
-        if cache.is_dir() else []
-    if placed and src.metadata_dir:
-        # An explicit metadata_dir holding files of the right format is taken as the user's
-        # choice (e.g. 10 of LAION-HighRes's 128 parts for a smaller run): no fetch.
-        if len(placed) < len(src.files):
-            log.warning("%s: using the %d metadata file(s) in %s (the preset lists %d)",
-                        src.name, len(placed), cache, len(src.files))
-        return placed
     hint = (f"download the metadata once on a connected machine (or by hand) into a folder and pass "
-            f"metadata_dir=... (files: {src.files[0]}{' ...' if len(src.files) > 1 else ''})")
-    flag = _offline_flag()
+            f"--metadata-dir (metadata_dir=...) (files: {src.files[0]}{' ...' if len(src.files) > 1 else ''})")
+    flag = offline_flag()
     if flag:
         raise SourceUnavailableError(
             f"source {src.name!r} needs {len(missing)} metadata file(s) from the internet but {flag} is set; {hint}"
@@ -446,12 +475,11 @@ def _score(urls: pd.Series, seed: int) -> pd.Series:
 def source_spec(src: Source) -> str:
     """A short hash of the Source and of its local input files (path, size, mtime), no network.
 
-    Remote files are named by immutable-in-practice urls, so the Source itself identifies
-    them; hand-placed files in metadata_dir are listed with their sizes and mtimes.
+    Remote files are named by immutable-in-practice urls or a hub repo, revision and glob, so
+    the Source itself identifies them; hand-placed files in metadata_dir are listed with their
+    sizes and mtimes.
     """
-    paths = [Path(f) for f in src.files if not _is_url(f)]
-    if src.metadata_dir and Path(src.metadata_dir).expanduser().is_dir():
-        paths += sorted(p for p in Path(src.metadata_dir).expanduser().iterdir() if p.is_file())
+    paths = [Path(f) for f in src.files if not _is_url(f)] + local_matches(src)
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.exists()]
     blob = json.dumps({"source": dataclasses.asdict(src), "files": stats}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -522,6 +550,9 @@ def prepare_url_list(source: Source, out_dir: str | os.PathLike[str], *, filenam
     order, which is what lets the download stage resume by shard id. Written
     atomically (temp file + rename).
     """
+    if source.kind == "webdataset":
+        raise SourceError(f"source {source.name!r} is a webdataset (image-text tars): it has no url list; its tars "
+                          "go to the encode stage as they are (download_main / precompute do this)")
     t0 = time.monotonic()
     files = local_files(source)
     report = UrlListReport(source=source.name, sample_size=source.sample_size, seed=source.seed,

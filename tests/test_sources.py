@@ -6,6 +6,7 @@ import time
 import pandas as pd
 import pytest
 
+from pipeline.hub import materialize_webdataset
 from pipeline.sources import (
     OFFLINE_ENV_VARS,
     PRESETS,
@@ -113,11 +114,15 @@ def test_presets_are_documented():
     assert set(list_presets()) == {"laion-highres-5m", "mscoco", "cc3m", "cc12m"}
     laion = resolve_source("laion-highres-5m")
     assert (laion.url_col, laion.caption_col, laion.sample_size) == ("URL", "TEXT", 5_000_000)
-    assert len(laion.files) == 128 and all("laion/laion-high-resolution" in f for f in laion.files)
+    # Listed on the hub and matched by a glob: the parts were renamed when the repo was restored.
+    assert (laion.hub_repo, laion.hub_pattern, laion.files) == ("laion/laion-high-resolution", "*.parquet", ())
     assert laion.filters.languages == ("en",) and laion.filters.min_width == 1024
     assert resolve_source("mscoco").collect_alt_captions
-    assert resolve_source("cc12m").header == ("url", "caption")
-    assert resolve_source("cc3m").header == ("caption", "url")
+    for name, repo in (("cc3m", "pixparse/cc3m-wds"), ("cc12m", "pixparse/cc12m-wds")):
+        src = resolve_source(name)  # Google's TSVs answer 403: the hub's webdataset copies instead
+        assert (src.kind, src.hub_repo, src.hub_pattern) == ("webdataset", repo, f"{name}-train-*.tar")
+        with pytest.raises(SourceError, match="webdataset"):
+            prepare_url_list(src, "unused")
     assert resolve_source("laion-highres-5m", sample_size=10, seed=3).sample_size == 10
 
 
@@ -126,9 +131,14 @@ def test_presets_are_documented():
 def test_internet_preset_fails_fast_when_offline(tmp_path, monkeypatch, name, flag):
     _no_offline_env(monkeypatch)
     monkeypatch.setenv(flag, "1")  # refused before any network call
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    src = resolve_source(name, metadata_dir=str(tmp_path / "empty"))
     t0 = time.monotonic()
-    with pytest.raises(SourceUnavailableError, match=f"{flag} is set.*metadata_dir"):
-        prepare_url_list(resolve_source(name, metadata_dir=str(tmp_path / "empty")), tmp_path / "out")
+    with pytest.raises(SourceUnavailableError, match=f"{flag} is set.*--metadata-dir"):
+        if src.kind == "webdataset":
+            materialize_webdataset(src, tmp_path / "out")
+        else:
+            prepare_url_list(src, tmp_path / "out")
     assert time.monotonic() - t0 < 2.0
     assert not (tmp_path / "out").exists()
 
