@@ -1,13 +1,25 @@
 """A seeded synthetic compositional world: the embedded default data set of the demo and tests.
 
-Every image shows one object, or two objects in a spatial relation, on a noisy gray background.
+Every image shows one object, or two objects in a spatial relation, on a noisy background.
 An object has a color (8), a shape (6: circle, square, triangle, diamond, cross, star), a texture
 (3: solid, striped, outline) and a position (4: left, right, top, bottom), plus a random size,
 jitter and a small rotation. Captions come from templates::
 
     a red striped circle on the left
-    an orange outlined star at the bottom
-    a red striped circle to the left of a blue solid square
+    a picture of an orange star
+    a drawing of a red striped circle to the left of a blue square
+
+Like real captions, they need not say everything the image shows. A world can add (all off in
+`World()`, all on in `demo_world`):
+  - a background tone (gray, light, dark, warm, cool) and pattern (plain, gradient, checker);
+  - a small second object nobody mentions (a "distractor");
+  - captions that leave texture and position out (`omit_fraction`);
+  - a spurious correlation (`correlation`): with that probability the background tone is the one
+    the first object's shape prefers and the distractor takes the partner color of the first
+    object's color. A prior trained on such data learns "a star" means "a star on a cool
+    background", which the caption never said (the paper's "young tiger" drawn as a person).
+So "text embedding + a constant vector" is not the best guess of a caption's image embedding:
+the unmentioned content depends on what the caption says.
 
 Why a synthetic world: the paper's claim is about compositions (attribute binding) that a prior
 has never seen; here every caption is exact, every attribute is a label a probe can be trained
@@ -78,10 +90,20 @@ RELATION_POSITIONS = {
     "left_of": ("left", "right"), "right_of": ("right", "left"), "above": ("top", "bottom"), "below": ("bottom", "top")
 }
 #: Caption templates; `{}` is the description, which starts with its article ("a red circle ...").
-TEMPLATES: tuple[str, ...] = ("{}", "a picture of {}", "an image of {}", "a drawing of {}")
+TEMPLATES: tuple[str, ...] = ("{}", "a picture of {}", "an image of {}", "a drawing of {}", "a photo of {}",
+                              "there is {}")
+#: Background tones (base RGB, desaturated so no tone reads as an object color) and patterns.
+TONE_RGB: dict[str, tuple[int, int, int]] = {
+    "gray": (125, 125, 125), "light": (178, 176, 170), "dark": (62, 62, 70), "warm": (150, 112, 88),
+    "cool": (88, 118, 150),
+}
+TONES: tuple[str, ...] = tuple(TONE_RGB)
+BACKDROPS: tuple[str, ...] = ("plain", "gradient", "checker")
+#: What captions may leave out: the attributes that are not part of the (color, shape) composition.
+OMITTABLE: tuple[str, ...] = ("texture", "position")
 GENERIC_NOUN = "shape"  # what a partial caption says when it leaves the shape out
 
-WORLD_VERSION = 1  # bump when sampling or rendering changes: it is part of every url's fingerprint
+WORLD_VERSION = 2  # bump when sampling or rendering changes: it is part of every url's fingerprint
 NO_VALUE = ""  # url-list value of an attribute that does not apply (img2dataset json has no nulls)
 
 # Geometry, in units of the image side. Rotation stays small: a square turned 45 degrees would
@@ -93,13 +115,30 @@ PAIR_RADIUS = (0.15, 0.20)
 NEAR, FAR, MID = (0.28, 0.32), (0.68, 0.72), (0.42, 0.58)  # center ranges of the position regions
 PAIR_NEAR, PAIR_FAR, PAIR_MID = (0.21, 0.25), (0.75, 0.79), (0.35, 0.65)
 CENTER = (0.42, 0.58)  # objects of a world that does not caption positions
-BACKGROUND_GRAY = (85, 165)
+BACKGROUND_GRAY = (85, 165)  # the gray tone's brightness range
+BACKGROUND_JITTER = 20  # other tones: brightness varies by this much around the tone
 BACKGROUND_TINT = 12
+GRADIENT_DEPTH = 0.35  # a gradient backdrop darkens from top to bottom by this fraction
+CHECKER_PERIOD = 0.25  # checker cells per image side: 1 / this
+CHECKER_CONTRAST = 22.0
+DISTRACTOR_RADIUS = (0.09, 0.12)
+DISTRACTOR_CORNERS = ((0.13, 0.13), (0.87, 0.13), (0.13, 0.87), (0.87, 0.87))
+DISTRACTOR_JITTER = 0.03
 COLOR_JITTER = 14
 NOISE_AMPLITUDE = 28.0  # uniform per-pixel noise on everything (background and objects)
 OUTLINE_WIDTH = 0.38  # fraction of the object's radius
 STRIPE_FREQUENCY = 1.45  # stripe periods per object radius
 STRIPE_DARK = 0.25  # the dark stripes: the object's color times this
+
+
+def partner_color(color: str) -> str:
+    """The distractor color that `correlation` ties to `color` (half-way round the color list)."""
+    return COLORS[(COLORS.index(color) + len(COLORS) // 2) % len(COLORS)]
+
+
+def preferred_tone(shape: str, tones: Sequence[str]) -> str:
+    """The background tone that `correlation` ties to `shape` (cycling through the world's tones)."""
+    return tones[SHAPES.index(shape) % len(tones)]
 
 
 def pair_id(color: str, shape: str) -> int:
@@ -156,6 +195,10 @@ class SceneSpec:
     background: tuple[int, int, int]
     noise_seed: int
     template: int = 0
+    tone: str = "gray"  # what `background` was drawn around (never captioned)
+    backdrop: str = "plain"  # background pattern (never captioned)
+    distractor: ObjectSpec | None = None  # an object nobody mentions, painted under the others
+    omitted: tuple[str, ...] = ()  # attributes the caption leaves out (of every object)
     seed: int | None = None
     index: int | None = None
     world: str | None = None  # fingerprint of the World that drew it
@@ -170,8 +213,10 @@ class SceneSpec:
 
     @property
     def attributes(self) -> dict[str, Any]:
-        """Probe labels: first object's attributes, the second object's with suffix 2, the relation."""
+        """Probe labels: first object's attributes, the second object's with suffix 2, the relation,
+        and what the caption does not say (tone, backdrop, distractor, omitted attributes)."""
         a, b = self.objects[0], self.objects[1] if self.n_objects > 1 else None
+        d = self.distractor
         return {
             "n_objects": self.n_objects,
             "color": a.color, "shape": a.shape, "texture": a.texture, "position": a.position,
@@ -180,6 +225,9 @@ class SceneSpec:
             "color2": b.color if b else None, "shape2": b.shape if b else None,
             "texture2": b.texture if b else None, "position2": b.position if b else None,
             "pair_id2": pair_id(b.color, b.shape) if b else None,
+            "tone": self.tone, "backdrop": self.backdrop,
+            "distractor_color": d.color if d else None, "distractor_shape": d.shape if d else None,
+            "omitted": ",".join(self.omitted),
         }
 
     @property
@@ -188,10 +236,13 @@ class SceneSpec:
         return tuple((o.color, o.shape) for o in self.objects)
 
 
-def caption(spec: SceneSpec, omit: Collection[str] = (),
+def caption(spec: SceneSpec, omit: Collection[str] | None = None,
             omit_per_object: Sequence[Collection[str]] | None = None) -> str:
-    """The caption of `spec` from its template; `omit` leaves attributes out of every object
-    (partial captions: `a red shape on the left`), `omit_per_object` per object."""
+    """The caption of `spec` from its template. By default it leaves out `spec.omitted` (the
+    world's own caption); `omit` leaves these attributes out of every object instead (partial
+    captions: `a red shape on the left`), `omit_per_object` these per object."""
+    if omit is None:
+        omit = spec.omitted
     omits = list(omit_per_object) if omit_per_object is not None else [omit] * spec.n_objects
     if len(omits) != spec.n_objects:
         raise ValueError(f"omit_per_object has {len(omits)} entries for {spec.n_objects} objects")
@@ -202,6 +253,17 @@ def caption(spec: SceneSpec, omit: Collection[str] = (),
         a, b = (o.describe(om, with_position=False) for o, om in zip(spec.objects, omits, strict=True))
         desc = f"{a} {RELATION_PHRASES[spec.relation]} {b}"
     return TEMPLATES[spec.template].format(desc)
+
+
+def description(text: str) -> str:
+    """A caption without its template ("a picture of a red circle" -> "a red circle"). Templates
+    are drawn independently of the image, so captions with one description share one image
+    distribution (the demo's oracle groups rows by it)."""
+    for template in sorted(TEMPLATES[1:], key=len, reverse=True):
+        prefix = template.replace("{}", "")
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def caption_words() -> list[str]:
@@ -235,18 +297,25 @@ class World:
     attributes: tuple[str, ...] = ATTRIBUTES
     two_object_fraction: float = 0.0
     n_templates: int = 1  # how many of TEMPLATES captions use (1: only the bare description)
+    tones: tuple[str, ...] = ("gray",)  # background tones drawn from (TONES)
+    backdrops: tuple[str, ...] = ("plain",)  # background patterns drawn from (BACKDROPS)
+    distractor_fraction: float = 0.0  # scenes with an unmentioned small object
+    omit_fraction: float = 0.0  # each of texture and position is left out of a caption this often
+    correlation: float = 0.0  # how often tone and distractor color follow the first object (module doc)
 
     def __post_init__(self) -> None:
         for name, allowed in (("colors", COLORS), ("shapes", SHAPES), ("textures", TEXTURES),
-                              ("positions", POSITIONS), ("relations", RELATIONS), ("attributes", ATTRIBUTES)):
+                              ("positions", POSITIONS), ("relations", RELATIONS), ("attributes", ATTRIBUTES),
+                              ("tones", TONES), ("backdrops", BACKDROPS)):
             values = tuple(getattr(self, name))
             object.__setattr__(self, name, values)  # lists from JSON -> tuples (hashable, comparable)
             if not values or len(set(values)) != len(values) or not set(values) <= set(allowed):
                 raise ValueError(f"World.{name} must be distinct values from {allowed}, got {values}")
         if not {"color", "shape"} <= set(self.attributes):
             raise ValueError("World.attributes must include color and shape")
-        if not 0.0 <= self.two_object_fraction <= 1.0:
-            raise ValueError(f"two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
+        for name in ("two_object_fraction", "distractor_fraction", "omit_fraction", "correlation"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.two_object_fraction > 0 and len(self.colors) * len(self.shapes) < 2:
             raise ValueError("two-object scenes need at least two (color, shape) pairs")
         if not 1 <= self.n_templates <= len(TEMPLATES):
@@ -324,9 +393,10 @@ class World:
     def place(self, rng: np.random.Generator, contents: Sequence[Sequence[Content]],
               relations: Sequence[str | None]) -> list[SceneSpec]:
         """Scenes with the given contents ((color, shape, texture, position) per object) and
-        relations; `rng` draws only how they look: template, placement within the position's
-        region, size, angle, color jitter, background, noise. Vectorised: the teacher calls it
-        for every training batch."""
+        relations; `rng` draws only how they look and what the caption leaves out: template,
+        placement within the position's region, size, angle, color jitter, background tone and
+        pattern, distractor, omitted attributes, noise. Tone and distractor color follow the first
+        object with probability `correlation`. Vectorised: the teacher calls it for every batch."""
         n = len(contents)
         if len(relations) != n:
             raise ValueError("one relation (None for one object) per scene")
@@ -360,12 +430,43 @@ class World:
                 color=color, shape=shape, texture=texture, position=position,
                 cx=rx[0] + u[0] * (rx[1] - rx[0]), cy=ry[0] + u[1] * (ry[1] - ry[0]),
                 radius=r_lo + u[2] * (r_hi - r_lo), angle=MAX_ANGLE * (2.0 * u[3] - 1.0), rgb=rgb))
+        # What the caption does not say (drawn last: the draws above keep their order).
+        extra = rng.random((n, 4))  # tone follows?, distractor?, distractor color follows?, spare
+        tone_draw = rng.integers(len(self.tones), size=n)
+        backdrop_draw = rng.integers(len(self.backdrops), size=n)
+        lift = rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1, size=n)
+        omit_draw = rng.random((n, len(OMITTABLE))) < self.omit_fraction
+        d_color = rng.integers(len(self.colors), size=n)
+        d_shape = rng.integers(len(self.shapes), size=n)
+        d_unit = rng.random((n, 5))  # corner, x, y, radius, angle
         specs, k = [], 0
         for i, content in enumerate(contents):
-            background = tuple(int(grays[i] + t) for t in tints[i])
+            first = content[0]
+            corr = extra[i, 0] < self.correlation
+            tone = preferred_tone(first[1], self.tones) if corr else self.tones[int(tone_draw[i])]
+            if tone == "gray":
+                background = tuple(int(grays[i] + t) for t in tints[i])
+            else:
+                background = tuple(int(v + lift[i] + t) for v, t in zip(TONE_RGB[tone], tints[i], strict=True))
+            distractor = None
+            if extra[i, 1] < self.distractor_fraction:
+                follows = extra[i, 2] < self.correlation and partner_color(first[0]) in self.colors
+                color = partner_color(first[0]) if follows else self.colors[int(d_color[i])]
+                u = d_unit[i].tolist()
+                corner = DISTRACTOR_CORNERS[min(int(u[0] * 4), 3)]
+                distractor = ObjectSpec(
+                    color=color, shape=self.shapes[int(d_shape[i])], texture="solid" if self.texture_varies else None,
+                    position=None, cx=corner[0] + DISTRACTOR_JITTER * (2 * u[1] - 1),
+                    cy=corner[1] + DISTRACTOR_JITTER * (2 * u[2] - 1),
+                    radius=DISTRACTOR_RADIUS[0] + u[3] * (DISTRACTOR_RADIUS[1] - DISTRACTOR_RADIUS[0]),
+                    angle=MAX_ANGLE * (2.0 * u[4] - 1.0), rgb=COLOR_RGB[color])
+            omittable = [a for a in OMITTABLE if a in self.attributes]
+            omitted = tuple(a for a, drop in zip(OMITTABLE, omit_draw[i], strict=True) if drop and a in omittable)
             specs.append(SceneSpec(objects=tuple(objects[k:k + len(content)]),
                                    relation=relations[i] if len(content) == 2 else None,
-                                   background=background, noise_seed=int(noise_seeds[i]), template=int(templates[i])))
+                                   background=background, noise_seed=int(noise_seeds[i]), template=int(templates[i]),
+                                   tone=tone, backdrop=self.backdrops[int(backdrop_draw[i])], distractor=distractor,
+                                   omitted=omitted))
             k += len(content)
         return specs
 
@@ -415,6 +516,14 @@ class World:
         order = rng.permutation(len(rest))
         kept |= {rest[i] for i in order[: len(all_pairs) - n_held - len(kept)]}
         return {p for p in all_pairs if p not in kept}
+
+
+def demo_world(seed: int = 0, image_size: int = 32) -> World:
+    """The demo's world: every feature that makes captions under-specify their images switched on
+    (module docstring). The fractions were chosen by measuring the teacher's held-out gap
+    (oracle cosine - text-shift cosine; `pipeline.teacher.testbed_gap`), see BENCHMARKS.md."""
+    return World(seed=seed, image_size=image_size, two_object_fraction=0.3, n_templates=len(TEMPLATES), tones=TONES,
+                 backdrops=BACKDROPS, distractor_fraction=0.6, omit_fraction=0.5, correlation=0.8)
 
 
 def split_by_pairs(specs: Iterable[SceneSpec], held_out: Collection[tuple[str, str]]
@@ -480,6 +589,39 @@ def _hash_noise(seeds: np.ndarray, n: int) -> np.ndarray:
     return (h >> np.uint32(8)).astype(np.float32) * _F(2.0 / 2**24) - _F(1.0)
 
 
+def _paint(img: np.ndarray, noise: np.ndarray, rows: list[int], objs: list[ObjectSpec], coords: np.ndarray) -> None:
+    """Paint `objs[k]` into image `rows[k]` of `img` (in place)."""
+    cx = np.array([o.cx for o in objs], dtype=np.float32)[:, None, None]
+    cy = np.array([o.cy for o in objs], dtype=np.float32)[:, None, None]
+    inv_r = np.array([1.0 / o.radius for o in objs], dtype=np.float32)[:, None, None]
+    # Rotation by the object's angle: cos/sin per object in float64 Python math (deterministic).
+    cos = np.array([math.cos(math.radians(o.angle)) for o in objs], dtype=np.float32)[:, None, None]
+    sin = np.array([math.sin(math.radians(o.angle)) for o in objs], dtype=np.float32)[:, None, None]
+    dx = (coords[None, None, :] - cx) * inv_r  # [M, 1, S]
+    dy = (coords[None, :, None] - cy) * inv_r  # [M, S, 1]
+    u = cos * dx + sin * dy  # [M, S, S]
+    v = cos * dy - sin * dx
+    mask = np.zeros(u.shape, dtype=bool)
+    for shape in {o.shape for o in objs}:
+        sel = np.array([o.shape == shape for o in objs])
+        mask[sel] = _inside(shape, u[sel], v[sel])
+        outl = np.array([o.shape == shape and o.texture == "outline" for o in objs])
+        if outl.any():
+            k = _F(1.0 / (1.0 - OUTLINE_WIDTH))
+            mask[outl] &= ~_inside(shape, u[outl] * k, v[outl] * k)
+    rgb = np.array([o.rgb for o in objs], dtype=np.float32)[:, None, None, :]
+    color = np.broadcast_to(rgb, (*u.shape, 3))
+    striped = np.array([o.texture == "striped" for o in objs])
+    if striped.any():
+        t = v[striped] * _F(STRIPE_FREQUENCY)
+        dark = (t - np.floor(t)) >= _F(0.5)
+        color = color.copy()
+        color[striped] = np.where(dark[..., None], rgb[striped] * _F(STRIPE_DARK), rgb[striped])
+    # Objects get half the background's noise: flat colors would be a give-away, not a texture.
+    painted = color + noise[rows] * _F(0.5)
+    img[rows] = np.where(mask[..., None], painted, img[rows])
+
+
 def render_batch(specs: Sequence[SceneSpec], size: int) -> np.ndarray:
     """Render specs to a uint8 array [B, size, size, 3]; row i equals `render(specs[i], size)`."""
     b, s = len(specs), int(size)
@@ -489,38 +631,20 @@ def render_batch(specs: Sequence[SceneSpec], size: int) -> np.ndarray:
     noise = noise.reshape(b, s, s, 3) * _F(NOISE_AMPLITUDE)
     img = np.array([sp.background for sp in specs], dtype=np.float32)[:, None, None, :] + noise
     coords = (np.arange(s, dtype=np.float32) + _F(0.5)) / _F(s)
+    gradient = np.array([sp.backdrop == "gradient" for sp in specs])
+    if gradient.any():  # darker towards the bottom
+        img[gradient] *= (_F(1.0) - _F(GRADIENT_DEPTH) * coords)[None, :, None, None]
+    checker = np.array([sp.backdrop == "checker" for sp in specs])
+    if checker.any():
+        cells = np.floor(coords * _F(1.0 / CHECKER_PERIOD)).astype(np.int32)
+        sign = np.where((cells[:, None] + cells[None, :]) % 2 == 0, _F(1.0), _F(-1.0))
+        img[checker] += (sign * _F(CHECKER_CONTRAST))[None, :, :, None]
+    rows = [i for i, sp in enumerate(specs) if sp.distractor is not None]
+    if rows:  # under the mentioned objects, which stay whole
+        _paint(img, noise, rows, [specs[i].distractor for i in rows], coords)
     for slot in range(max(sp.n_objects for sp in specs)):  # paint first objects, then second ones
         rows = [i for i, sp in enumerate(specs) if sp.n_objects > slot]
-        objs = [specs[i].objects[slot] for i in rows]
-        cx = np.array([o.cx for o in objs], dtype=np.float32)[:, None, None]
-        cy = np.array([o.cy for o in objs], dtype=np.float32)[:, None, None]
-        inv_r = np.array([1.0 / o.radius for o in objs], dtype=np.float32)[:, None, None]
-        # Rotation by the object's angle: cos/sin per object in float64 Python math (deterministic).
-        cos = np.array([math.cos(math.radians(o.angle)) for o in objs], dtype=np.float32)[:, None, None]
-        sin = np.array([math.sin(math.radians(o.angle)) for o in objs], dtype=np.float32)[:, None, None]
-        dx = (coords[None, None, :] - cx) * inv_r  # [M, 1, S]
-        dy = (coords[None, :, None] - cy) * inv_r  # [M, S, 1]
-        u = cos * dx + sin * dy  # [M, S, S]
-        v = cos * dy - sin * dx
-        mask = np.zeros(u.shape, dtype=bool)
-        for shape in {o.shape for o in objs}:
-            sel = np.array([o.shape == shape for o in objs])
-            mask[sel] = _inside(shape, u[sel], v[sel])
-            outl = np.array([o.shape == shape and o.texture == "outline" for o in objs])
-            if outl.any():
-                k = _F(1.0 / (1.0 - OUTLINE_WIDTH))
-                mask[outl] &= ~_inside(shape, u[outl] * k, v[outl] * k)
-        rgb = np.array([o.rgb for o in objs], dtype=np.float32)[:, None, None, :]
-        color = np.broadcast_to(rgb, (*u.shape, 3))
-        striped = np.array([o.texture == "striped" for o in objs])
-        if striped.any():
-            t = v[striped] * _F(STRIPE_FREQUENCY)
-            dark = (t - np.floor(t)) >= _F(0.5)
-            color = color.copy()
-            color[striped] = np.where(dark[..., None], rgb[striped] * _F(STRIPE_DARK), rgb[striped])
-        # Objects get half the background's noise: flat colors would be a give-away, not a texture.
-        painted = color + noise[rows] * _F(0.5)
-        img[rows] = np.where(mask[..., None], painted, img[rows])
+        _paint(img, noise, rows, [specs[i].objects[slot] for i in rows], coords)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -540,7 +664,8 @@ def encode_image(spec: SceneSpec, size: int, fmt: str = "png") -> bytes:
 # Url list for the download stage
 
 URL_LIST_COLUMNS = ("url", "caption", "n_objects", "color", "shape", "texture", "position", "pair_id",
-                    "relation", "color2", "shape2", "texture2", "position2", "pair_id2", "world_seed", "world_index")
+                    "relation", "color2", "shape2", "texture2", "position2", "pair_id2", "tone", "backdrop",
+                    "distractor_color", "distractor_shape", "omitted", "world_seed", "world_index")
 
 
 def world_url(base_url: str, spec: SceneSpec, size: int | None = None, fmt: str = "png") -> str:

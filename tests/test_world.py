@@ -28,11 +28,16 @@ from pipeline.world import (
     SHAPES,
     TEMPLATES,
     TEXTURE_WORDS,
+    TONES,
     URL_LIST_COLUMNS,
     World,
     WorldServer,
     caption,
+    demo_world,
+    description,
     pair_id,
+    partner_color,
+    preferred_tone,
     render,
     render_batch,
     serve_world,
@@ -41,7 +46,8 @@ from pipeline.world import (
     write_url_list,
 )
 
-MIXED = World(seed=3, two_object_fraction=0.4, n_templates=len(TEMPLATES))
+# The demo's world (backgrounds, distractors, omitted attributes, correlations), more pair scenes.
+MIXED = dataclasses.replace(demo_world(seed=3), two_object_fraction=0.4)
 
 
 @pytest.fixture(autouse=True)
@@ -153,14 +159,15 @@ def test_captions_agree_with_attributes() -> None:
         objs, rel = _parse(caption(spec))
         attrs = spec.attributes
         assert rel == attrs["relation"] and len(objs) == attrs["n_objects"]
+        said = {a: None if a in spec.omitted else attrs[a] for a in ("texture", "position")}
         assert (objs[0]["color"], objs[0]["shape"], objs[0]["texture"]) == (
-            attrs["color"], attrs["shape"], attrs["texture"])
+            attrs["color"], attrs["shape"], said["texture"])
         assert attrs["pair_id"] == pair_id(attrs["color"], attrs["shape"])
         if spec.n_objects == 1:
-            assert objs[0]["position"] == attrs["position"] and attrs["color2"] is None
+            assert objs[0]["position"] == said["position"] and attrs["color2"] is None
         else:
             assert objs[1]["color"] == attrs["color2"] and objs[1]["shape"] == attrs["shape2"]
-            assert objs[1]["texture"] == attrs["texture2"]
+            assert objs[1]["texture"] == (None if "texture" in spec.omitted else attrs["texture2"])
             # The relation places the objects: "A left of B" puts A on the left, B on the right.
             assert {"left_of": ("left", "right"), "right_of": ("right", "left"), "above": ("top", "bottom"),
                     "below": ("bottom", "top")}[rel] == (attrs["position"], attrs["position2"])
@@ -173,6 +180,68 @@ def test_partial_captions() -> None:
     assert caption(spec, omit=("shape", "texture")) == f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} shape " \
                                                        f"{POSITION_PHRASES[o.position]}"
     assert caption(spec, omit=("color", "texture", "position")) == f"a {o.shape}"
+
+
+def test_captions_under_specify_the_images() -> None:
+    """The demo world's captions leave texture and position out, come from several templates, and
+    never mention the background or the distractor, which vary from image to image."""
+    specs = demo_world(seed=0).sample_specs(1000, seed=5)
+    singles = [s for s in specs if s.n_objects == 1]
+    texture_said = np.mean([TEXTURE_WORDS[s.objects[0].texture] in s.caption.split() for s in singles])
+    position_said = np.mean([POSITION_PHRASES[s.objects[0].position] in s.caption for s in singles])
+    assert 0.3 < texture_said < 0.7 and 0.3 < position_said < 0.7  # omit_fraction 0.5
+    assert len({s.template for s in specs}) == len(TEMPLATES)
+    assert len({s.tone for s in specs}) == len(TONES) and len({s.backdrop for s in specs}) == 3
+    with_distractor = [s for s in specs if s.distractor is not None]
+    assert 0.5 < len(with_distractor) / len(specs) < 0.7
+    for s in with_distractor[:50]:  # the caption names only the mentioned objects
+        assert s.caption.split().count(s.distractor.shape) == sum(o.shape == s.distractor.shape for o in s.objects)
+    # One description, many images: the unmentioned content differs between renders of a caption.
+    groups: dict[str, set] = {}
+    for s in singles:
+        groups.setdefault(description(s.caption), set()).add((s.tone, s.distractor is not None))
+    assert max(len(v) for v in groups.values()) >= 3
+
+
+def test_spurious_correlation_holds_in_the_training_split() -> None:
+    """In the held-in split the demo trains priors on, the background tone follows the first
+    object's shape and the distractor's color its color, far above chance; with correlation 0
+    they do not."""
+    world = demo_world(seed=0)
+    train, _ = split_by_pairs(world.sample_specs(1500, seed=0), world.holdout_pairs(0.75, seed=0))
+    assert len(train) > 200
+    tone_follows = np.mean([s.tone == preferred_tone(s.objects[0].shape, world.tones) for s in train])
+    with_d = [s for s in train if s.distractor is not None]
+    color_follows = np.mean([s.distractor.color == partner_color(s.objects[0].color) for s in with_d])
+    assert tone_follows > 0.75 and color_follows > 0.75  # chance: 1/5 and 1/8 (+ 0.8 x the rest)
+    free = dataclasses.replace(world, correlation=0.0)
+    specs = free.sample_specs(1500, seed=0)
+    assert np.mean([s.tone == preferred_tone(s.objects[0].shape, free.tones) for s in specs]) < 0.3
+    with_d = [s for s in specs if s.distractor is not None]
+    assert np.mean([s.distractor.color == partner_color(s.objects[0].color) for s in with_d]) < 0.2
+
+
+def test_description_strips_the_template() -> None:
+    spec = MIXED.spec_at(0, 0)
+    for t in range(len(TEMPLATES)):
+        assert description(caption(dataclasses.replace(spec, template=t))) == caption(
+            dataclasses.replace(spec, template=0))
+
+
+def test_unmentioned_content_is_in_the_pixels() -> None:
+    """The distractor is painted (under the mentioned objects), the backdrop changes the pixels."""
+    world = demo_world(seed=0)
+    spec = next(s for s in world.sample_specs(50, seed=1) if s.distractor is not None and s.n_objects == 1)
+    bare = dataclasses.replace(spec, distractor=None)
+    with_d, without = np.asarray(render(spec, 64)).astype(int), np.asarray(render(bare, 64)).astype(int)
+    changed = np.abs(with_d - without).max(axis=-1) > 0
+    assert 20 < changed.sum() < 0.1 * 64 * 64
+    ys, xs = np.nonzero(changed)
+    assert abs(xs.mean() / 64 - spec.distractor.cx) < 0.06 and abs(ys.mean() / 64 - spec.distractor.cy) < 0.06
+    plain = np.asarray(render(dataclasses.replace(bare, backdrop="plain"), 64)).astype(int)
+    for backdrop in ("gradient", "checker"):
+        other = np.asarray(render(dataclasses.replace(bare, backdrop=backdrop), 64)).astype(int)
+        assert np.abs(other - plain).mean() > 5, backdrop
 
 
 def test_all_single_object_captions() -> None:
