@@ -7,7 +7,7 @@ here L2-normalises or standardises: the store keeps what the decoder's prior see
 
 Names accepted by `load_encoder` / `get_encoder`:
   - `kandinsky22`  ViT-bigG/14 vision tower of the Kandinsky 2.2 prior + LAION bigG text tower (D=1280)
-  - `karlo`        OpenAI CLIP ViT-L/14 vision + text towers (D=768)
+  - `karlo`        OpenAI CLIP ViT-L/14 vision tower + Karlo's own text tower and tokenizer (D=768)
   - `tiny-clip`    seeded random CLIP of the same transformers classes, built from a config (tests, demos)
   - `open_clip:<model>[/<pretrained tag>]`, e.g. `open_clip:ViT-B-32/laion2b_s34b_b79k`; `<model>` may
     also be `hf-hub:org/repo` or `local-dir:/path` (open_clip's own schemas); no tag = random init
@@ -254,9 +254,17 @@ class _HFLayout:
     tokenizer: _Part
 
 
-# The hub presets. Revisions are left at `main`; the resolved commit is recorded in EncoderInfo.
+# The hub presets: each part comes from where the decoder's official pipelines take it. Revisions
+# are left at `main`; the resolved commit is recorded in EncoderInfo.
+#  - kandinsky22: the image tower + processor of the Kandinsky 2.2 prior repo; the text tower +
+#    tokenizer of LAION's bigG repo, which ECLIPSE's own inference code loads for its Kandinsky prior.
+#  - karlo: the text tower + tokenizer from Karlo's own `text_encoder/` and `tokenizer/` (what
+#    diffusers' UnCLIPPipeline reads; diffusers converted them from openai/clip-vit-large-patch14,
+#    the tokenizer with pad token "!"); the image tower + processor of openai/clip-vit-large-patch14,
+#    which Karlo's image-variation pipeline (karlo-v1-alpha-image-variations) was built with.
 _KANDINSKY_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 _LAION_BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+_KARLO = "kakaobrain/karlo-v1-alpha"
 _OPENAI_L14 = "openai/clip-vit-large-patch14"
 HUB_PRESETS: dict[str, _HFLayout] = {
     "kandinsky22": _HFLayout(
@@ -268,8 +276,8 @@ HUB_PRESETS: dict[str, _HFLayout] = {
     "karlo": _HFLayout(
         image_encoder=_Part(_OPENAI_L14),
         image_processor=_Part(_OPENAI_L14),
-        text_encoder=_Part(_OPENAI_L14),
-        tokenizer=_Part(_OPENAI_L14),
+        text_encoder=_Part(_KARLO, TEXT_ENCODER),
+        tokenizer=_Part(_KARLO, TOKENIZER),
     ),
 }
 TINY_PRESET = "tiny-clip"
@@ -277,17 +285,74 @@ PRESETS: tuple[str, ...] = (*HUB_PRESETS, TINY_PRESET)
 
 
 def _load_part(cls: Any, part: _Part, what: str, **kw: Any) -> Any:
+    """cls.from_pretrained for one part; every failure becomes an EncoderLoadError that names the
+    model and says what to do."""
     try:
         return cls.from_pretrained(part.repo, **part.kwargs(), **kw)
-    except (OSError, ValueError) as e:  # hub/cache misses surface as OSError; bad configs as ValueError
-        local = Path(part.repo).is_dir()
-        hint = (
-            "the folder does not hold a loadable checkpoint for it"
-            if local
-            else "it is neither in the local Hugging Face cache nor reachable on the hub (offline?). Download it "
-            f"where there is internet (`hf download {part.repo}`) and copy the cache, or pass a local folder"
-        )
+    except OSError as e:  # hub/cache misses, gated repos and missing files surface as OSError
+        if Path(part.repo).is_dir():
+            hint = "the folder does not hold a loadable checkpoint for it"
+        else:
+            hint = (
+                "it is neither in the local Hugging Face cache nor reachable on the hub (offline?). Run "
+                f"`hf download {part.repo}` where there is internet and copy that Hugging Face cache here "
+                "(or point HF_HOME at it), or pass an encoder folder"
+            )
         raise EncoderLoadError(f"could not load the {what} from {part.label!r}: {hint}.\n  cause: {e}") from e
+    except ValueError as e:
+        raise EncoderLoadError(
+            f"could not load the {what} from {part.label!r}: its config is not a CLIP {what} config that this "
+            f"transformers version reads.\n  cause: {e}"
+        ) from e
+    except RuntimeError as e:
+        if "mismatch" not in str(e).lower():
+            raise
+        raise EncoderLoadError(
+            f"could not load the {what} from {part.label!r}: its weights do not fit the model that its "
+            f"config.json describes (size mismatch). Check `projection_dim` and `hidden_size` there "
+            f"({_dims_summary(part)}); LAION's CLIP repos set `projection_dim` only at the top level of a "
+            f"joint config (transformers#25622). Fix the config or pass a folder whose config fits its weights."
+            f"\n  cause: {e}"
+        ) from e
+
+
+def _load_config_dict(part: _Part, what: str) -> dict:
+    """The raw config.json of a part (from the folder or the HF cache), with _load_part's errors."""
+    from transformers import PretrainedConfig
+
+    class _Raw:  # from_pretrained-shaped, so _load_part's error handling applies to the config read too
+        @staticmethod
+        def from_pretrained(repo: str, **kw: Any) -> dict:
+            return PretrainedConfig.get_config_dict(repo, **kw)[0]
+
+    return _load_part(_Raw, part, f"{what} config")
+
+
+def _tower_kwargs(part: _Part, what: str) -> dict[str, Any]:
+    """The top-level `projection_dim` of a joint CLIPModel config, passed to a single tower.
+
+    A tower loaded from a joint checkpoint reads only its nested text_config/vision_config. LAION's
+    repos (e.g. CLIP-ViT-bigG-14-laion2B-39B-b160k) set projection_dim (1280) only at the top level and
+    leave the nested default of 512, so the projection would not fit (transformers#25622); the official
+    ECLIPSE inference code passes projection_dim=1280 for the same reason. The top level is what
+    CLIPModel itself builds its projections from, so it is right for every joint config.
+    """
+    cfg = _load_config_dict(part, what)
+    if cfg.get("model_type") == "clip" and "projection_dim" in cfg:
+        return {"projection_dim": int(cfg["projection_dim"])}
+    return {}
+
+
+def _dims_summary(part: _Part) -> str:
+    try:
+        cfg = _load_config_dict(part, "config")
+    except EncoderLoadError:
+        return "config.json unreadable"
+    found = [f"{key}={cfg[key]}" for key in ("projection_dim", "hidden_size") if key in cfg]
+    for sub in ("text_config", "vision_config"):
+        nested = cfg.get(sub) or {}
+        found += [f"{sub}.{key}={nested[key]}" for key in ("projection_dim", "hidden_size") if key in nested]
+    return ", ".join(found) or "neither key is set"
 
 
 def _hub_commit(part: _Part) -> str | None:
@@ -318,8 +383,10 @@ def _load_hf(layout: _HFLayout, preset: str, device: torch.device, dtype: torch.
     )
 
     # Load straight into the target dtype: a bigG tower in fp32 would need 2x the host memory.
-    vision = _load_part(CLIPVisionModelWithProjection, layout.image_encoder, "image encoder", dtype=dtype)
-    text = _load_part(CLIPTextModelWithProjection, layout.text_encoder, "text encoder", dtype=dtype)
+    vision = _load_part(CLIPVisionModelWithProjection, layout.image_encoder, "image encoder", dtype=dtype,
+                        **_tower_kwargs(layout.image_encoder, "image encoder"))
+    text = _load_part(CLIPTextModelWithProjection, layout.text_encoder, "text encoder", dtype=dtype,
+                      **_tower_kwargs(layout.text_encoder, "text encoder"))
     tokenizer = _load_part(CLIPTokenizer, layout.tokenizer, "tokenizer")
     processor = _load_part(CLIPImageProcessor, layout.image_processor, "image processor")
     info = EncoderInfo(

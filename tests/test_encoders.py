@@ -5,8 +5,10 @@ Everything runs on tiny random models built from configs: no test downloads weig
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -311,14 +313,41 @@ def test_gpu_defaults_to_fp16_and_tracks_fp32(tiny: ClipEncoder) -> None:
     torch.testing.assert_close(a.text_embeds.float().cpu(), b.text_embeds, atol=5e-3, rtol=5e-3)
 
 
-def _seed_hub_cache(hf_home: Path, repo_id: str, commit: str) -> Path:
-    """The snapshot folder of `repo_id` in an HF cache, laid out as `hf download` leaves it."""
+def _hub_snapshot(hf_home: Path, repo_id: str, commit: str, files: Path) -> Path:
+    """Publish the files under `files` into an HF cache as `hf download` leaves a repo: content in
+    blobs/<sha256>, snapshots/<commit>/ made of relative symlinks to them, refs/main naming the commit."""
     root = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
     snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
+    for f in sorted(x for x in files.rglob("*") if x.is_file()):
+        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, blob)
+        link = snapshot / f.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def _laion_shaped_repo(path: Path, text_cfg: CLIPTextConfig, vision_cfg: CLIPVisionConfig, tok, dim: int) -> CLIPModel:
+    """A joint CLIPModel repo with the quirks of laion/CLIP-ViT-bigG-14-laion2B-39B-b160k's config.json:
+    `projection_dim` is set only at the top level; the nested text_config / vision_config keep the
+    default 512 (what a single tower reads, transformers#25622), and the legacy `*_config_dict` copies
+    of that export era carry no projection_dim either. Weights sharded as on the hub."""
+    nested = {"text_config": text_cfg.to_dict(), "vision_config": vision_cfg.to_dict()}
+    for cfg in nested.values():
+        cfg.pop("projection_dim", None)
+    clip = CLIPModel(CLIPConfig(**nested, projection_dim=dim)).eval()
+    clip.save_pretrained(path, max_shard_size="100KB")
+    config = json.loads((path / "config.json").read_text())
+    for sub in ("text_config", "vision_config"):
+        config[sub]["projection_dim"] = 512
+        config[f"{sub}_dict"] = {k: v for k, v in nested[sub].items() if k != "model_type"}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    assert config["projection_dim"] == dim != 512 and len(list(path.glob("model-*.safetensors"))) > 1
+    tok.save_pretrained(path)
+    return clip
 
 
 def _offline_env(hf_home: Path) -> dict[str, str]:
@@ -328,25 +357,55 @@ def _offline_env(hf_home: Path) -> dict[str, str]:
     return env
 
 
+def _run_offline(hf_home: Path, script: str) -> str:
+    """stdout of `script` in a fresh interpreter with the hub offline and the cache at hf_home."""
+    proc = subprocess.run([sys.executable, "-c", script], env=_offline_env(hf_home), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _joint_image(clip: CLIPModel):
+    """image_embeds from a joint model's own vision transformer and projection (an independent reference)."""
+    return lambda pixels: clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+
+
+def _joint_text(clip: CLIPModel):
+    """(text_embeds, last_hidden_state) from a joint model's own text transformer and projection."""
+    def forward(ids):
+        out = clip.text_model(input_ids=ids)
+        return clip.text_projection(out.pooler_output), out.last_hidden_state
+    return forward
+
+
 def test_hub_presets_load_from_a_populated_cache_offline(tmp_path: Path) -> None:
-    """The real preset code path (hub ids, subfolders, commit pinning) on tiny weights in the HF cache."""
-    hf_home = tmp_path / "hf"
-    # kandinsky22: vision tower + processor from the prior repo's subfolders, text tower from LAION's repo.
-    text_cfg, vision_cfg, tok, processor = _tiny_hf_parts(image_size=32, hidden=40, dim=24, seed=4)
-    prior = _seed_hub_cache(hf_home, "kandinsky-community/kandinsky-2-2-prior", "a" * 40)
-    CLIPVisionModelWithProjection(vision_cfg).save_pretrained(prior / "image_encoder")
-    processor.save_pretrained(prior / "image_processor")
-    laion = _seed_hub_cache(hf_home, "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "b" * 40)
-    CLIPModel(CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(),
-                         projection_dim=24)).save_pretrained(laion)
-    tok.save_pretrained(laion)
-    # karlo: one flat CLIPModel repo.
-    openai = _seed_hub_cache(hf_home, "openai/clip-vit-large-patch14", "c" * 40)
+    """The real preset code path (hub ids, subfolders, commit pinning) on tiny weights in an HF cache
+    shaped like the real one, resolved by hub id with the hub offline."""
+    hf_home, src = tmp_path / "hf", tmp_path / "src"
+    torch.manual_seed(4)
+    # kandinsky22: vision tower + processor from the prior repo's subfolders ...
+    text_cfg, vision_cfg, tok, processor = _tiny_hf_parts(image_size=32, hidden=24, dim=24, seed=4)
+    k_vision = CLIPVisionModelWithProjection(vision_cfg).eval()
+    k_vision.save_pretrained(src / "prior" / "image_encoder")
+    processor.save_pretrained(src / "prior" / "image_processor")
+    _hub_snapshot(hf_home, "kandinsky-community/kandinsky-2-2-prior", "a" * 40, src / "prior")
+    # ... text tower + tokenizer from LAION's joint repo, its config shaped like the real one.
+    laion_clip = _laion_shaped_repo(src / "laion", text_cfg, vision_cfg, tok, dim=24)
+    _hub_snapshot(hf_home, "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "b" * 40, src / "laion")
+    # karlo: image tower + processor from openai's flat repo (which also holds a text tower, not used) ...
     text_cfg, vision_cfg, tok, processor = _tiny_hf_parts(image_size=32, hidden=32, dim=16, seed=5)
-    CLIPModel(CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(),
-                         projection_dim=16)).save_pretrained(openai)
-    tok.save_pretrained(openai)
-    processor.save_pretrained(openai)
+    openai_clip = CLIPModel(CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(),
+                                       projection_dim=16)).eval()
+    openai_clip.save_pretrained(src / "openai")
+    tok.save_pretrained(src / "openai")
+    processor.save_pretrained(src / "openai")
+    _hub_snapshot(hf_home, "openai/clip-vit-large-patch14", "c" * 40, src / "openai")
+    # ... text tower + tokenizer from Karlo's own subfolders (other weights: the test sees which one is read).
+    karlo_text = CLIPTextModelWithProjection(text_cfg).eval()
+    karlo_text.save_pretrained(src / "karlo" / "text_encoder")
+    # diffusers' conversion gave Karlo's tokenizer the pad token "!"
+    CLIPTokenizer.from_pretrained(src / "openai", pad_token="!").save_pretrained(src / "karlo" / "tokenizer")
+    _hub_snapshot(hf_home, "kakaobrain/karlo-v1-alpha", "d" * 40, src / "karlo")
 
     script = (
         "import json, numpy as np\n"
@@ -356,38 +415,56 @@ def test_hub_presets_load_from_a_populated_cache_offline(tmp_path: Path) -> None
         "res = {}\n"
         "for name in ('kandinsky22', 'karlo'):\n"
         "    e = load_encoder(name, device='cpu')\n"
-        "    t = e.encode_texts(['a photo of a cat'])\n"
+        "    t = e.encode_texts(['a photo of a cat', 'a red car'])\n"
         "    res[name] = {'info': e.info.to_dict(), 'img': e.encode_images(e.preprocess([img]))[0].tolist(),\n"
-        "                 'txt': t.text_embeds[0].tolist(), 'hidden': t.hidden[0].tolist()}\n"
+        "                 'txt': t.text_embeds.tolist(), 'hidden': [h.tolist() for h in t.hidden]}\n"
         "print('RESULT', json.dumps(res))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], env=_offline_env(hf_home), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    res = json.loads(_run_offline(hf_home, script).split("RESULT ", 1)[1])
     img = Image.fromarray(np.arange(40 * 50 * 3, dtype=np.uint8).reshape(40, 50, 3))
-    for name, vision_dir, text_dir, commits in (
-        ("kandinsky22", prior / "image_encoder", laion, ("a" * 40, "b" * 40)),
-        ("karlo", openai, openai, ("c" * 40, "c" * 40)),
+    pixels = processor(images=[img], return_tensors="pt")["pixel_values"]  # both repos: the same tiny processor
+    ids = tok(["a photo of a cat", "a red car"], padding=True, return_tensors="pt")
+    def karlo_text_of(ids):
+        out = karlo_text(input_ids=ids)
+        return out.text_embeds, out.last_hidden_state
+
+    for name, image_of, text_of, commits in (
+        ("kandinsky22", lambda px: k_vision(pixel_values=px).image_embeds, _joint_text(laion_clip),
+         ("a" * 40, "b" * 40)),
+        ("karlo", _joint_image(openai_clip), karlo_text_of, ("c" * 40, "d" * 40)),
     ):
-        info, vision = res[name]["info"], CLIPVisionModelWithProjection.from_pretrained(vision_dir).eval()
-        text = CLIPTextModelWithProjection.from_pretrained(text_dir).eval()
+        info = res[name]["info"]
         assert (info["preset"], info["image_revision"], info["text_revision"]) == (name, *commits)
-        proc_dir = prior / "image_processor" if name == "kandinsky22" else openai
-        pixels = CLIPImageProcessor.from_pretrained(proc_dir)(images=[img], return_tensors="pt")["pixel_values"]
-        ids = CLIPTokenizer.from_pretrained(text_dir)(["a photo of a cat"], return_tensors="pt")["input_ids"]
         with torch.inference_mode():
-            ref_img, ref_txt = vision(pixel_values=pixels).image_embeds[0], text(input_ids=ids)
+            ref_img = image_of(pixels)[0]
+            ref_txt, ref_hidden = text_of(ids["input_ids"])
+        assert info["image_dim"] == info["text_dim"] == ref_txt.shape[1]
         np.testing.assert_allclose(res[name]["img"], ref_img.numpy(), atol=ATOL, rtol=1e-4)
-        np.testing.assert_allclose(res[name]["txt"], ref_txt.text_embeds[0].numpy(), atol=ATOL, rtol=1e-4)
-        np.testing.assert_allclose(res[name]["hidden"], ref_txt.last_hidden_state[0].numpy(), atol=ATOL, rtol=1e-4)
+        np.testing.assert_allclose(res[name]["txt"], ref_txt.numpy(), atol=ATOL, rtol=1e-4)
+        for i, n in enumerate(ids["attention_mask"].sum(1).tolist()):
+            np.testing.assert_allclose(res[name]["hidden"][i], ref_hidden[i, :n].numpy(), atol=ATOL, rtol=1e-4)
     assert res["kandinsky22"]["info"]["image_model"] == "kandinsky-community/kandinsky-2-2-prior/image_encoder"
     assert res["kandinsky22"]["info"]["text_model"] == "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
     assert res["karlo"]["info"]["image_model"] == "openai/clip-vit-large-patch14"
+    assert res["karlo"]["info"]["text_model"] == "kakaobrain/karlo-v1-alpha/text_encoder"
+    assert res["karlo"]["info"]["tokenizer"] == "kakaobrain/karlo-v1-alpha/tokenizer"
+
+
+def test_size_mismatch_names_the_config_key(tmp_path: Path) -> None:
+    # A saved encoder folder whose text tower config no longer fits its weights.
+    save_encoder(load_encoder("tiny-clip", device="cpu"), tmp_path / "enc")
+    cfg_path = tmp_path / "enc" / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["projection_dim"] = 20  # the weights project to 32
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(EncoderLoadError) as e:
+        load_encoder(tmp_path / "enc", device="cpu")
+    msg = str(e.value)
+    assert "text encoder" in msg and str(tmp_path / "enc") in msg and "size mismatch" in msg
+    assert "`projection_dim`" in msg and "projection_dim=20" in msg and "hidden_size=32" in msg
 
 
 def test_hub_preset_offline_fails_fast_with_clear_message(tmp_path: Path) -> None:
-    env = _offline_env(tmp_path / "hf")  # an empty cache
     script = (
         "import time\n"
         "from pipeline.encoders import EncoderLoadError, load_encoder\n"
@@ -399,13 +476,32 @@ def test_hub_preset_offline_fails_fast_with_clear_message(tmp_path: Path) -> Non
         "    except EncoderLoadError as e:\n"
         "        print('ERR', name, round(time.monotonic() - t, 1), str(e).replace(chr(10), ' '))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ERR", "LOADED"))]
-    assert len(lines) == 3 and all(ln.startswith("ERR") for ln in lines), proc.stdout
+    out = _run_offline(tmp_path / "hf", script)  # an empty cache
+    lines = [ln for ln in out.splitlines() if ln.startswith(("ERR", "LOADED"))]
+    assert len(lines) == 3 and all(ln.startswith("ERR") for ln in lines), out
     kandinsky, karlo, oc = lines
     assert "kandinsky-community/kandinsky-2-2-prior/image_encoder" in kandinsky and "offline" in kandinsky
-    assert "openai/clip-vit-large-patch14" in karlo
+    assert "`hf download kandinsky-community/kandinsky-2-2-prior`" in kandinsky
+    assert "pass an encoder folder" in kandinsky
+    assert "`hf download openai/clip-vit-large-patch14`" in karlo
     assert "ViT-B-32/laion2b_s34b_b79k" in oc
     assert all(float(ln.split()[2]) < 30 for ln in lines), lines  # each fails fast: no network waits
+
+
+def test_missing_text_repo_names_it(tmp_path: Path) -> None:
+    """The image side is cached but LAION's text repo is not: the message names the text repo."""
+    hf_home = tmp_path / "hf"
+    text_cfg, vision_cfg, tok, processor = _tiny_hf_parts(image_size=32, hidden=24, dim=24, seed=6)
+    CLIPVisionModelWithProjection(vision_cfg).save_pretrained(tmp_path / "prior" / "image_encoder")
+    processor.save_pretrained(tmp_path / "prior" / "image_processor")
+    _hub_snapshot(hf_home, "kandinsky-community/kandinsky-2-2-prior", "a" * 40, tmp_path / "prior")
+    script = (
+        "from pipeline.encoders import EncoderLoadError, load_encoder\n"
+        "try:\n"
+        "    load_encoder('kandinsky22', device='cpu')\n"
+        "except EncoderLoadError as e:\n"
+        "    print('ERR', str(e).replace(chr(10), ' '))\n"
+    )
+    out = _run_offline(hf_home, script)
+    assert "ERR could not load the text encoder config from 'laion/CLIP-ViT-bigG-14-laion2B-39B-b160k'" in out
+    assert "`hf download laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`" in out
