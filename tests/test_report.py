@@ -15,7 +15,7 @@ from storefixtures import random_rows, tiny_info
 from storage_schema import StoreWriter, build_table
 from training.evaluate import evaluate
 from training.prior import build_prior
-from training.report import image_data_uri, svg_bars, svg_grouped_bars, svg_lines, write_report
+from training.report import image_data_uri, svg_bars, svg_grouped_bars, svg_lines, svg_scatter, write_report
 
 NASTY = '<script>alert("x")</script> & a red square'
 
@@ -116,3 +116,18 @@ def test_write_report_renders_a_result_again(evaluated, tmp_path):
     path = write_report(res, tmp_path / "r.html", images={})
     html = path.read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>") and "no image" in html  # examples without their images
+
+
+def test_scatter_draws_points_whiskers_and_the_curve():
+    svg = ET.fromstring(svg_scatter("trade-off", [
+        ("λ=0", "#111111", (0.9, 0.88, 0.92), (0.5, 0.4, 0.6)),
+        ("λ=0.2", "#222222", (0.8, 0.79, 0.81), (0.7, None, None)),  # no y interval: no vertical whisker
+        ("λ=2", "#333333", (None, None, None), (0.9, 0.8, 1.0)),  # no x: legend only
+    ], "cos", "R@1", curve=["λ=0", "λ=0.2", "λ=2"]))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(svg.findall(f"{ns}circle")) == 2
+    whiskers = [line for g in svg.findall(f"{ns}g") for line in g.findall(f"{ns}line")]
+    assert len(whiskers) == 3  # x and y for the first point, x for the second
+    assert svg.find(f"{ns}polyline").get("points").count(",") == 2  # the curve joins the drawn points
+    assert any("(n/a)" in (t.text or "") for t in svg.findall(f"{ns}text"))
+    assert svg_scatter("empty", [("a", "#000", (None, None, None), (None, None, None))], "x", "y") == ""

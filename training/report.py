@@ -194,6 +194,46 @@ def svg_grouped_bars(title: str, groups: Sequence[str],
     return "".join(parts)
 
 
+class _Frame:
+    """A chart's frame: maps data to pixels and opens the SVG (title, grid, tick and axis labels)."""
+
+    def __init__(self, title: str, xt: list[float], yt: list[float], width: int, height: int,
+                 margins: tuple[int, int, int, int]) -> None:
+        self.title, self.xt, self.yt, self.width, self.height = title, xt, yt, width, height
+        self.left, self.right, self.top, self.bottom = margins
+        self.plot_w, self.plot_h = width - self.left - self.right, height - self.top - self.bottom
+
+    def px(self, v: float) -> float:
+        return self.left + (v - self.xt[0]) / ((self.xt[-1] - self.xt[0]) or 1) * self.plot_w
+
+    def py(self, v: float) -> float:
+        return self.top + self.plot_h - (v - self.yt[0]) / ((self.yt[-1] - self.yt[0]) or 1) * self.plot_h
+
+    def open(self, xlabel: str, ylabel: str = "", x_digits: int = 4, x_grid: bool = False) -> list[str]:
+        left, top, plot_w, plot_h = self.left, self.top, self.plot_w, self.plot_h
+        width, height = self.width, self.height
+        parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                 f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(self.title)}">',
+                 f'<text x="{left + plot_w / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">'
+                 f'{esc(self.title)}</text>']
+        for t in self.yt:
+            parts.append(f'<line x1="{left}" y1="{self.py(t):.1f}" x2="{left + plot_w}" y2="{self.py(t):.1f}" '
+                         f'stroke="#eee"/><text x="{left - 4}" y="{self.py(t) + 3:.1f}" text-anchor="end" '
+                         f'font-size="10">{esc(fmt(t, 3))}</text>')
+        for t in self.xt:
+            if x_grid:
+                parts.append(f'<line x1="{self.px(t):.1f}" y1="{top}" x2="{self.px(t):.1f}" y2="{top + plot_h}" '
+                             f'stroke="#eee"/>')
+            parts.append(f'<text x="{self.px(t):.1f}" y="{height - self.bottom + 16}" text-anchor="middle" '
+                         f'font-size="10">{esc(fmt(t, x_digits))}</text>')
+        parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
+                     f'{esc(xlabel)}</text>')
+        if ylabel:
+            parts.append(f'<text x="12" y="{top + plot_h / 2}" text-anchor="middle" font-size="11" '
+                         f'transform="rotate(-90 12 {top + plot_h / 2})">{esc(ylabel)}</text>')
+        return parts
+
+
 def svg_lines(title: str, series: Sequence[tuple[str, str, Sequence[float], Sequence[float]]], xlabel: str = "step",
               width: int = 560, height: int = 280) -> str:
     """Line chart: series = (name, color, xs, ys); NaNs break nothing (points are skipped)."""
@@ -204,27 +244,9 @@ def svg_lines(title: str, series: Sequence[tuple[str, str, Sequence[float], Sequ
         return ""
     xt = _nice_ticks(min(p[0] for p in pts_all), max(p[0] for p in pts_all))
     yt = _nice_ticks(min(p[1] for p in pts_all), max(p[1] for p in pts_all))
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def px(v: float) -> float:
-        return left + (v - xt[0]) / ((xt[-1] - xt[0]) or 1) * plot_w
-
-    def py(v: float) -> float:
-        return top + plot_h - (v - yt[0]) / ((yt[-1] - yt[0]) or 1) * plot_h
-
-    parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
-             f'<text x="{left + plot_w / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">'
-             f'{esc(title)}</text>']
-    for t in yt:
-        parts.append(f'<line x1="{left}" y1="{py(t):.1f}" x2="{left + plot_w}" y2="{py(t):.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 4}" y="{py(t) + 3:.1f}" text-anchor="end" font-size="10">{esc(fmt(t, 3))}'
-                     f'</text>')
-    for t in xt:
-        parts.append(f'<text x="{px(t):.1f}" y="{height - bottom + 16}" text-anchor="middle" font-size="10">'
-                     f'{esc(fmt(t, 4))}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
-                 f'{esc(xlabel)}</text>')
+    frame = _Frame(title, xt, yt, width, height, (left, right, top, bottom))
+    px, py = frame.px, frame.py
+    parts = frame.open(xlabel)
     for si, (name, color, xs, ys) in enumerate(series):
         pts = [(x, y) for x, y in zip(xs, ys, strict=False) if len(_finite(x, y)) == 2]
         if pts:
@@ -236,6 +258,52 @@ def svg_lines(title: str, series: Sequence[tuple[str, str, Sequence[float], Sequ
         ly = top + 14 * si
         parts.append(f'<rect x="{width - right + 10}" y="{ly}" width="10" height="10" fill="{color}"/>'
                      f'<text x="{width - right + 24}" y="{ly + 9}" font-size="11">{esc(name[:20])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+#: One point of `svg_scatter`: label, color, (x, x_low, x_high), (y, y_low, y_high); None: no interval.
+ScatterPoint = tuple[str, str, tuple[float | None, float | None, float | None],
+                     tuple[float | None, float | None, float | None]]
+
+
+def svg_scatter(title: str, points: Sequence[ScatterPoint], xlabel: str, ylabel: str,
+                curve: Sequence[str] = (), width: int = 560, height: int = 340) -> str:
+    """Points with interval whiskers on both axes; the points named in `curve` are joined in that
+    order (a trade-off curve). A point without a finite x or y is listed as n/a in the legend."""
+    left, right, top, bottom = 56, 170, 28, 44
+    finite = [pt for pt in points if len(_finite(pt[2][0], pt[3][0])) == 2]
+    if not finite:
+        return ""
+    xs = _finite(*[v for pt in finite for v in pt[2]])
+    ys = _finite(*[v for pt in finite for v in pt[3]])
+    xpad, ypad = (max(xs) - min(xs)) * 0.05 or 0.02, (max(ys) - min(ys)) * 0.05 or 0.02
+    xt, yt = _nice_ticks(min(xs) - xpad, max(xs) + xpad), _nice_ticks(min(ys) - ypad, max(ys) + ypad)
+    frame = _Frame(title, xt, yt, width, height, (left, right, top, bottom))
+    px, py = frame.px, frame.py
+    parts = frame.open(xlabel, ylabel, x_digits=3, x_grid=True)
+    by_label = {pt[0]: pt for pt in finite}
+    line = [f"{px(by_label[n][2][0]):.1f},{py(by_label[n][3][0]):.1f}" for n in curve if n in by_label]
+    if len(line) > 1:
+        parts.append(f'<polyline fill="none" stroke="#888" stroke-dasharray="4 3" points="{" ".join(line)}"/>')
+    for i, (label, color, (x, xlo, xhi), (y, ylo, yhi)) in enumerate(points):
+        ly = top + 15 * i
+        ok = len(_finite(x, y)) == 2
+        parts.append(f'<rect x="{width - right + 10}" y="{ly}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{width - right + 24}" y="{ly + 9}" font-size="11">{esc(label[:22])}'
+                     f'{"" if ok else " (n/a)"}</text>')
+        if not ok:
+            continue
+        cx, cy = px(x), py(y)
+        whiskers = []
+        if len(_finite(xlo, xhi)) == 2:
+            whiskers.append(f'<line x1="{px(xlo):.1f}" y1="{cy:.1f}" x2="{px(xhi):.1f}" y2="{cy:.1f}"/>')
+        if len(_finite(ylo, yhi)) == 2:
+            whiskers.append(f'<line x1="{cx:.1f}" y1="{py(ylo):.1f}" x2="{cx:.1f}" y2="{py(yhi):.1f}"/>')
+        parts.append(f'<g stroke="{color}" stroke-width="1.3">{"".join(whiskers)}</g>'
+                     f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{color}"><title>{esc(label)}: '
+                     f'{esc(xlabel)} {esc(fmt(x))} [{esc(fmt(xlo))}, {esc(fmt(xhi))}], {esc(ylabel)} {esc(fmt(y))} '
+                     f'[{esc(fmt(ylo))}, {esc(fmt(yhi))}]</title></circle>')
     parts.append("</svg>")
     return "".join(parts)
 
