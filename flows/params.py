@@ -21,6 +21,8 @@ class DownloadParams(_Params):
     encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality, or png compression 0-9")
     retry_failed: bool = Field(False, description="re-feed failed urls once after the download")
     overwrite: bool = Field(False, description="start the download over instead of resuming it")
+    metadata_dir: str | None = Field(None, description="a preset's files downloaded by hand (names matching the "
+                                     "preset's glob, e.g. *.parquet or cc3m-train-*.tar): used instead of fetching")
 
 
 class EncodeParams(_Params):

@@ -22,10 +22,11 @@ from storage_schema.writer import read_manifest
 
 @task(name="download", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10))
 def download_task(urls: str, images: str, params: DownloadParams) -> dict:
-    cfg = DownloadConfig(**params.model_dump(exclude={"retry_failed", "processes_count", "overwrite"}),
+    cfg = DownloadConfig(**params.model_dump(exclude={"retry_failed", "processes_count", "overwrite", "metadata_dir"}),
                          incremental_mode="overwrite" if params.overwrite else "incremental",
                          **({"processes_count": params.processes_count} if params.processes_count else {}))
     summary = download_main(urls, images, retry=params.retry_failed,
+                            source_options={"metadata_dir": params.metadata_dir} if params.metadata_dir else None,
                             **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
     get_run_logger().info("download summary\n%s", format_summary(summary))
     return {"successes": summary.successes, "shards": len(summary.shards), "error_rate": summary.error_rate,

@@ -65,6 +65,9 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
     p.add_argument("--timeout", type=int, default=10, help="seconds per url (default 10)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming (wipes the folder)")
+    p.add_argument("--metadata-dir", default=None,
+                   help="a preset's files downloaded by hand (any names matching the preset's glob, e.g. *.parquet "
+                   "or cc3m-train-*.tar; subfolders too): used instead of fetching them")
 
 
 def _download_config(args: argparse.Namespace):
@@ -78,13 +81,17 @@ def _download_config(args: argparse.Namespace):
     return DownloadConfig(**kw)
 
 
+def _source_options(args: argparse.Namespace) -> dict | None:
+    return {"metadata_dir": args.metadata_dir} if args.metadata_dir else None
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     import dataclasses
 
     from pipeline.download import download_main, format_summary
 
     cfg = _download_config(args)
-    summary = download_main(args.urls, args.out, retry=args.retry_failed,
+    summary = download_main(args.urls, args.out, retry=args.retry_failed, source_options=_source_options(args),
                             **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
     print(format_summary(summary))
     return 0
@@ -101,6 +108,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         EncodeConfig(encoder=args.encoder, batch_size=args.batch_size, device=args.device, dtype=args.dtype),
         _download_config(args),
         ClusterConfig(address=args.scheduler, n_workers=args.workers, wait_timeout=args.wait_timeout),
+        source_options=_source_options(args),
     )
     print(format_summary(result.download))
     print(result.encode.table())

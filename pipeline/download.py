@@ -572,6 +572,16 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
     return _finish(out, before, t0, config)
 
 
+def _download_webdataset(source: Any, out: Path, cfg: DownloadConfig) -> DownloadSummary:
+    """Image-text tars (pipeline.hub): they become the shards as they are, then the usual summary and checks."""
+    from pipeline.hub import materialize_webdataset
+
+    t0 = time.monotonic()
+    before = set() if cfg.incremental_mode == "overwrite" else set(completed_shard_ids(out))
+    materialize_webdataset(source, out, cfg.incremental_mode)
+    return _finish(out.resolve(), before, t0, cfg)
+
+
 def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                   source_options: dict[str, Any] | None = None, retry: bool = False,
                   **config: Any) -> DownloadSummary:
@@ -590,6 +600,8 @@ def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.
     cfg = DownloadConfig(**config)
     out = Path(out_dir)
     source = resolve_source(url_list_or_source, **(source_options or {}))
+    if source.kind == "webdataset":
+        return _download_webdataset(source, out, cfg)
     prepared = out / URL_LIST_PATH
     old = read_url_list_report(prepared) if prepared.exists() else None
     if old is not None and old.get("source_spec") == source_spec(source):

@@ -36,6 +36,9 @@ class EncodeConfig:
     decode_threads: int = 2  # image decoding + preprocessing threads, overlapped with the model
     prefetch_batches: int = 2  # bounded queue between decoding and the model
     torch_threads: int | None = None  # intra-op threads of the model on CPU (None: torch's default)
+    # A sample whose KEY.json lists more captions (`alt_captions`, e.g. MS-COCO's five per image) gives
+    # one pair per caption, keyed KEY_1, KEY_2, ... after KEY itself; False keeps the first caption only.
+    alt_captions: bool = True
 
 
 @dataclass
@@ -65,25 +68,33 @@ def image_shards(image_dir: str | Path) -> list[Path]:
     return completed_shards(image_dir)
 
 
-def iter_webdataset(tar_path: Path) -> Iterator[Sample]:
-    """Samples of one img2dataset webdataset tar: KEY.jpg + KEY.txt (+ KEY.json)."""
+def iter_webdataset(tar_path: Path, alt_captions: bool = False) -> Iterator[Sample]:
+    """Samples of one webdataset tar: KEY.jpg + KEY.txt (+ KEY.json), as img2dataset or a hub copy writes them.
+
+    ``alt_captions``: also yield KEY_1, KEY_2, ... for the extra captions listed in KEY.json.
+    """
     import json
 
     current: dict[str, bytes] = {}
     current_key: str | None = None
 
-    def flush() -> Sample | None:
+    def flush() -> list[Sample]:
         if current_key is None:
-            return None
+            return []
         image = next((current[e] for e in IMAGE_EXTS if e in current), None)
         caption = current["txt"].decode("utf-8", errors="replace") if "txt" in current else None
-        url = None
+        meta: dict = {}
         if "json" in current:
             try:
-                url = json.loads(current["json"]).get("url")
+                meta = json.loads(current["json"])
             except ValueError:
-                url = None
-        return Sample(current_key, caption, image, url)
+                meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        url = meta.get("url")
+        extra = (meta.get("alt_captions") or []) if alt_captions else []
+        return [Sample(current_key, caption, image, url)] + [
+            Sample(f"{current_key}_{i}", str(c), image, url) for i, c in enumerate(extra, start=1)
+        ]
 
     with tarfile.open(tar_path) as tar:
         for member in tar:
@@ -91,12 +102,10 @@ def iter_webdataset(tar_path: Path) -> Iterator[Sample]:
                 continue
             key, _, ext = member.name.rpartition("/")[2].partition(".")
             if key != current_key:
-                if (s := flush()) is not None:
-                    yield s
+                yield from flush()
                 current, current_key = {}, key
             current[ext.lower()] = tar.extractfile(member).read()
-    if (s := flush()) is not None:
-        yield s
+    yield from flush()
 
 
 def _decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
@@ -128,7 +137,7 @@ def _batches(tar_path: Path, encoder, cfg: EncodeConfig, skipped: list[dict], ou
                 if good:
                     out.put((good, encoder.preprocess(images)))
 
-            for sample in iter_webdataset(tar_path):
+            for sample in iter_webdataset(tar_path, cfg.alt_captions):
                 if stop.is_set():
                     return
                 pending.append(sample)

@@ -76,7 +76,10 @@ def _manual_hint(repo: str, pattern: str) -> str:
 @contextlib.contextmanager
 def _hub_errors(repo: str, pattern: str) -> Iterator[None]:
     """huggingface_hub's exceptions -> SourceError subclasses whose message says what to do."""
-    import httpx2
+    try:  # the HTTP client under huggingface_hub: httpx2 in 2.x, httpx before
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -106,7 +109,7 @@ def _hub_errors(repo: str, pattern: str) -> Iterator[None]:
         ) from None
     except RevisionNotFoundError as e:
         raise SourceAccessError(f"dataset {repo}: no such revision ({e})") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException) as e:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, http.ConnectError, http.TimeoutException) as e:
         raise SourceUnavailableError(
             f"dataset {repo}: the hub at {endpoint()} cannot be reached (offline?) and the files matching "
             f"{pattern!r} are not in the Hugging Face cache {cache_dir()}: {type(e).__name__}; "
