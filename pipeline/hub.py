@@ -69,8 +69,9 @@ def cache_dir() -> Path:
 
 
 def _manual_hint(repo: str, pattern: str) -> str:
-    return (f"or download the files on a connected machine (`huggingface-cli download {repo} --repo-type dataset "
-            f"--include '{pattern}' --local-dir DIR`) and pass --metadata-dir DIR (metadata_dir=DIR in Python)")
+    return (f"to work without the hub, download the files on a connected machine (`huggingface-cli download {repo} "
+            f"--repo-type dataset --include '{pattern}' --local-dir DIR`) and pass --metadata-dir DIR "
+            "(metadata_dir=DIR in Python)")
 
 
 @contextlib.contextmanager
@@ -167,7 +168,7 @@ def fetch_files(repo: str, pattern: str, revision: str = "main") -> list[Path]:
     if not files:
         raise SourceUnavailableError(
             f"dataset {repo} needs the hub but {reason}, and the files matching {pattern!r} are not in the "
-            f"Hugging Face cache {cache_dir()}; run once with network, " + _manual_hint(repo, pattern)
+            f"Hugging Face cache {cache_dir()}; run once with network, or " + _manual_hint(repo, pattern)
         )
     log.info("%s: offline (%s); using %d cached file(s)", repo, reason, len(files))
     return files
@@ -186,7 +187,7 @@ def list_files(repo: str, pattern: str, revision: str = "main") -> tuple[str, li
 
     reason = _offline_reason()
     if reason is not None:
-        raise SourceUnavailableError(f"dataset {repo}: listing its files needs the hub but {reason}; "
+        raise SourceUnavailableError(f"dataset {repo}: listing its files needs the hub but {reason} (offline?); "
                                      + _manual_hint(repo, pattern))
     api = HfApi(endpoint=endpoint())
     with _hub_errors(repo, pattern):
