@@ -7,7 +7,17 @@ import pytest
 from storefixtures import tiny_info
 
 from storage_schema import EmbeddingStore, StoreWriter, build_table
-from training.experiment import _t_interval, format_table, oracle_metrics, summarize
+from training.experiment import (
+    _t_interval,
+    format_table,
+    format_testbed,
+    format_tradeoff,
+    oracle_metrics,
+    summarize,
+    summarize_testbed,
+    tradeoff,
+    verdict,
+)
 
 
 def _result(values: dict[str, dict[str, float]]) -> dict:
@@ -52,3 +62,41 @@ def test_oracle_is_the_mean_of_the_other_renders_of_a_caption(tmp_path):
     res = oracle_metrics(EmbeddingStore(tmp_path / "s"), ["00000.parquet"])
     assert res["rows"] == 6 and res["rows_without_another_render"] == 1
     assert res["metrics"]["cos_image"]["value"] > 0.99
+    # Grouped by a key (the demo strips templates): the lonely star joins the circles' group here.
+    star = oracle_metrics(EmbeddingStore(tmp_path / "s"), ["00000.parquet"],
+                          group=lambda c: "a red circle" if c == "a lonely star" else c)
+    assert star["rows"] == 7 and star["rows_without_another_render"] == 0
+    assert star["metrics"]["cos_image"]["value"] < res["metrics"]["cos_image"]["value"]
+
+
+def test_testbed_figures_say_which_goals_are_met():
+    teacher = {"color_acc": 0.99, "shape_acc": 0.85, "texture_acc": 0.95, "position_acc": None, "matched_cos": 0.31}
+    gap = {"oracle_cos": 0.95, "text_shift_cos": 0.88, "gap": 0.07}
+    tb = summarize_testbed(teacher, gap)
+    assert tb["zero_shot"] == {"color": 0.99, "shape": 0.85, "texture": 0.95}
+    assert tb["met"] == {"zero_shot_color": True, "zero_shot_shape": False, "zero_shot_texture": True,
+                         "matched_cos": True, "gap": False}
+    text = format_testbed(tb)
+    assert text.count("GOAL MISSED") == 2 and "0.950 - text-shift cos 0.880 = 0.070" in text
+    assert summarize_testbed({**teacher, "matched_cos": 0.6}, {**gap, "gap": 0.12})["met"]["matched_cos"] is False
+
+
+def test_tradeoff_points_follow_lambda_with_seed_intervals():
+    vals = {f"{o}-s{s}": {"cos_image": c + 0.01 * s, "probe_auc": 0.8 + 0.01 * s}
+            for o, c in (("projection", 0.9), ("eclipse-2", 0.5), ("eclipse-0.2", 0.8)) for s in range(3)}
+    runs = {o: [f"{o}-s{s}" for s in range(3)] for o in ("projection", "eclipse-2", "eclipse-0.2")}
+    table = summarize({"heldout": _result(vals)}, runs, pairs=[("eclipse-0.2", "projection")])
+    pts = tradeoff(table, {"eclipse-2": 2.0, "projection": 0.0, "eclipse-0.2": 0.2})
+    assert [p["lambda"] for p in pts] == [0.0, 0.2, 2.0]
+    assert pts[2]["cos_image"]["mean"] == pytest.approx(0.51)
+    lo, hi = pts[2]["cos_image"]["ci_over_seeds"]
+    assert lo < 0.51 < hi and pts[2]["caption_r1"]["mean"] is None  # not evaluated here
+    assert "0.2" in format_tradeoff(pts).splitlines()[2]
+    paired = [p for p in table["paired"] if p["metric"] == "cos_image"]
+    assert [(p["a"], p["b"]) for p in paired] == [("eclipse-0.2", "projection")]
+    assert paired[0]["mean"] == pytest.approx(-0.1)
+
+
+def test_a_difference_is_claimed_only_where_its_interval_excludes_zero():
+    assert verdict([0.01, 0.2]) == "a > b" and verdict([-0.3, -0.02]) == "a < b"
+    assert verdict([-0.01, 0.2]) == "no clear difference" and verdict(None) == "no interval"

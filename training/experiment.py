@@ -1,5 +1,7 @@
 """The demo's experiment: priors of several objectives and training seeds, evaluated on held-in
-rows and on held-out compositions, summarised per objective with paired differences.
+rows and on held-out compositions, summarised per objective with paired differences, the
+eclipse λ sweep (the paper's trade-off between composition and closeness to real images), and
+the testbed figures that say whether the world could tell a good prior from a bad one.
 
 Inputs are `training.evaluate.evaluate` results (metrics.json) of the same priors on the two
 splits. Training seeds are the unit of the paired differences (eclipse seed s vs projection
@@ -8,7 +10,7 @@ seed s): the interval is a t-interval over seeds, and every seed's own figure is
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,10 +34,13 @@ def model_value(result: dict, name: str, metric: str) -> float | None:
     return model["metrics"][metric]["value"] if model else None
 
 
-def oracle_metrics(store: EmbeddingStore, shards: Sequence[str], n_boot: int = 200, seed: int = 0) -> dict:
+def oracle_metrics(store: EmbeddingStore, shards: Sequence[str], n_boot: int = 200, seed: int = 0,
+                   group: Callable[[str], str] | None = None) -> dict:
     """The oracle prediction: the mean image embedding of the *other* renders of the same caption.
 
-    Rows whose caption has no other render are left out (their count is reported).
+    `group` maps a caption to the key rows are grouped by (default: the caption itself; the demo
+    strips the template, which is drawn independently of the image). Rows whose group has no
+    other render are left out (their count is reported).
     """
     images, texts, captions = [], [], []
     for b in store.iter_batches(4096, [CAPTION, IMAGE_EMBED, TEXT_EMBED], shards=list(shards)):
@@ -45,7 +50,7 @@ def oracle_metrics(store: EmbeddingStore, shards: Sequence[str], n_boot: int = 2
     image, text = np.concatenate(images), np.concatenate(texts)
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(captions):
-        groups.setdefault(c, []).append(i)
+        groups.setdefault(group(c) if group else c, []).append(i)
     pred = np.full_like(image, np.nan)
     for rows in groups.values():
         if len(rows) > 1:
@@ -146,6 +151,39 @@ def _over_seeds(values: list[float | None]) -> dict:
     return {"mean": float(np.mean(vals)), "seeds": values, "ci_over_seeds": _t_interval(vals)}
 
 
+#: The testbed's goals (a world worth testing priors on): zero-shot accuracy of the teacher per
+#: mentioned attribute, real CLIP's matched text-image cosine, and room beyond a constant vector.
+GOALS = {"zero_shot_min": 0.9, "matched_cos": (0.2, 0.4), "gap_min": 0.10}
+
+
+def summarize_testbed(teacher: Mapping, gap: Mapping) -> dict:
+    """The testbed figures with their goals and whether each is met: `teacher` is a TeacherReport
+    dict, `gap` the `pipeline.teacher.heldout_gap` dict."""
+    zero_shot = {a: teacher[f"{a}_acc"] for a in ("color", "shape", "texture", "position")
+                 if teacher.get(f"{a}_acc") is not None}
+    lo, hi = GOALS["matched_cos"]
+    met = {f"zero_shot_{a}": v >= GOALS["zero_shot_min"] for a, v in zero_shot.items()}
+    met["matched_cos"] = lo <= teacher["matched_cos"] <= hi
+    met["gap"] = gap["gap"] >= GOALS["gap_min"]
+    return {"zero_shot": zero_shot, "matched_cos": teacher["matched_cos"], "heldout_gap": dict(gap),
+            "goals": GOALS, "met": met}
+
+
+def tradeoff(table: dict, lambdas: Mapping[str, float], split: str = "heldout",
+             metrics: Sequence[str] = ("cos_image", "caption_r1", "probe_auc")) -> list[dict]:
+    """The λ sweep as points: for each objective in `lambdas` (projection is λ = 0), the mean over
+    training seeds and the t-interval over seeds of each metric, in λ order."""
+    points = []
+    for name, lam in sorted(lambdas.items(), key=lambda kv: kv[1]):
+        by_metric = table["objectives"].get(name, {}).get(split)
+        if by_metric is None:
+            continue
+        points.append({"objective": name, "lambda": lam, "split": split,
+                       **{m: {"mean": by_metric[m]["mean"], "ci_over_seeds": by_metric[m].get("ci_over_seeds"),
+                              "seeds": by_metric[m]["seeds"]} for m in metrics}})
+    return points
+
+
 def _diff(res: dict, a: str, b: str, metric: str) -> float | None:
     va, vb = model_value(res, a, metric), model_value(res, b, metric)
     return None if va is None or vb is None else float(va - vb)
@@ -181,12 +219,80 @@ def format_table(table: dict, splits: Sequence[str] = ("heldin", "heldout")) -> 
     for p in table["paired"]:
         ci = p["ci_over_seeds"]
         ci_s = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "(one seed: no interval)"
-        lines.append(f"  {p['a']} - {p['b']:<11} {p['split']:<8} {p['metric']:<10} {p['mean']:+.3f} {ci_s}  "
-                     f"worst seed {p['worst_seed']:+.3f}")
+        lines.append(f"  {p['a']} - {p['b']:<13} {p['split']:<8} {p['metric']:<10} {p['mean']:+.3f} {ci_s}  "
+                     f"worst seed {p['worst_seed']:+.3f}  {verdict(ci)}")
     return "\n".join(lines)
 
 
-def report_section(table: dict, teacher: dict, notes: str, splits: Sequence[str] = ("heldin", "heldout")) -> str:
+def verdict(ci: Sequence[float] | None) -> str:
+    """What a paired interval lets one say: an effect only where it excludes 0."""
+    if not ci:
+        return "no interval"
+    if ci[0] > 0:
+        return "a > b"
+    if ci[1] < 0:
+        return "a < b"
+    return "no clear difference"
+
+
+def format_testbed(tb: dict) -> str:
+    """The testbed figures with their goals, one line each."""
+    g, met = tb["goals"], tb["met"]
+    gap = tb["heldout_gap"]
+    mark = {True: "goal met", False: "GOAL MISSED"}
+    lines = [f"  zero-shot {a:<9} {v:.3f}  (goal >= {g['zero_shot_min']}: {mark[met['zero_shot_' + a]]})"
+             for a, v in tb["zero_shot"].items()]
+    lo, hi = g["matched_cos"]
+    lines.append(f"  matched text-image cos {tb['matched_cos']:.3f}  (goal {lo}-{hi}: {mark[met['matched_cos']]})")
+    lines.append(f"  held-out oracle cos {gap['oracle_cos']:.3f} - text-shift cos {gap['text_shift_cos']:.3f} = "
+                 f"{gap['gap']:.3f}  (goal >= {g['gap_min']}: {mark[met['gap']]})")
+    return "\n".join(lines)
+
+
+def format_tradeoff(points: Sequence[dict], metrics: Sequence[str] = ("cos_image", "caption_r1", "probe_auc")) -> str:
+    """The λ sweep as text: mean [t-interval over seeds] per metric."""
+    lines = [f"{'λ':>6} {'objective':<16}" + "".join(f"{m:>26}" for m in metrics)]
+    for pt in points:
+        cells = []
+        for m in metrics:
+            v = pt[m]
+            cells.append(f"{_f(v['mean'])} {_ci(v['ci_over_seeds'])}".rjust(26))
+        lines.append(f"{pt['lambda']:>6g} {pt['objective']:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout") -> str:
+    """SVG charts of the λ sweep: each composition score against cosine to the real image, one point
+    per λ (mean over seeds, t-interval whiskers on both axes), the curve in λ order, and the
+    baselines and the diffusion prior as reference points."""
+    from training.report import BASELINE_COLORS, PRIOR_COLORS, svg_scatter
+
+    charts = []
+    for score, label in (("caption_r1", "caption R@1 (right composition)"),
+                         ("probe_auc", "attribute probe AUC")):
+        pts = []
+        for i, pt in enumerate(points):
+            x, y = pt["cos_image"], pt[score]
+            pts.append((f"λ={pt['lambda']:g} ({pt['objective']})", PRIOR_COLORS[i % len(PRIOR_COLORS)],
+                        (x["mean"], *(x["ci_over_seeds"] or (None, None))),
+                        (y["mean"], *(y["ci_over_seeds"] or (None, None)))))
+        swept = {pt["objective"] for pt in points}
+        for obj, by_split in table["objectives"].items():
+            if obj in swept or split not in by_split:
+                continue
+            x, y = by_split[split]["cos_image"], by_split[split][score]
+            pts.append((obj, PRIOR_COLORS[len(pts) % len(PRIOR_COLORS)], (x["mean"], *(x.get("ci_over_seeds") or
+                        (None, None))), (y["mean"], *(y.get("ci_over_seeds") or (None, None)))))
+        for j, base in enumerate(("TextEmb", "text-shift", "ridge")):
+            v = table["baselines"].get(base, {}).get(split, {})
+            pts.append((base, BASELINE_COLORS[j], (v.get("cos_image"), None, None), (v.get(score), None, None)))
+        charts.append(svg_scatter(f"{split}: {label} vs cosine to the real image", pts, "cosine to the real image",
+                                  label, curve=[f"λ={pt['lambda']:g} ({pt['objective']})" for pt in points]))
+    return "".join(charts)
+
+
+def report_section(table: dict, teacher: dict, notes: str, splits: Sequence[str] = ("heldin", "heldout"),
+                   testbed_figures: dict | None = None, points: Sequence[dict] = ()) -> str:
     """The experiment's HTML section (goes on top of the held-out evaluation report)."""
     esc = html.escape
     head = "".join(f"<th>{esc(s)}<br>{esc(m)}</th>" for s in splits for m in HEADLINE)
@@ -200,18 +306,28 @@ def report_section(table: dict, teacher: dict, notes: str, splits: Sequence[str]
     paired = "".join(
         f"<tr><td>{esc(p['a'])} − {esc(p['b'])}</td><td>{esc(p['split'])}</td><td>{esc(p['metric'])}</td>"
         f"<td>{_f(p['mean'], True)}</td><td>{_ci(p['ci_over_seeds'])}</td><td>{_f(p['worst_seed'], True)}</td>"
-        f"<td>{', '.join(_f(v, True) for v in p['per_seed'])}</td></tr>" for p in table["paired"])
+        f"<td>{', '.join(_f(v, True) for v in p['per_seed'])}</td><td>{esc(verdict(p['ci_over_seeds']))}</td></tr>"
+        for p in table["paired"])
     t = teacher
     teacher_rows = "".join(f"<tr><td>{esc(k)}</td><td>{_f(v) if isinstance(v, float) else esc(str(v))}</td></tr>"
                            for k, v in t.items() if v is not None and k != "path")
+    testbed_html = ""
+    if testbed_figures:
+        testbed_html = f"<h2>Testbed figures</h2><pre>{esc(format_testbed(testbed_figures))}</pre>"
+    sweep_html = ""
+    if points:
+        sweep_html = ("<h2>The λ trade-off (held-out compositions)</h2>"
+                      "<p>The paper: too small a λ does not distil the composition, too large a λ pulls the "
+                      "prediction to the text side of the modality gap. Intervals: t over training seeds.</p>"
+                      + tradeoff_charts(points, table) + f"<pre>{esc(format_tradeoff(points))}</pre>")
     return (
         "<h1>Demo: the ECLIPSE experiment on a synthetic compositional world</h1>"
-        f"<p>{notes}</p>"
+        f"<p>{notes}</p>{testbed_html}{sweep_html}"
         "<h2>Results per objective (mean over training seeds) and baselines</h2>"
         f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
         "<h2>Paired differences (same training seed)</h2>"
         "<table><tr><th>a − b</th><th>split</th><th>metric</th><th>mean</th><th>95 % CI over seeds</th>"
-        f"<th>worst seed</th><th>per seed</th></tr>{paired}</table>"
+        f"<th>worst seed</th><th>per seed</th><th>reading</th></tr>{paired}</table>"
         f"<h2>Teacher CLIP</h2><table>{teacher_rows}</table><hr>"
     )
 
