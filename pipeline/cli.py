@@ -182,7 +182,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="local decoder folder (default: the decoder's hub id from the Hugging Face cache)")
     p.add_argument("--out", default=None, help="output PNG (default: PROMPT-seedN.png)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="decoder steps (default: 50 Kandinsky, 25 Karlo)")
+    p.add_argument("--steps", "--decoder-steps", dest="steps", type=int, default=None,
+                   help="decoder denoising steps (default: 50 DDIM for Kandinsky 2.2, 25 for Karlo's 64 px decoder)")
+    p.add_argument("--super-res-steps", dest="super_res_steps", type=int, default=None,
+                   help="Karlo only: steps of its 64->256 px super-resolution stage (default 7)")
     p.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=None, help="default 7.5")
     p.add_argument("--negative-prompt", dest="negative_prompt", default=None, help="Kandinsky only")
     p.add_argument("--encoder", default=None, help="the prior's text encoder (default: recorded in the run folder)")

@@ -176,3 +176,62 @@ def test_cli_entry(parts, tmp_path, monkeypatch, capsys):
     written = capsys.readouterr().out.strip()
     assert written == "a-red-car-and-a-blue-bench-seed0.png"
     assert Image.open(tmp_path / written).size == (64, 64)
+
+
+def _count_calls(*modules):
+    """Forward calls per module, counted by hooks; returns (counts, hook handles)."""
+    counts = [0] * len(modules)
+
+    def hook_for(i):
+        def hook(*_):
+            counts[i] += 1
+        return hook
+
+    return counts, [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+
+
+def test_decoder_steps_reach_each_stage(parts):
+    """steps drives the decoder's denoising loop; Karlo's super_res_steps drives its super-resolution loop
+    (all but the last step in super_res_first, the last in super_res_last, as UnCLIPPipeline does)."""
+    emb = torch.randn(1, DIM, generator=torch.Generator().manual_seed(0))
+    kand = Decoder.load("kandinsky22", parts["kandinsky22"], "cpu")
+    assert type(kand.pipe.scheduler).__name__ == "DDIMScheduler"  # the paper's DDIM decoder sampling
+    counts, hooks = _count_calls(kand.pipe.unet)
+    kand.decode(emb, negative_image_embeds=torch.zeros(1, DIM), steps=3, height=64, width=64)
+    assert counts == [3]  # one batched (conditional + unconditional) UNet call per step
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="super-resolution steps are Karlo's"):
+        kand.decode(emb, negative_image_embeds=torch.zeros(1, DIM), steps=3, super_res_steps=2)
+
+    karlo = Decoder.load("karlo", parts["karlo"], "cpu")
+    assert {type(karlo.pipe.decoder_scheduler).__name__, type(karlo.pipe.super_res_scheduler).__name__} == {
+        "UnCLIPScheduler"}
+    counts, hooks = _count_calls(karlo.pipe.decoder, karlo.pipe.super_res_first, karlo.pipe.super_res_last)
+    karlo.decode(emb, [PROMPT], steps=3, super_res_steps=4)
+    assert counts == [3, 3, 1]
+    karlo.decode(emb, [PROMPT])  # the defaults: 25 decoder and 7 super-resolution steps
+    assert counts == [3 + 25, 3 + 6, 1 + 1]
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        karlo.decode(emb, [PROMPT], steps=3, super_res_steps=1)
+
+
+def test_cli_exposes_decoder_and_super_resolution_steps(parts, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "karlo.png"
+    argv = ["generate", PROMPT, "--prior", str(parts["prior"]), "--decoder", "karlo", "--decoder-path",
+            str(parts["karlo"]), "--decoder-steps", "2", "--super-res-steps", "3", "--encoder", str(parts["encoder"]),
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(got, np.asarray(_gen(parts, "karlo", super_res_steps=3)))  # _gen: steps=2
+    assert not np.array_equal(got, np.asarray(_gen(parts, "karlo", super_res_steps=2)))
+    capsys.readouterr()
+    # Kandinsky has no super-resolution stage: refused before any weights load (this folder does not exist).
+    argv = ["generate", PROMPT, "--prior", str(parts["prior"]), "--decoder", "kandinsky22", "--decoder-path",
+            str(tmp_path / "no-such-decoder"), "--super-res-steps", "3", "--device", "cpu"]
+    assert main(argv) == 1
+    assert "super-resolution steps are Karlo's" in capsys.readouterr().err

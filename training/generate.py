@@ -333,7 +333,7 @@ class Decoder:
         input); negative_image_embeds are Kandinsky's guidance negative; height/width: Kandinsky only
         (Karlo's sizes are fixed by its UNets); super_res_steps: Karlo only."""
         d = DECODER_DEFAULTS[self.kind]
-        steps = steps or d["steps"]
+        steps, sr_steps = decoder_steps(self.kind, steps, super_res_steps)
         guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
         gen = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same images on any device
         dt = self.pipe.dtype
@@ -345,13 +345,28 @@ class Decoder:
             return self.pipe(image_embeds=emb, negative_image_embeds=neg, height=height or d["height"],
                              width=width or d["width"], num_inference_steps=steps, guidance_scale=guidance_scale,
                              generator=gen).images
-        sr_steps = super_res_steps or d["super_res_steps"]
-        if min(steps, sr_steps) < 2:  # UnCLIPScheduler spaces its steps by (T - 1) / (steps - 1)
-            raise ValueError(f"Karlo's UnCLIPScheduler needs at least 2 steps (got {steps} decoder, {sr_steps} "
-                             f"super-resolution)")
         if prompts is None or len(prompts) != emb.shape[0]:
             raise ValueError("the Karlo decoder needs one prompt per image embedding (its decoder reads the text)")
         return _karlo_decode(self.pipe, list(prompts), emb, gen, steps, sr_steps, guidance_scale)
+
+
+def decoder_steps(kind: str, steps: int | None, super_res_steps: int | None) -> tuple[int, int | None]:
+    """(decoder steps, super-resolution steps) with DECODER_DEFAULTS filled in; refuses options the
+    decoder does not have, before any weights are loaded."""
+    d = DECODER_DEFAULTS[kind]
+    steps = d["steps"] if steps is None else int(steps)
+    if kind == "kandinsky22":
+        if super_res_steps is not None:
+            raise ValueError("super-resolution steps are Karlo's (its 64->256 px stage); the Kandinsky 2.2 decoder "
+                             "has one denoising stage, set by --steps")
+        if steps < 1:
+            raise ValueError(f"decoder steps must be at least 1, got {steps}")
+        return steps, None
+    sr_steps = d["super_res_steps"] if super_res_steps is None else int(super_res_steps)
+    if min(steps, sr_steps) < 2:  # UnCLIPScheduler spaces its steps by (T - 1) / (steps - 1)
+        raise ValueError(f"Karlo's UnCLIPScheduler needs at least 2 steps (got {steps} decoder, {sr_steps} "
+                         f"super-resolution)")
+    return steps, sr_steps
 
 
 def _load_karlo(ref: str, dtype: torch.dtype, local_files_only: bool):
@@ -478,6 +493,8 @@ def generate(
     steps/guidance_scale: decoder sampling (defaults: DECODER_DEFAULTS); height/width: Kandinsky only;
     super_res_steps: Karlo only.
     """
+    if decoder in DECODERS:
+        decoder_steps(decoder, steps, super_res_steps)  # fail fast on options, before any weights load
     dec = Decoder.load(decoder, decoder_path, device, local_files_only=local_files_only)  # fail fast on weights
     handle = open_prior(prior_dir, device)
     dec.check_prior(handle)
@@ -522,11 +539,12 @@ def generate_main(
     height: int | None = None,
     width: int | None = None,
     device: str | None = None,
+    super_res_steps: int | None = None,
 ) -> int:
     """`eclipse-prior generate "PROMPT" --prior DIR --decoder kandinsky22|karlo [--out F]`."""
     out = out or f"{slug(prompt)}-seed{seed}.png"
     generate(prompt, prior, decoder, decoder_path, out, seed, steps, guidance_scale, negative_prompt, encoder,
-             height, width, device=device)
+             height, width, device=device, super_res_steps=super_res_steps)
     print(out)
     return 0
 
