@@ -23,6 +23,8 @@ class DownloadParams(_Params):
     overwrite: bool = Field(False, description="start the download over instead of resuming it")
     metadata_dir: str | None = Field(None, description="a preset's files downloaded by hand (names matching the "
                                      "preset's glob, e.g. *.parquet or cc3m-train-*.tar): used instead of fetching")
+    max_error_rate: float = Field(0.5, ge=0, le=1,
+                                  description="fail the stage when more than this fraction of the urls is missing")
 
 
 class EncodeParams(_Params):
@@ -46,6 +48,7 @@ class TrainParams(_Params):
     embedding_dim: int | None = Field(None, gt=0, description="override the preset's D (tiny priors)")
     text_length: int | None = Field(None, gt=0, description="override the 77 text positions (short contexts)")
     heldout_fraction: float = Field(0.01, ge=0, lt=1)
+    eclipse_lambda: float = Field(0.2, ge=0, description="weight of eclipse's contrastive term (the paper's 0.2)")
     ema_decay: float = Field(0.0, ge=0, lt=1)
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -68,13 +68,15 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata-dir", default=None,
                    help="a preset's files downloaded by hand (any names matching the preset's glob, e.g. *.parquet "
                    "or cc3m-train-*.tar; subfolders too): used instead of fetching them")
+    p.add_argument("--max-error-rate", type=float, default=0.5,
+                   help="fail when more than this fraction of the urls could not be fetched (default 0.5)")
 
 
 def _download_config(args: argparse.Namespace):
     from pipeline.download import DownloadConfig
 
     kw = dict(image_size=args.image_size, resize_mode=args.resize_mode, thread_count=args.threads,
-              number_sample_per_shard=args.shard_size, timeout=args.timeout,
+              number_sample_per_shard=args.shard_size, timeout=args.timeout, max_error_rate=args.max_error_rate,
               incremental_mode="overwrite" if args.overwrite else "incremental")
     if args.processes:
         kw["processes_count"] = args.processes

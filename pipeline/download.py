@@ -56,6 +56,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.errors import PermanentError
 from pipeline.sources import prepare_url_list, read_url_list_report, resolve_source, source_spec
 
 # albumentations (imported by img2dataset) checks PyPI for updates at import time: a
@@ -73,8 +74,23 @@ OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits (00000.ta
 _STATS_RE = re.compile(r"^(\d+)_stats\.json$")
 
 
-class DownloadError(RuntimeError):
-    """A download that cannot start or finish as asked; the message says why and what to do."""
+class DownloadError(PermanentError, RuntimeError):
+    """A download that cannot start or finish as asked; the message says why and what to do.
+
+    Permanent: each cause (wrong or changed url list, every url failed, too many failed)
+    needs a person to look; retrying the same call at once would fail the same way.
+    """
+
+
+class DownloadFailed(DownloadError):
+    """The download ran but failed as a whole: no url succeeded, or more failed than allowed.
+
+    ``summary`` is the run's :class:`DownloadSummary` (per-reason failure counts included).
+    """
+
+    def __init__(self, message: str, summary: DownloadSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -101,6 +117,10 @@ class DownloadConfig:
     extract_exif: bool = False  # EXIF is large and unused downstream
     compute_hash: str | None = "sha256"
     error_rate_warning: float = 0.2  # logging.warning when the error rate exceeds this
+    # The stage fails (DownloadFailed) when more than this fraction of the unique urls is still
+    # missing after the run: LAION-sized lists lose 10-30 % to dead links, so 0.5 means
+    # "something is wrong with the network or the list", not "the web rotted".
+    max_error_rate: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)  # other img2dataset.download kwargs
 
     def __post_init__(self) -> None:
@@ -108,8 +128,8 @@ class DownloadConfig:
             raise ValueError(f"incremental_mode must be 'incremental' or 'overwrite', not {self.incremental_mode!r}")
         if self.image_size <= 0 or self.number_sample_per_shard <= 0:
             raise ValueError("image_size and number_sample_per_shard must be positive")
-        if not 0.0 <= self.error_rate_warning <= 1.0:
-            raise ValueError("error_rate_warning is a fraction in [0, 1]")
+        if not 0.0 <= self.error_rate_warning <= 1.0 or not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError("error_rate_warning and max_error_rate are fractions in [0, 1]")
 
 
 @dataclass
@@ -144,6 +164,9 @@ class DownloadSummary:
     incomplete_shards: list[int]  # shard files without a _stats.json (killed mid-shard)
     missing_shards: list[int]  # shards of the url list not written at all yet
     new_shards: list[int] = field(default_factory=list)  # completed by the last run
+    # The last run's shards when none of its urls succeeded: their files were removed instead of
+    # being marked complete with 0 rows, so rerunning the same download fetches them again.
+    unmarked_shards: list[int] = field(default_factory=list)
     run_seconds: float | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -335,7 +358,8 @@ def _run_img2dataset(kwargs: dict[str, Any]) -> None:
     proc.start()
     proc.join()
     if proc.exitcode != 0:
-        raise DownloadError(f"img2dataset child process exited with status {proc.exitcode}")
+        # Not a DownloadError: a killed child (OOM, signal) may well succeed when run again.
+        raise RuntimeError(f"img2dataset child process exited with status {proc.exitcode}; rerun to resume")
 
 
 # ---------------------------------------------------------------------------- summary
@@ -415,7 +439,8 @@ def summarize(out_dir: str | os.PathLike[str], *, expected_shards: int | None = 
 
 def format_summary(summary: DownloadSummary, max_rows: int = 20) -> str:
     """A human table: the last run's shards (or all), totals, and failure reasons."""
-    rows = [s for s in summary.shards if s.shard_id in set(summary.new_shards)] or summary.shards
+    last = set(summary.new_shards) | set(summary.unmarked_shards)
+    rows = [s for s in summary.shards if s.shard_id in last] or summary.shards
     lines = [f"download summary for {summary.out_dir}",
              f"{'shard':>7} {'urls':>7} {'ok':>7} {'failed_dl':>9} {'failed_rs':>9}  top reason"]
     for s in rows[:max_rows]:
@@ -438,14 +463,68 @@ def format_summary(summary: DownloadSummary, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _finish(out: Path, before: set[int], t0: float, config: DownloadConfig) -> DownloadSummary:
+def _reasons_text(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in reasons.items()) or "none recorded"
+
+
+def _unmark_failed_run(out: Path, summary: DownloadSummary) -> None:
+    """When no url of the last run succeeded, remove its shards instead of keeping them as complete.
+
+    img2dataset writes a ``_stats.json`` (the completion mark) even when every url of a shard
+    failed; kept, a run without network would make every rerun skip those rows for good. A run
+    that fetched anything keeps its shards (a shard of dead links is complete; its urls stay
+    in the summary for :func:`retry_failed`). The failures stay counted in this run's summary.
+    """
+    new = [s for s in summary.shards if s.shard_id in set(summary.new_shards)]
+    if not new or sum(s.count for s in new) == 0 or any(s.successes for s in new):
+        return
+    for s in new:
+        name = _shard_name(s.shard_id)
+        (out / f"{name}_stats.json").unlink(missing_ok=True)  # the mark first: a crash here leaves a partial shard
+        for ext in (".tar", ".parquet"):
+            (out / f"{name}{ext}").unlink(missing_ok=True)
+    summary.unmarked_shards, summary.new_shards = summary.new_shards, []
+    summary.warnings.append(f"no url of this run succeeded: its {len(new)} shard(s) were not marked complete, "
+                            "so rerunning the same download retries them")
+
+
+def check_summary(summary: DownloadSummary, config: DownloadConfig) -> None:
+    """Raise :class:`DownloadFailed` when no url of the last run succeeded or too many urls are missing."""
+    where = f"download into {summary.out_dir}"
+    reasons = f"failed by reason: {_reasons_text(summary.failure_reasons)}"
+    if summary.unmarked_shards:
+        attempts = sum(s.count for s in summary.shards if s.shard_id in set(summary.unmarked_shards))
+        raise DownloadFailed(
+            f"{where}: all {attempts} url(s) of this run failed ({reasons}). No shard was marked complete, so "
+            f"rerunning the same download retries them. dns_error/connection_error/timeout everywhere usually "
+            f"means no network (or the image host is down); http_403/http_404 means the links are dead.",
+            summary,
+        )
+    if summary.effective_error_rate > config.max_error_rate:
+        raise DownloadFailed(
+            f"{where}: {summary.unresolved_failures} of {summary.unique_urls} urls "
+            f"({summary.effective_error_rate:.1%}) failed, above the maximum error rate "
+            f"{config.max_error_rate:.0%} (still missing by reason: {_reasons_text(summary.unresolved_reasons)}). "
+            f"Details in {Path(summary.out_dir) / SUMMARY_PATH}. Retry the failed urls (`eclipse-prior download "
+            f"--retry-failed`, flow parameter download.retry_failed), or accept these losses with a higher "
+            f"--max-error-rate (flow parameter download.max_error_rate).",
+            summary,
+        )
+
+
+def _finish(out: Path, before: set[int], t0: float, config: DownloadConfig, check: bool,
+            retry: bool = False) -> DownloadSummary:
     summary = summarize(out, error_rate_warning=config.error_rate_warning)
     summary.new_shards = [s.shard_id for s in summary.shards if s.shard_id not in before]
+    if not retry:  # a retry of dead links failing again is expected; the error-rate check judges it
+        _unmark_failed_run(out, summary)
     summary.run_seconds = round(time.monotonic() - t0, 3)
     _atomic_write_text(out / SUMMARY_PATH, summary.to_json())
     print(format_summary(summary))
     for w in summary.warnings:
         log.warning("%s: %s", out, w)
+    if check:
+        check_summary(summary, config)
     return summary
 
 
@@ -453,12 +532,15 @@ def _finish(out: Path, before: set[int], t0: float, config: DownloadConfig) -> D
 
 
 def download(url_list: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-             config: DownloadConfig | None = None) -> DownloadSummary:
+             config: DownloadConfig | None = None, *, check: bool = True) -> DownloadSummary:
     """Download a prepared url list (Parquet: url, caption, extras) into webdataset shards.
 
     Resumable: rerunning with the same list skips complete shards. Refuses to mix a
     different url list or shard size into an existing out_dir (shard ids would no
-    longer mean the same rows) unless ``incremental_mode="overwrite"``.
+    longer mean the same rows) unless ``incremental_mode="overwrite"``. A shard in which
+    no url succeeded is not kept as complete (a rerun fetches it again). With ``check``,
+    raises :class:`DownloadFailed` (after writing the summary) when no url of this run
+    succeeded or more than ``config.max_error_rate`` of the urls are missing.
     """
     config = config or DownloadConfig()
     t0 = time.monotonic()
@@ -500,11 +582,11 @@ def download(url_list: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     log.info("download %s -> %s: %d rows, %d shards, %d to do", url_list, out, rows, state["primary_shards"],
              len(todo))
     _run_img2dataset(_img2dataset_kwargs(url_list, out, config, extras, "incremental"))
-    return _finish(out, before, t0, config)
+    return _finish(out, before, t0, config, check)
 
 
 def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None = None, *,
-                 reasons: set[str] | None = None) -> DownloadSummary:
+                 reasons: set[str] | None = None, check: bool = True) -> DownloadSummary:
     """Download again the urls that failed (and never succeeded) in out_dir, as new shards.
 
     The failed rows are read back from the per-shard parquets (url, caption and the
@@ -515,6 +597,7 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
     see :func:`failure_category`). Running it again after an interrupted retry
     re-feeds whatever is still failed. Requires the main download to be complete,
     because an extend run would otherwise take shard ids the main list still needs.
+    ``check`` as in :func:`download`.
     """
     config = config or DownloadConfig()
     t0 = time.monotonic()
@@ -548,7 +631,7 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
         failed = failed[[c in reasons for c in cats]]
     if failed.empty:
         log.info("%s: no failed urls to retry", out)
-        return _finish(out, before, t0, config)
+        return _finish(out, before, t0, config, check, retry=True)
     # Half-written shards (no stats) can only come from a killed earlier retry here, since the
     # main list is complete; delete them so they are not mistaken for data.
     for sid in _partial_shard_ids(out, before):
@@ -569,7 +652,7 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
     _save_state(out, state)
     kwargs = _img2dataset_kwargs(retry_list, out, config, [c for c in extras if c in failed.columns], "extend")
     _run_img2dataset(kwargs)
-    return _finish(out, before, t0, config)
+    return _finish(out, before, t0, config, check, retry=True)
 
 
 def _download_webdataset(source: Any, out: Path, cfg: DownloadConfig) -> DownloadSummary:
@@ -579,7 +662,7 @@ def _download_webdataset(source: Any, out: Path, cfg: DownloadConfig) -> Downloa
     t0 = time.monotonic()
     before = set() if cfg.incremental_mode == "overwrite" else set(completed_shard_ids(out))
     materialize_webdataset(source, out, cfg.incremental_mode)
-    return _finish(out.resolve(), before, t0, cfg)
+    return _finish(out.resolve(), before, t0, cfg, check=True)
 
 
 def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
@@ -592,6 +675,7 @@ def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.
     ``metadata_dir``, ``url_col``, ...). The prepared list lives in ``out_dir/_pipeline/url_list.parquet``
     and is reused on a rerun when the source (and its files' size/mtime) did not change, so resuming
     a LAION-sized job does not re-scan its metadata. ``retry=True`` runs :func:`retry_failed` after.
+    Raises :class:`DownloadFailed` as :func:`download` does (``max_error_rate``).
     """
     valid = {f.name for f in dataclasses.fields(DownloadConfig)}
     unknown = set(config) - valid
@@ -621,7 +705,10 @@ def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.
                 "incremental_mode='overwrite'"
             )
         os.replace(candidate, prepared)
-    summary = download(prepared, out, cfg)
-    if retry and summary.unresolved_failures:
-        summary = retry_failed(out, cfg)
+    # With retry, the error-rate check waits for the retry: it judges what is still missing after it.
+    summary = download(prepared, out, cfg, check=not retry)
+    if retry and summary.unresolved_failures and not summary.unmarked_shards:
+        return retry_failed(out, cfg)
+    if retry:
+        check_summary(summary, cfg)
     return summary

@@ -3,29 +3,38 @@
 import io
 import json
 import logging
+import os
+import select
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
 
+import imageserver
 import pandas as pd
 import pytest
-from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
+from imageserver import ImageServer, image_server, port_is_closed  # noqa: F401 - the fixture is used by name
 from PIL import Image
 
+from pipeline.cli import main as cli_main
 from pipeline.download import (
     STATE_PATH,
     SUMMARY_PATH,
     URL_LIST_PATH,
     DownloadConfig,
     DownloadError,
+    DownloadFailed,
+    completed_shard_ids,
     completed_shards,
     download,
     download_main,
     failure_category,
     retry_failed,
 )
+from pipeline.errors import is_permanent
 from pipeline.sources import read_url_list_report
 
 SLOW_S = 5  # the /slow url sleeps this long ...
@@ -80,7 +89,8 @@ def first_run(image_server: ImageServer, tmp_path_factory):  # noqa: F811 - fixt
         summary = download_main(csv, out, **CFG)
     finally:
         logging.getLogger("pipeline.download").removeHandler(records)
-    return {"out": out, "csv": csv, "good": good, "bad": bad, "summary": summary, "warnings": records.messages}
+    return {"out": out, "csv": csv, "good": good, "bad": bad, "summary": summary, "warnings": records.messages,
+            "bad_reasons": {r: 1 for r in bad.values()}}
 
 
 @pytest.mark.slow
@@ -190,9 +200,11 @@ def test_config_defaults_and_validation():
     cfg = DownloadConfig()
     assert (cfg.image_size, cfg.encode_format, cfg.output_format, cfg.incremental_mode) == (
         256, "jpg", "webdataset", "incremental")
-    assert cfg.error_rate_warning == 0.2
+    assert cfg.error_rate_warning == 0.2 and cfg.max_error_rate == 0.5
     with pytest.raises(ValueError):
         DownloadConfig(incremental_mode="extend")
+    with pytest.raises(ValueError, match="max_error_rate"):
+        DownloadConfig(max_error_rate=1.5)
     with pytest.raises(TypeError, match="unknown download option"):
         download_main("x.csv", "out", colour="red")
 
@@ -209,3 +221,61 @@ def test_config_defaults_and_validation():
 ])
 def test_failure_categories(status, message, category):
     assert failure_category(status, message) == category
+
+
+def _start_image_server_on(port: int) -> subprocess.Popen:
+    """The test image server on a given port (ImageServer picks a free one; this test needs the same urls)."""
+    proc = subprocess.Popen([sys.executable, imageserver.__file__, "--port", str(port)], stdout=subprocess.PIPE,
+                            text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != f"PORT {port}":
+        os.kill(proc.pid, signal.SIGKILL)
+        pytest.fail(f"image server did not start on port {port}: {line!r}")
+    return proc
+
+
+@pytest.mark.slow
+def test_a_download_where_every_url_failed_exits_nonzero_and_is_retried(image_server, tmp_path, capsys):  # noqa: F811
+    # Nothing listens on the port yet: every url fails like it does on a machine without network.
+    port = port_is_closed()
+    csv = tmp_path / "pairs.csv"
+    pd.DataFrame({"url": [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(6)],
+                  "caption": [f"offline {i}" for i in range(6)]}).to_csv(csv, index=False)
+    out = tmp_path / "shards"
+    args = ["download", str(csv), "--out", str(out), "--processes", "1", "--threads", "4", "--shard-size", "4",
+            "--timeout", "2", "--image-size", "32"]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "all 6 url(s) of this run failed" in err and "connection_error=6" in err, err
+    assert completed_shard_ids(out) == []  # img2dataset wrote two stats files; neither is kept as complete
+    assert not list(out.glob("*.tar"))
+    on_disk = json.loads((out / SUMMARY_PATH).read_text())
+    assert on_disk["unmarked_shards"] == [0, 1] and on_disk["failure_reasons"] == {"connection_error": 6}
+
+    server = _start_image_server_on(port)  # the "network" is back: the same command fetches both shards
+    try:
+        summary = download_main(csv, out, **CFG)
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+        server.stdout.close()
+    assert summary.successes == 6 and summary.new_shards == [0, 1] and completed_shard_ids(out) == [0, 1]
+
+
+@pytest.mark.slow
+def test_error_rate_above_the_threshold_fails_with_the_reasons(first_run):
+    out = first_run["out"]  # 4 of its 10 urls failed: below the 0.5 default, above 0.3
+    with pytest.raises(DownloadFailed, match=r"4 of 10 urls \(40.0%\) failed, above the maximum error rate 30%") as e:
+        download_main(first_run["csv"], out, **{**CFG, "max_error_rate": 0.3})
+    assert all(f"{reason}=1" in str(e.value) for reason in first_run["bad_reasons"])  # per-reason counts
+    assert e.value.summary.unresolved_reasons == first_run["bad_reasons"]
+    assert len(completed_shards(out)) == 3  # the shards stay complete: the stage fails, the data is kept
+
+
+def test_download_failures_are_permanent_and_a_crash_is_not():
+    from pipeline.download import DownloadSummary, summarize
+
+    empty: DownloadSummary = summarize("/nonexistent")
+    assert is_permanent(DownloadFailed("all failed", empty)) and is_permanent(DownloadError("other list"))
+    assert not is_permanent(RuntimeError("img2dataset child process exited with status -9"))
