@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from storage_schema import StoreWriter, build_table
+from storage_schema import CAPTION_SEP, StoreWriter, build_table
 from storage_schema.writer import read_manifest
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class EncodeConfig:
     prefetch_batches: int = 2  # bounded queue between decoding and the model
     torch_threads: int | None = None  # intra-op threads of the model on CPU (None: torch's default)
     # A sample whose KEY.json lists more captions (`alt_captions`, e.g. MS-COCO's five per image) gives
-    # one pair per caption, keyed KEY_1, KEY_2, ... after KEY itself; False keeps the first caption only.
+    # one pair per caption, keyed KEY#1, KEY#2, ... after KEY itself (see storage_schema.image_key: held-out
+    # splits keep all of an image's rows on one side); False keeps the first caption only.
     alt_captions: bool = True
 
 
@@ -71,7 +72,7 @@ def image_shards(image_dir: str | Path) -> list[Path]:
 def iter_webdataset(tar_path: Path, alt_captions: bool = False) -> Iterator[Sample]:
     """Samples of one webdataset tar: KEY.jpg + KEY.txt (+ KEY.json), as img2dataset or a hub copy writes them.
 
-    ``alt_captions``: also yield KEY_1, KEY_2, ... for the extra captions listed in KEY.json.
+    ``alt_captions``: also yield KEY#1, KEY#2, ... for the extra captions listed in KEY.json.
     """
     import json
 
@@ -93,7 +94,7 @@ def iter_webdataset(tar_path: Path, alt_captions: bool = False) -> Iterator[Samp
         url = meta.get("url")
         extra = (meta.get("alt_captions") or []) if alt_captions else []
         return [Sample(current_key, caption, image, url)] + [
-            Sample(f"{current_key}_{i}", str(c), image, url) for i, c in enumerate(extra, start=1)
+            Sample(f"{current_key}{CAPTION_SEP}{i}", str(c), image, url) for i, c in enumerate(extra, start=1)
         ]
 
     with tarfile.open(tar_path) as tar:

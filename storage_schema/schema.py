@@ -16,6 +16,14 @@ MANIFEST_NAME = "_manifest.json"  # leading "_": pyarrow/pandas skip it when rea
 
 # The columns every shard has, in order. Embedding columns hold raw fp16 values.
 KEY, CAPTION, URL = "key", "caption", "url"
+# Rows that share one image (e.g. MS-COCO's five captions) have keys IMAGEKEY#1, IMAGEKEY#2, ...:
+# the part before "#" names the image, and held-out splits keep such rows on one side.
+CAPTION_SEP = "#"
+
+
+def image_key(key: str) -> str:
+    """The key of the image a row was encoded from (the row key up to CAPTION_SEP)."""
+    return key.split(CAPTION_SEP, 1)[0]
 IMAGE_EMBED, TEXT_EMBED = "image_embed", "text_embed"
 TEXT_HIDDEN, TEXT_LEN, TRUNCATED = "text_hidden", "text_len", "truncated"
 COLUMNS = (KEY, CAPTION, URL, IMAGE_EMBED, TEXT_EMBED, TEXT_HIDDEN, TEXT_LEN, TRUNCATED)

@@ -52,6 +52,14 @@ def test_batches_wrap_the_readers_arrays_without_copying(store):
     assert batch.text_hidden.data_ptr() == raw["text_hidden"].ctypes.data
 
 
+def test_rows_of_one_image_fall_on_one_side_of_the_split():
+    images = [f"{i:09d}" for i in range(2000)]
+    rows = [f"{k}#{c}" if c else k for k in images for c in range(5)]  # MS-COCO: five captions per image
+    mask = is_heldout(rows, 0.3, seed=0).reshape(len(images), 5)
+    assert mask.any() and (mask.all(axis=1) | ~mask.any(axis=1)).all()
+    assert np.array_equal(mask[:, 0], is_heldout(images, 0.3, seed=0))
+
+
 def test_heldout_rows_are_never_in_training_batches(store):
     train = StoreLoader(store, 16, heldout_fraction=0.2, heldout_seed=3, infinite=False, drop_last=False)
     held = StoreLoader(store, 16, split="heldout", heldout_fraction=0.2, heldout_seed=3, shuffle=False,

@@ -448,6 +448,6 @@ def test_mscoco_every_caption_becomes_a_pair(tmp_path):
     caps = {}
     for b in EmbeddingStore(tmp_path / "all").iter_batches(64, pad_to=None):
         caps.update(zip(b["key"], b["caption"], strict=True))
-    assert caps["000000000"] == "caption 0 of 0" and caps["000000000_4"] == "caption 4 of 0"
+    assert caps["000000000"] == "caption 0 of 0" and caps["000000000#4"] == "caption 4 of 0"
     assert sorted(caps.values()) == sorted(f"caption {c} of {i}" for i in range(2) for c in range(5))
     assert encode_shard(tar, tmp_path / "first", EncodeConfig(encoder="tiny-clip", alt_captions=False)).rows == 2
