@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -365,17 +366,21 @@ def _run_offline(hf_home: Path, script: str) -> str:
     return proc.stdout
 
 
-def _joint_image(clip: CLIPModel):
-    """image_embeds from a joint model's own vision transformer and projection (an independent reference)."""
-    return lambda pixels: clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+class _JointTowers:
+    """The two towers of a joint CLIPModel, called like CLIP{Vision,Text}ModelWithProjection: an
+    independent reference built from the in-memory model, not from any loading path."""
 
+    def __init__(self, clip: CLIPModel) -> None:
+        self.clip = clip
 
-def _joint_text(clip: CLIPModel):
-    """(text_embeds, last_hidden_state) from a joint model's own text transformer and projection."""
-    def forward(ids):
-        out = clip.text_model(input_ids=ids)
-        return clip.text_projection(out.pooler_output), out.last_hidden_state
-    return forward
+    def vision(self, pixel_values: torch.Tensor) -> types.SimpleNamespace:
+        out = self.clip.vision_model(pixel_values=pixel_values)
+        return types.SimpleNamespace(image_embeds=self.clip.visual_projection(out.pooler_output))
+
+    def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> types.SimpleNamespace:
+        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return types.SimpleNamespace(text_embeds=self.clip.text_projection(out.pooler_output),
+                                     last_hidden_state=out.last_hidden_state)
 
 
 def test_hub_presets_load_from_a_populated_cache_offline(tmp_path: Path) -> None:
@@ -391,7 +396,13 @@ def test_hub_presets_load_from_a_populated_cache_offline(tmp_path: Path) -> None
     _hub_snapshot(hf_home, "kandinsky-community/kandinsky-2-2-prior", "a" * 40, src / "prior")
     # ... text tower + tokenizer from LAION's joint repo, its config shaped like the real one.
     laion_clip = _laion_shaped_repo(src / "laion", text_cfg, vision_cfg, tok, dim=24)
+    processor.save_pretrained(src / "laion")
     _hub_snapshot(hf_home, "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "b" * 40, src / "laion")
+    # The same repo as an encoder folder: its vision tower has the same quirk (the case of transformers#25622).
+    laion_dir = load_encoder(src / "laion", device="cpu")
+    assert (laion_dir.info.image_dim, laion_dir.info.text_dim) == (24, 24)
+    laion = _JointTowers(laion_clip)
+    _check_against_hf(laion_dir, laion.vision, laion.text, tok, processor)
     # karlo: image tower + processor from openai's flat repo (which also holds a text tower, not used) ...
     text_cfg, vision_cfg, tok, processor = _tiny_hf_parts(image_size=32, hidden=32, dim=16, seed=5)
     openai_clip = CLIPModel(CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(),
@@ -424,20 +435,16 @@ def test_hub_presets_load_from_a_populated_cache_offline(tmp_path: Path) -> None
     img = Image.fromarray(np.arange(40 * 50 * 3, dtype=np.uint8).reshape(40, 50, 3))
     pixels = processor(images=[img], return_tensors="pt")["pixel_values"]  # both repos: the same tiny processor
     ids = tok(["a photo of a cat", "a red car"], padding=True, return_tensors="pt")
-    def karlo_text_of(ids):
-        out = karlo_text(input_ids=ids)
-        return out.text_embeds, out.last_hidden_state
-
-    for name, image_of, text_of, commits in (
-        ("kandinsky22", lambda px: k_vision(pixel_values=px).image_embeds, _joint_text(laion_clip),
-         ("a" * 40, "b" * 40)),
-        ("karlo", _joint_image(openai_clip), karlo_text_of, ("c" * 40, "d" * 40)),
+    for name, vision, text, commits in (
+        ("kandinsky22", k_vision, laion.text, ("a" * 40, "b" * 40)),
+        ("karlo", _JointTowers(openai_clip).vision, karlo_text, ("c" * 40, "d" * 40)),
     ):
         info = res[name]["info"]
         assert (info["preset"], info["image_revision"], info["text_revision"]) == (name, *commits)
         with torch.inference_mode():
-            ref_img = image_of(pixels)[0]
-            ref_txt, ref_hidden = text_of(ids["input_ids"])
+            ref_img = vision(pixel_values=pixels).image_embeds[0]
+            ref = text(input_ids=ids["input_ids"])
+            ref_txt, ref_hidden = ref.text_embeds, ref.last_hidden_state
         assert info["image_dim"] == info["text_dim"] == ref_txt.shape[1]
         np.testing.assert_allclose(res[name]["img"], ref_img.numpy(), atol=ATOL, rtol=1e-4)
         np.testing.assert_allclose(res[name]["txt"], ref_txt.numpy(), atol=ATOL, rtol=1e-4)
