@@ -123,3 +123,63 @@ def test_store_of_another_width_is_refused():
         check_store_dims(synthetic_encoder_info(768), 1280, "the 'kandinsky22' prior")
     with pytest.raises(StoreError, match="H == D"):
         check_store_dims(synthetic_encoder_info(32, hidden_dim=48), 32)
+
+
+def _reference_rows(store: EmbeddingStore) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """key -> (image_embed, text_embed, text_hidden [text_len, H]) read plainly with pandas, one shard at a time."""
+    import pandas as pd
+
+    rows = {}
+    for name in store.shards:
+        df = pd.read_parquet(store.dir / name)
+        for key, img, txt, cell, n in zip(df.key, df.image_embed, df.text_embed, df.text_hidden, df.text_len,
+                                          strict=True):
+            hidden = np.frombuffer(cell, dtype=np.float16).reshape(int(n), -1)
+            rows[key] = (np.asarray(img, dtype=np.float16), np.asarray(txt, dtype=np.float16), hidden)
+    return rows
+
+
+def _reference_batch(rows, keys: list[str], width: int) -> tuple[np.ndarray, ...]:
+    image = np.stack([rows[k][0] for k in keys])
+    text = np.stack([rows[k][1] for k in keys])
+    hidden = np.zeros((len(keys), width, image.shape[1]), dtype=np.float16)
+    mask = np.zeros((len(keys), width), dtype=bool)
+    for i, k in enumerate(keys):
+        n = len(rows[k][2])
+        hidden[i, :n], mask[i, :n] = rows[k][2], True
+    return image, text, hidden, mask
+
+
+@pytest.mark.parametrize("mode", ["host-77", "host-longest", "device-77"])
+def test_batches_equal_a_straightforward_reference(store, mode):
+    """The batch path (shuffle buffer, padding into pooled memory, zero-copy tensors, padding on the device)
+    gives exactly the tensors of plain per-row padding of what pandas reads, in the same order in every mode."""
+    rows = _reference_rows(store)
+    kw = {"host-77": {}, "host-longest": {"pad_to": None}, "device-77": {"pad_on_device": True}}[mode]
+    loader = StoreLoader(store, 48, seed=5, buffer_size=100, infinite=False, drop_last=False, prefetch=0, **kw)
+    host_77 = StoreLoader(store, 48, seed=5, buffer_size=100, infinite=False, drop_last=False, prefetch=0)
+    seen = []
+    for batch, same_order in zip(loader, host_77, strict=True):
+        assert batch.keys == same_order.keys
+        seen += batch.keys
+        longest = max(len(rows[k][2]) for k in batch.keys)
+        host_width = longest if mode != "host-77" else 77
+        image, text, hidden, mask = _reference_batch(rows, batch.keys, host_width)
+        assert batch.text_hidden.dtype == torch.float16 and batch.text_hidden.shape == hidden.shape
+        assert np.array_equal(batch.image_embed.numpy(), image) and np.array_equal(batch.text_embed.numpy(), text)
+        assert np.array_equal(batch.text_hidden.numpy(), hidden) and np.array_equal(batch.text_mask.numpy(), mask)
+        dev = batch.to("cpu")
+        want_width = 77 if mode != "host-longest" else longest
+        image, text, hidden, mask = _reference_batch(rows, batch.keys, want_width)
+        assert dev.text_hidden.dtype == torch.float32 and dev.text_hidden.shape == hidden.shape
+        assert torch.equal(dev.text_hidden, torch.from_numpy(hidden).float())
+        assert torch.equal(dev.text_mask, torch.from_numpy(mask))
+        assert torch.equal(dev.image_embed, torch.from_numpy(image).float())
+        assert torch.equal(dev.text_embed, torch.from_numpy(text).float())
+    assert sorted(seen) == sorted(rows)  # one pass: every row once
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_caption_longer_than_pad_to_is_refused(store, on_device):
+    with pytest.raises(StoreError, match="more than pad_to=10"):
+        next(iter(StoreLoader(store, 32, pad_to=10, pad_on_device=on_device, prefetch=0)))

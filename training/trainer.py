@@ -409,7 +409,7 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
         store, cfg.batch_size, split="train", heldout_fraction=cfg.heldout_fraction, heldout_seed=cfg.heldout_seed,
         rank=world.rank, world_size=world.world_size, seed=cfg.seed, shuffle=True, infinite=True, start=position,
         buffer_size=cfg.shuffle_buffer, pad_to=model.config.num_embeddings, prefetch=cfg.prefetch,
-        pin_memory=device.type == "cuda", shards=cfg.shards,
+        pin_memory=device.type == "cuda", shards=cfg.shards, pad_on_device=True,  # ~4x fewer host bytes per batch
     )
     batches = iter(loader)
     from tqdm import tqdm
