@@ -39,9 +39,12 @@ def build_deployments(data_dir: str | Path = "runs", dask_address: str | None = 
         )
         for name, (dataset, encoder) in DATASET_DEPLOYMENTS.items()
     ]
+    # Relative urls/out resolve under the data folder, not the serve process's cwd (which the user
+    # running `prefect deployment run` cannot see); the run logs and records where it wrote.
     deployments.append(precompute.to_deployment(
-        "local", parameters={"cluster": cluster} if cluster else {},
-        description="Any local url list: parameters urls (file or folder), encoder (preset or folder), out.",
+        "local", parameters={"base_dir": str(data), **({"cluster": cluster} if cluster else {})},
+        description=f"Any local url list: parameters urls (file or folder), encoder (preset or folder), out; "
+                    f"relative paths are taken under {data}.",
         tags=["precompute", "local"], **common,
     ))
     for decoder, dataset in DECODER_STORES.items():

@@ -10,6 +10,7 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.failures import require_store
 from training.evaluate import evaluate as evaluate_priors
 
 SUMMARY_METRICS = ("cos_image", "r1", "r5", "frechet", "norm_ratio")
@@ -50,6 +51,7 @@ def evaluate(
     heldout_shards: evaluate every row of these shards (a composition hold-out the priors never read).
     image_source: folder of the webdataset image shards, for the report's nearest-real-image examples.
     """
+    require_store(store)  # names the precompute to run first, instead of a FileNotFoundError
     settings = {"seeds": seeds, "max_rows": max_rows, "heldout_fraction": heldout_fraction,
                 "prompt_suite": prompt_suite, "decoder": decoder, "decoder_path": decoder_path, "device": device,
                 "heldout_shards": heldout_shards, "image_source": image_source}

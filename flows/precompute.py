@@ -8,33 +8,54 @@ import dataclasses
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
+from flows.failures import retry_unless_permanent
 from flows.params import ClusterParams, DownloadParams, EncodeParams
 from pipeline.cluster import ClusterConfig, dask_task_runner
-from pipeline.download import DownloadConfig, download_main, format_summary
+from pipeline.download import DownloadConfig, DownloadFailed, download_main, format_summary
 from pipeline.encode import EncodeConfig, encode_shard, image_shards
+from pipeline.errors import PermanentError, is_permanent
 from pipeline.precompute import output_dirs
+from pipeline.sources import PRESETS
 from storage_schema.writer import read_manifest
 
 
-@task(name="download", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10))
+def _summary_artifact(text: str) -> None:
+    create_markdown_artifact(f"```\n{text}\n```", key="download-summary",
+                             description="download: shards, failures by reason")
+
+
+# Retries are for what may pass (a host that timed out, a killed worker); no network, a refused
+# metadata request or a bad url list fail at once with their own message (flows.failures).
+@task(name="download", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+      retry_condition_fn=retry_unless_permanent)
 def download_task(urls: str, images: str, params: DownloadParams) -> dict:
     cfg = DownloadConfig(**params.model_dump(exclude={"retry_failed", "processes_count", "overwrite", "metadata_dir"}),
                          incremental_mode="overwrite" if params.overwrite else "incremental",
                          **({"processes_count": params.processes_count} if params.processes_count else {}))
-    summary = download_main(urls, images, retry=params.retry_failed,
-                            source_options={"metadata_dir": params.metadata_dir} if params.metadata_dir else None,
-                            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    try:
+        summary = download_main(urls, images, retry=params.retry_failed,
+                                source_options={"metadata_dir": params.metadata_dir} if params.metadata_dir else None,
+                                **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    except DownloadFailed as e:
+        _summary_artifact(format_summary(e.summary))
+        raise
     get_run_logger().info("download summary\n%s", format_summary(summary))
+    _summary_artifact(format_summary(summary))
     return {"successes": summary.successes, "shards": len(summary.shards), "error_rate": summary.error_rate,
             "failure_reasons": summary.failure_reasons}
 
 
 @task(name="encode-shard", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      task_run_name="encode-{tar_name}")
+      task_run_name="encode-{tar_name}", retry_condition_fn=retry_unless_permanent)
 def encode_shard_task(tar: str, tar_name: str, store: str, cfg: EncodeConfig) -> dict:
     result = encode_shard(tar, store, cfg)  # the encoder is cached per Dask worker process
     return dataclasses.asdict(result)
@@ -52,20 +73,34 @@ def encode_shards_flow(images: str, store: str, cfg: EncodeConfig) -> list[dict]
         return []
     progress = create_progress_artifact(0.0, key="encode-progress", description="image shards encoded")
     futures = [encode_shard_task.submit(str(t), t.name, store, cfg) for t in tars]
-    results, failures = [], []
+    results, failures, errors = [], [], []
     for n, fut in enumerate(as_completed(futures), start=1):
         try:
             results.append(fut.result())
         except Exception as e:  # keep going: the other shards are independent
             failures.append(f"{type(e).__name__}: {e}")
+            errors.append(e)
         update_progress_artifact(progress, 100.0 * n / len(futures))
     rows = [{"shard": r["shard"], "status": r["status"], "rows": r["rows"], "skipped": len(r["skipped"]),
              "first_reason": r["skipped"][0]["reason"] if r["skipped"] else ""} for r in results]
     rows += [{"shard": "?", "status": "FAILED", "rows": 0, "skipped": 0, "first_reason": f} for f in failures]
     create_table_artifact(rows, key="encode-shards", description="per-shard status and skip reasons")
     if failures:
-        raise RuntimeError(f"{len(failures)} shard(s) failed after retries; rerun the flow to retry them")
+        # The run's final message carries the cause (the first one; the table lists them all).
+        permanent = all(is_permanent(e) for e in errors)
+        msg = (f"{len(failures)} of {len(futures)} shard(s) failed ({'not retried: ' if permanent else ''}"
+               f"{failures[0]}); finished shards are kept, rerun the flow once this is fixed")
+        raise (EncodeFailed if permanent else RuntimeError)(msg)
     return results
+
+
+class EncodeFailed(PermanentError, RuntimeError):
+    """Every failed shard failed for a reason a retry cannot fix (e.g. the encoder's weights are missing)."""
+
+
+def _resolve(base_dir: str | None, path: str) -> str:
+    """`path` under `base_dir` when it is relative (a served deployment's cwd is not the user's)."""
+    return str(Path(base_dir, path)) if base_dir and not Path(path).expanduser().is_absolute() else path
 
 
 @flow(name="precompute", log_prints=True)
@@ -76,16 +111,34 @@ def precompute(
     download: DownloadParams = DownloadParams(),
     encode: EncodeParams = EncodeParams(),
     cluster: ClusterParams = ClusterParams(),
+    base_dir: str | None = None,
 ) -> dict:
     """Download `urls` (a url list or dataset preset) and encode every pair once with `encoder`.
 
     Writes OUT/images and OUT/store; rerunning skips finished shards of both stages.
+    base_dir: relative paths (`urls` unless a preset name, `out`, `download.metadata_dir`) are
+    taken under it; `eclipse-prior serve --data DIR` sets it to DIR for precompute/local.
     """
+    if urls not in PRESETS:
+        urls = _resolve(base_dir, urls)
+    out = str(Path(_resolve(base_dir, out)).absolute())
+    if download.metadata_dir:
+        download = download.model_copy(update={"metadata_dir": _resolve(base_dir, download.metadata_dir)})
     images, store = output_dirs(out)
+    get_run_logger().info("precompute %s -> %s (images in %s, store in %s)", urls, out, images, store)
     dl = download_task(urls, str(images), download)
     cfg = EncodeConfig(encoder=encoder, **encode.model_dump())
     runner = dask_task_runner(ClusterConfig(**cluster.model_dump()))
     results = encode_shards_flow.with_options(task_runner=runner)(str(images), str(store), cfg)
     manifest = read_manifest(store) or {"shards": {}}
+    rows = sum(s["rows"] for s in manifest["shards"].values())
+    get_run_logger().info("wrote %s: store %s (%d rows in %d shards), images %s", out, store, rows,
+                          len(manifest["shards"]), images)
+    create_markdown_artifact(
+        f"# precompute output\n\n| | |\n|---|---|\n| url list | `{urls}` |\n| encoder | `{encoder}` |\n"
+        f"| store | `{store}` |\n| images | `{images}` |\n| store rows | {rows} |\n"
+        f"| store shards | {len(manifest['shards'])} ({len(results)} encoded by this run) |",
+        key="precompute-output", description="where this run wrote",
+    )
     return {"images": str(images), "store": str(store), "download": dl,
-            "shards_encoded_now": len(results), "store_rows": sum(s["rows"] for s in manifest["shards"].values())}
+            "shards_encoded_now": len(results), "store_rows": rows}

@@ -3,7 +3,10 @@ evaluate candidate and promoted prior side by side, promote only if the gate pas
 
 The registry folder keeps promoted.json (the live prior) and decisions.jsonl (every
 decision and its numbers). With no promoted prior yet, the first run trains from scratch
-and is promoted.
+and is promoted. With no store yet either (the weekly schedule starts before anyone ran the
+precompute), the run ends in a Completed state named "Skipped" whose message names the
+precompute to run: a schedule that fires early is not a failure, and it picks up the
+store on the first run after it exists.
 """
 
 import json
@@ -14,8 +17,10 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 
 from flows.evaluate import evaluate
+from flows.failures import missing_store_message, require_store, store_exists
 from flows.params import GateParams, TrainParams
 from flows.train import train
 from storage_schema import EmbeddingStore
@@ -48,6 +53,11 @@ def retrain(
     logger = get_run_logger()
     reg = Path(registry)
     promoted = read_promoted(reg)
+    if not promoted and not store_exists(store):
+        message = missing_store_message(store) + "; the next scheduled run starts from it"
+        logger.warning("skipped: %s", message)
+        return Completed(name="Skipped", message=message, data={"promote": False, "reason": message})
+    require_store(store)  # a promoted prior whose store vanished is a real failure
     shards = EmbeddingStore(store).shards
     new = sorted(set(shards) - set(promoted["trained_shards"])) if promoted else shards
     if promoted and not new:

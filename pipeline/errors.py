@@ -29,12 +29,19 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
+    # __context__ even under `raise ... from None`: that hides the cause from tracebacks, but a
+    # wrapped hub/HTTP error is still what tells a 503 (retry) from a 403 (don't).
     seen: list[BaseException] = []
     e: BaseException | None = exc
     while e is not None and all(e is not s for s in seen):
         seen.append(e)
-        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+        e = e.__cause__ or e.__context__
     return seen
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # TimeoutError (socket, urllib) or an HTTP client's own (httpx.ReadTimeout, requests' ConnectTimeout, ...).
+    return isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__
 
 
 def _permanent_types() -> tuple[type[BaseException], ...]:
@@ -61,6 +68,6 @@ def is_permanent(exc: BaseException) -> bool:
         return False
     if any(s in PERMANENT_STATUS for s in statuses):
         return True
-    if any(isinstance(e, TimeoutError) for e in chain[1:]):
+    if any(_is_timeout(e) for e in chain[1:]):
         return False  # a timeout underneath a wrapper: the host may answer next time
     return isinstance(exc, _permanent_types())

@@ -1,0 +1,81 @@
+"""Flows fail fast on errors a retry cannot fix, and say why in the run's final state (temporary Prefect API)."""
+
+import io
+import urllib.error
+
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.failures import retry_unless_permanent
+from flows.params import ClusterParams, DownloadParams
+from flows.precompute import precompute
+from flows.retrain import retrain
+from flows.train import train
+from pipeline.sources import SourceAccessError, SourceUnavailableError
+
+ATTEMPTS: list[str] = []
+
+
+def _raise_wrapping(outer: type[Exception], code: int) -> None:
+    try:
+        raise urllib.error.HTTPError("https://hub.invalid/meta.parquet", code, "status", {}, io.BytesIO())
+    except urllib.error.HTTPError as err:
+        raise outer(f"fetching metadata failed with HTTP {code}") from err
+
+
+@task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_unless_permanent)
+def fetch_metadata(code: int) -> None:
+    ATTEMPTS.append(str(code))
+    _raise_wrapping(SourceAccessError if code < 500 else SourceUnavailableError, code)
+
+
+@flow
+def fetch_flow(code: int) -> None:
+    fetch_metadata(code)
+
+
+def _task_runs(state) -> dict:
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.task_key.rsplit("-", 1)[0].split(".")[-1]: r for r in runs}
+
+
+def test_permanent_errors_fail_at_once_and_transient_ones_are_retried(prefect_harness):
+    ATTEMPTS.clear()
+    state = fetch_flow(403, return_state=True)
+    assert state.is_failed() and ATTEMPTS == ["403"]  # one attempt, not three
+    assert "SourceAccessError: fetching metadata failed with HTTP 403" in state.message
+    ATTEMPTS.clear()
+    assert fetch_flow(503, return_state=True).is_failed() and ATTEMPTS == ["503"] * 3  # the retry policy ran
+
+
+def test_offline_preset_precompute_fails_once_with_the_cause(prefect_harness, tmp_path, monkeypatch):
+    for var, value in {"ECLIPSE_OFFLINE": "1", "ECLIPSE_METADATA_CACHE": str(tmp_path / "meta"),
+                       "HF_HUB_CACHE": str(tmp_path / "hf")}.items():
+        monkeypatch.setenv(var, value)
+    state = precompute(urls="laion-highres-5m", encoder="tiny-clip", out=str(tmp_path / "out"),
+                       download=DownloadParams(processes_count=1), cluster=ClusterParams(n_workers=1),
+                       return_state=True)
+    assert state.is_failed()
+    assert "SourceUnavailableError" in state.message and "ECLIPSE_OFFLINE is set" in state.message, state.message
+    runs = _task_runs(state)
+    assert runs["download_task"].run_count == 1, runs  # not retried twice after 10 s and 20 s
+
+
+def test_retrain_without_a_store_is_skipped_with_the_precompute_to_run(prefect_harness, tmp_path):
+    store = tmp_path / "data" / "laion-highres-5m" / "store"
+    state = retrain(store=str(store), registry=str(tmp_path / "registry"), return_state=True)
+    assert state.is_completed() and state.name == "Skipped"
+    assert "`prefect deployment run precompute/laion-highres-5m`" in state.message
+    assert state.result()["promote"] is False
+    assert not (tmp_path / "registry").exists()  # no run folder, no decision recorded
+
+
+def test_train_without_a_store_fails_naming_the_precompute(prefect_harness, tmp_path):
+    state = train(store=str(tmp_path / "mine" / "store"), out=str(tmp_path / "run"), preset="tiny",
+                  return_state=True)
+    assert state.is_failed()
+    assert f"StoreError: no embedding store at {tmp_path / 'mine' / 'store'} yet" in state.message
+    assert f"eclipse-prior precompute --urls URLS --encoder ENCODER --out {tmp_path / 'mine'}" in state.message
