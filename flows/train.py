@@ -8,6 +8,7 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.failures import require_store
 from flows.params import TrainParams
 from training.config import TrainConfig
 from training.export import STATE, latest_checkpoint
@@ -44,6 +45,7 @@ def train(
     if done is not None:
         get_run_logger().info("run %s already finished %d steps; nothing to do", out, steps)
         return str(done)
+    require_store(store)  # names the precompute to run first
     cfg = TrainConfig(store=store, out=out, objective=objective, preset=preset, steps=steps, resume=True,
                       init_from=init_from, shards=shards, **params.model_dump())
     prior = train_task(cfg)
