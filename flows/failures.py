@@ -17,18 +17,14 @@ from pipeline.errors import is_permanent
 
 def retry_unless_permanent(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
     """False (fail now) when the task's exception is permanent; True lets the task's retry policy run."""
+    exc = state.result(raise_on_failure=False)  # the exception itself, without re-raising it (tracebacks stay short)
+    if not isinstance(exc, BaseException) or not is_permanent(exc):
+        return True
     try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - the task's own exception, classified here
-        if not is_permanent(exc):
-            return True
-        try:
-            get_run_logger().error("%s: not retrying, a retry cannot fix this: %s: %s",
-                                   task.name, type(exc).__name__, exc)
-        except MissingContextError:
-            pass
-        return False
-    return True
+        get_run_logger().error("%s: not retrying, a retry cannot fix this: %s: %s", task.name, type(exc).__name__, exc)
+    except MissingContextError:
+        pass
+    return False
 
 
 def store_exists(store: str | Path) -> bool:

@@ -23,16 +23,31 @@ def _wait_for_deployment(api: str, name: str, proc: subprocess.Popen, log: Path,
 
 
 @pytest.mark.slow
-def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp_path):  # noqa: F811
+def _watch(env: dict, deployment: str, *args: str) -> subprocess.CompletedProcess:
+    # COLUMNS: rich wraps the streamed log lines at 80 columns when stdout is not a terminal.
+    return subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", deployment, *args, "--watch",
+                           "--watch-timeout", "300"], env={**env, "COLUMNS": "1000"}, capture_output=True, text=True,
+                          timeout=360)
+
+
+def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp_path, monkeypatch):  # noqa: F811
+    data = tmp_path / "data"
+    data.mkdir()
     good = {image_server.url(f"/img/{i}.jpg"): f"served picture {i}" for i in range(4)}
-    pd.DataFrame({"url": list(good), "caption": list(good.values())}).to_parquet(tmp_path / "urls.parquet")
+    pd.DataFrame({"url": list(good), "caption": list(good.values())}).to_parquet(data / "urls.parquet")
     home = tmp_path / "prefect"
+    # As the README starts it: the server streams run logs, so --watch prints them (the error included).
+    for setting in ("PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED", "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED"):
+        monkeypatch.setenv(setting, "true")
     with prefect_server(home) as api:
         env = {**prefect_env(home, api), "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}
+        # The serving machine is offline: the dataset presets cannot fetch their metadata.
+        serve_env = {**env, "ECLIPSE_OFFLINE": "1", "ECLIPSE_METADATA_CACHE": str(tmp_path / "meta"),
+                     "HF_HUB_CACHE": str(tmp_path / "hf")}
         log = tmp_path / "serve.log"
         with open(log, "w") as out:
-            serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--data", str(tmp_path / "data")],
-                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--data", str(data)],
+                                     env=serve_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_deployment(api, "precompute/local", serve, log)
             for name in ("precompute/laion-highres-5m", "train/kandinsky22", "evaluate/karlo"):
@@ -41,21 +56,30 @@ def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp
             with urllib.request.urlopen(f"{api}/deployments/name/retrain/kandinsky22", timeout=5) as r:
                 schedules = json.loads(r.read())["schedules"]
             assert [s["schedule"]["cron"] for s in schedules] == ["0 3 * * 0"]
-            params = {
-                "urls": str(tmp_path / "urls.parquet"), "encoder": "tiny-clip", "out": str(tmp_path / "out"),
+            params = {  # relative paths: taken under `serve --data`, not the serve process's cwd
+                "urls": "urls.parquet", "encoder": "tiny-clip", "out": "out",
                 "download": {"image_size": 32, "processes_count": 1, "thread_count": 4,
                              "number_sample_per_shard": 2, "timeout": 3},
                 "encode": {"batch_size": 2}, "cluster": {"n_workers": 1},
             }
-            run = subprocess.run(
-                [sys.executable, "-m", "prefect", "deployment", "run", "precompute/local", "--params",
-                 json.dumps(params), "--watch", "--watch-timeout", "300"],
-                env=env, capture_output=True, text=True, timeout=360,
-            )
+            run = _watch(env, "precompute/local", "--params", json.dumps(params))
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + log.read_text()[-4000:]
             assert "Completed" in run.stdout + run.stderr
-            store = EmbeddingStore(tmp_path / "out" / "store", verify=True)
+            store = EmbeddingStore(data / "out" / "store", verify=True)
             assert store.num_rows == 4 and len(store.shards) == 2
+            assert f"wrote {data / 'out'}: store {data / 'out' / 'store'} (4 rows in 2 shards)" in run.stdout
+
+            # Offline: one attempt, and --watch shows why the run failed, not only "Failed".
+            offline = _watch(env, "precompute/laion-highres-5m")
+            shown = offline.stdout + offline.stderr
+            assert offline.returncode == 1, shown[-3000:]
+            assert "SourceUnavailableError" in shown and "ECLIPSE_OFFLINE is set" in shown, shown[-3000:]
+            assert "not retrying, a retry cannot fix this" in shown and "Retrying" not in shown, shown[-3000:]
+
+            # The weekly retrain before any precompute: skipped (not failed), naming what to run first.
+            skipped = _watch(env, "retrain/kandinsky22")
+            assert skipped.returncode == 0, skipped.stdout[-3000:] + skipped.stderr[-3000:]
+            assert "'Skipped'" in skipped.stdout and "precompute/laion-highres-5m" in skipped.stdout
 
             bad = subprocess.run(
                 [sys.executable, "-m", "prefect", "deployment", "run", "precompute/local", "--params",
