@@ -1,24 +1,27 @@
-"""Training input efficiency and cache speed-up, measured side by side in one run (CPU-sized).
+"""Training input efficiency and the cache speed-up at the real pair's ratio, scaled to a CPU.
 
-    python benchmarks/train.py [--rounds 6] [--batch-size 32]
+    python benchmarks/train.py [--rounds 4] [--batch-size 16] [--width-scale 0.25] [--depth-scale 0.5]
 
 Three ways to run the same training steps (same prior, same batches, same optimizer):
-  memory  batches already in memory as device tensors: the model alone
+  memory  batches already in memory as tensors: the model alone
   store   batches streamed from an embedding store by training.data.StoreLoader (read-ahead thread)
-  clip    every batch encoded on the fly by a CLIP (vision + text towers) from in-memory images
-          and token ids, then the same step: what training without the cache costs. Images are
-          already decoded and resized here, so this is a lower bound on the on-the-fly cost.
+  clip    every batch's image embeddings computed on the fly by a CLIP image tower from in-memory
+          images, then the same step: what training without the cache costs. Images are already
+          decoded and resized and the text tower is not run, so this is a lower bound on that cost.
+
+The pair is kandinsky22's: the ViT-bigG/14 image tower (width 1664, 48 layers, 16 heads, MLP 8192,
+patch 14, 224 px) and the 34M ECLIPSE prior (16 heads x 32, 10 layers, D = 1280). Both are scaled
+down by the same factors (widths and D by --width-scale, depths by --depth-scale; heads, patch,
+image size and the 77 text positions kept), so their FLOPs shrink alike and the CPU ratio stands
+for the real one. The FLOP model (benchmarks/gpu/bench_gpu.py's count: matmuls and attention,
+2 FLOPs per multiply-add, image tower forward per sample vs prior forward + backward per sample)
+predicts the speed-up for the scaled and for the real pair; the run measures the scaled one.
 
 The modes alternate step by step and the ratios are medians over adjacent pairs of steps:
 this machine is shared and its speed drifts by 2-5x within a minute. Prints, as its last lines:
   train_input_efficiency=<steps/s from the store / steps/s from memory>   (goal >= 0.95)
-  cache_speedup=<steps/s from the store / steps/s with on-the-fly CLIP>
-
-Sizes are scaled to a 2-core CPU and stated in the output: the store has the kandinsky22
-dims (D = H = 1280, ~17 real tokens per caption, so the bytes per sample are real); the prior
-is the released ECLIPSE width (16 heads x 32) with fewer layers; the CLIP is a random,
-shallow transformers CLIP with the same output dims. On a GPU the prior step is far cheaper
-relative to reading, so run this there too before trusting the first ratio for GPU training.
+  cache_speedup=<steps/s from the store / steps/s with the on-the-fly image tower>   (scaled pair)
+  cache_speedup_flop_model_real_pair=<the FLOP model's prediction for ViT-bigG/14 + the 34M prior>
 """
 
 import argparse
@@ -31,13 +34,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+
+from bench_gpu import VISION_TOWERS, prior_train_flops_per_sample, vision_flops_per_image  # noqa: E402
 
 from storage_schema import EmbeddingStore  # noqa: E402
 from training.data import StoreLoader, write_synthetic_store  # noqa: E402
 from training.objectives import EclipseObjective, PriorBatch  # noqa: E402
 from training.prior import PriorTransformer, count_parameters, preset_config  # noqa: E402
-
-D = 1280  # kandinsky22: image/text embedding dim and text tower width
 
 
 def make_step(model: torch.nn.Module, seed: int = 0):
@@ -62,59 +66,69 @@ def seconds(run_one, i: int) -> float:
     return time.perf_counter() - start
 
 
-def build_clip(dim: int, seed: int = 0):
-    """A random, shallow transformers CLIP with kandinsky22 output dims (projection D, text width D)."""
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+def scaled_pair(width: float, depth: float) -> tuple[dict, dict]:
+    """(CLIPVisionConfig kwargs, prior config) of kandinsky22's pair, widths x `width`, depths x `depth`."""
+    real = VISION_TOWERS["ViT-bigG/14 (kandinsky22)"][0]
+    vision = real | {"hidden_size": round(real["hidden_size"] * width),
+                     "intermediate_size": round(real["intermediate_size"] * width),
+                     "num_hidden_layers": max(1, round(real["num_hidden_layers"] * depth)),
+                     "projection_dim": round(real["projection_dim"] * width)}
+    prior = preset_config("kandinsky22")
+    prior |= {"embedding_dim": round(prior["embedding_dim"] * width),
+              "attention_head_dim": max(1, round(prior["attention_head_dim"] * width)),
+              "num_layers": max(1, round(prior["num_layers"] * depth))}
+    return vision, prior
 
-    torch.manual_seed(seed)
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12, image_size=224,
-        patch_size=32, projection_dim=dim)).eval()
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=2, num_attention_heads=16,
-        max_position_embeddings=77, projection_dim=dim, vocab_size=49408)).eval()
-    return vision, text
+
+def predicted_speedup(vision: dict, prior: dict) -> tuple[float, float, float]:
+    """(image tower GFLOP per image, prior training GFLOP per sample, predicted cache speed-up)."""
+    v, p = vision_flops_per_image(vision), prior_train_flops_per_sample(prior)
+    return v / 1e9, p / 1e9, (v + p) / p
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=6, help="rounds of k memory/store pairs + 1 clip step")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of k memory/store pairs + 1 clip step")
     ap.add_argument("--steps", type=int, default=2, help="memory and store steps per round (clip: 1)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=2, help="prior layers (the released prior has 10)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--width-scale", type=float, default=0.25, help="widths and D, both models (default 1/4)")
+    ap.add_argument("--depth-scale", type=float, default=0.5, help="layers, both models (default 1/2)")
+    # One thread: on a shared 2-core machine a second OpenMP thread spins at barriers and made the
+    # small prior ~10x slower while the image tower's big matmuls barely noticed, skewing the ratio.
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bs, k = args.batch_size, args.steps
     n_batches = 1 + args.rounds * k  # one warm-up batch, then k per round
+    vision_cfg, prior_cfg = scaled_pair(args.width_scale, args.depth_scale)
+    dim = prior_cfg["embedding_dim"]
+    real_v, real_p, real_speedup = predicted_speedup(VISION_TOWERS["ViT-bigG/14 (kandinsky22)"][0],
+                                                     preset_config("kandinsky22"))
+    v_gflop, p_gflop, scaled_speedup = predicted_speedup(vision_cfg, prior_cfg)
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = n_batches * bs + 64
         t0 = time.perf_counter()
-        write_synthetic_store(tmp, rows=rows, dim=D, shards=4, seed=0, tokens=(5, 30))
+        write_synthetic_store(tmp, rows=rows, dim=dim, shards=4, seed=0, tokens=(5, 30))
         store = EmbeddingStore(tmp)
-        print(f"store: {rows} rows, D=H={D}, 5-30 tokens/caption, written in {time.perf_counter() - t0:.1f} s")
-        cfg = preset_config("kandinsky22") | {"num_layers": args.layers}
+        print(f"store: {rows} rows, D=H={dim}, 5-30 tokens/caption, written in {time.perf_counter() - t0:.1f} s")
 
         def fresh_step():
             torch.manual_seed(0)
-            return make_step(PriorTransformer(**cfg))
+            return make_step(PriorTransformer(**prior_cfg))
 
         def loader() -> StoreLoader:
-            return StoreLoader(store, bs, seed=0, infinite=True, prefetch=4)
+            return StoreLoader(store, bs, seed=0, infinite=True, prefetch=4, pad_on_device=True)
 
         # memory: exactly the batches the store mode reads, already converted
         it = iter(loader())
         in_memory = [next(it).to("cpu") for _ in range(n_batches)]
         it.close()
-        lengths = [b.text_mask.sum(1) for b in in_memory]
 
-        vision, text = build_clip(D)
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        torch.manual_seed(0)
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_cfg)).eval()
         gen = torch.Generator().manual_seed(1)
         images = torch.randint(0, 256, (bs, 3, 224, 224), dtype=torch.uint8, generator=gen)
         mean = torch.tensor([0.481, 0.458, 0.408]).view(1, 3, 1, 1)
@@ -123,13 +137,8 @@ def main() -> None:
         @torch.no_grad()
         def encode(i: int) -> PriorBatch:
             pixels = (images.float() / 255.0 - mean) / std
-            image_embeds = vision(pixel_values=pixels).image_embeds
-            mask = torch.arange(77)[None] < lengths[i][:, None]
-            ids = torch.randint(1, 49406, (bs, 77), generator=gen) * mask
-            ids[torch.arange(bs), lengths[i] - 1] = 49407  # EOS (the highest id) ends each caption
-            out = text(input_ids=ids, attention_mask=mask.long())
-            hidden = out.last_hidden_state * mask[..., None]
-            return PriorBatch(image_embeds, out.text_embeds, hidden, mask)
+            b = in_memory[i]
+            return PriorBatch(vision(pixel_values=pixels).image_embeds, b.text_embed, b.text_hidden, b.text_mask)
 
         memory_step, store_step, clip_step = fresh_step(), fresh_step(), fresh_step()
         stream = iter(loader())
@@ -138,9 +147,14 @@ def main() -> None:
             "store": lambda i: store_step(next(stream).to("cpu")),  # read, pad, wrap, cast: all timed
             "clip": lambda i: clip_step(encode(i)),
         }
-        print(f"prior: ECLIPSE layout, D={D}, {args.layers} layers, "
-              f"{count_parameters(PriorTransformer(**cfg)):,} parameters; batch {bs}; {args.threads} threads; "
-              f"CLIP: vision {count_parameters(vision):,} + text {count_parameters(text):,} parameters")
+        print(f"scaled pair (widths x {args.width_scale}, depths x {args.depth_scale}): image tower "
+              f"{count_parameters(vision):,} parameters (width {vision_cfg['hidden_size']}, "
+              f"{vision_cfg['num_hidden_layers']} layers), {v_gflop:.2f} GFLOP/image; prior "
+              f"{count_parameters(PriorTransformer(**prior_cfg)):,} parameters (D={dim}, "
+              f"{prior_cfg['num_layers']} layers), {p_gflop:.3f} GFLOP/sample forward+backward; "
+              f"batch {bs}; {args.threads} threads")
+        print(f"real pair: ViT-bigG/14 image tower {real_v:.0f} GFLOP/image; 34M prior {real_p:.1f} GFLOP/sample "
+              f"forward+backward")
         for run_one in modes.values():  # warm-up, untimed
             run_one(0)
         # Interleaved: shared machines drift, so each store step is paired with the memory step right
@@ -160,12 +174,17 @@ def main() -> None:
             print(f"round {r}: memory {1 / t_mem:.3f}, store {1 / t_store:.3f}, clip {1 / t_clip:.3f} steps/s "
                   f"(last step of each)")
         stream.close()
+        flops = {"memory": p_gflop, "store": p_gflop, "clip": v_gflop + p_gflop}
         for name, total in totals.items():
             sps = args.rounds * (1 if name == "clip" else k) / total
-            print(f"{name:6s}: {sps:.3f} steps/s ({sps * bs:.1f} samples/s), mean over rounds")
+            print(f"{name:6s}: {sps:.3f} steps/s ({sps * bs:.1f} samples/s, {sps * bs * flops[name]:.1f} GFLOP/s), "
+                  f"mean over rounds")
 
+    print(f"FLOP model: cache speed-up {scaled_speedup:.1f}x for the scaled pair, {real_speedup:.1f}x for the real "
+          f"pair; measured on the scaled pair: {statistics.median(ratios_cache):.1f}x")
     print(f"train_input_efficiency={statistics.median(ratios_input):.3f}")
     print(f"cache_speedup={statistics.median(ratios_cache):.2f}")
+    print(f"cache_speedup_flop_model_real_pair={real_speedup:.1f}")
 
 
 if __name__ == "__main__":
