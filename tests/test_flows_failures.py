@@ -6,12 +6,14 @@ import urllib.error
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from wdsfixtures import render, write_tar
 
 from flows.failures import retry_unless_permanent
 from flows.params import ClusterParams, DownloadParams
-from flows.precompute import precompute
+from flows.precompute import encode_shards_flow, precompute
 from flows.retrain import retrain
 from flows.train import train
+from pipeline.encode import EncodeConfig
 from pipeline.sources import SourceAccessError, SourceUnavailableError
 
 ATTEMPTS: list[str] = []
@@ -39,7 +41,7 @@ def _task_runs(state) -> dict:
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.task_key.rsplit("-", 1)[0].split(".")[-1]: r for r in runs}
+    return {r.name: r for r in runs}
 
 
 def test_permanent_errors_fail_at_once_and_transient_ones_are_retried(prefect_harness):
@@ -61,7 +63,8 @@ def test_offline_preset_precompute_fails_once_with_the_cause(prefect_harness, tm
     assert state.is_failed()
     assert "SourceUnavailableError" in state.message and "ECLIPSE_OFFLINE is set" in state.message, state.message
     runs = _task_runs(state)
-    assert runs["download_task"].run_count == 1, runs  # not retried twice after 10 s and 20 s
+    # One attempt: not retried twice more after 10 s and 20 s.
+    assert [r.run_count for name, r in runs.items() if name.startswith("download")] == [1], runs
 
 
 def test_retrain_without_a_store_is_skipped_with_the_precompute_to_run(prefect_harness, tmp_path):
@@ -79,3 +82,13 @@ def test_train_without_a_store_fails_naming_the_precompute(prefect_harness, tmp_
     assert state.is_failed()
     assert f"StoreError: no embedding store at {tmp_path / 'mine' / 'store'} yet" in state.message
     assert f"eclipse-prior precompute --urls URLS --encoder ENCODER --out {tmp_path / 'mine'}" in state.message
+
+
+def test_encoder_that_cannot_load_fails_every_shard_once_with_the_cause(prefect_harness, tmp_path):
+    for i in range(2):
+        write_tar(tmp_path / "images" / f"{i:05d}.tar", [{"key": f"{i}0", "jpg": render(i), "txt": "a photo"}])
+    state = encode_shards_flow(str(tmp_path / "images"), str(tmp_path / "store"),
+                               EncodeConfig(encoder=str(tmp_path / "no-such-encoder")), return_state=True)
+    assert state.is_failed()
+    assert "EncodeFailed: 2 of 2 shard(s) failed (not retried: EncoderLoadError: unknown encoder" in state.message
+    assert sorted(r.run_count for r in _task_runs(state).values()) == [1, 1]
