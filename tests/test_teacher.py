@@ -23,12 +23,13 @@ from pipeline.teacher import (
     _encode_text_trimmed,
     build_tokenizer,
     fit_teacher,
+    heldout_gap,
     pixels_from_uint8,
     positives_matrix,
     teacher_metrics,
     train_teacher,
 )
-from pipeline.world import TEMPLATES, World, caption, caption_words, render_batch
+from pipeline.world import TEMPLATES, World, caption, caption_words, demo_world, render_batch
 
 # A few steps on small batches: enough to exercise every code path in seconds, not to learn.
 TINY = TeacherConfig(steps=3, batch_size=32, warmup_steps=1, num_threads=None)
@@ -141,12 +142,10 @@ def test_saved_teacher_loads_as_an_encoder_folder(tiny_teacher, tmp_path: Path) 
     for ha, hb in zip(txt_a.hidden, txt_b.hidden, strict=True):
         np.testing.assert_allclose(hb, ha, atol=1e-5, rtol=1e-5)
         assert hb.shape[1] == 64
-    # The fixed modality offsets are part of the saved weights (the projection biases), so the
-    # stored raw embeddings carry them; raw embeddings are not L2-normalised.
-    o_img = loaded.model.visual.attnpool.c_proj.bias
-    o_txt = loaded.model.text_projection.bias
-    torch.testing.assert_close(o_img.norm(), torch.tensor(TINY.offset_norm))
-    assert abs(float(o_img.detach() @ o_txt.detach())) < 1e-5  # orthogonal
+    # Nothing is added by hand: every weight trains except the temperature (no frozen offset
+    # vectors); the stored raw embeddings are not L2-normalised.
+    frozen = [n for n, p in enc.model.named_parameters() if not p.requires_grad]
+    assert frozen == ["logit_scale"]
     assert not torch.allclose(img_b.norm(dim=-1), torch.ones(len(images)), atol=1e-2)
 
 
@@ -159,33 +158,45 @@ def test_metrics_run_on_any_encoder(tiny_teacher) -> None:
     assert small.texture_acc is None and small.position_acc is None and small.relation_acc is None
 
 
+def test_heldout_gap_compares_the_oracle_with_text_shift(tiny_teacher) -> None:
+    world = demo_world(seed=0)
+    held = world.holdout_pairs(0.75, seed=0)
+    gap = heldout_gap(tiny_teacher.encoder, world, held, n_captions=12, renders=3, fit_n=60, seed=1)
+    assert gap["gap"] == pytest.approx(gap["oracle_cos"] - gap["text_shift_cos"])
+    assert gap["captions"] == 12 and gap["renders_per_caption"] == 3 and 0 < gap["heldin_scenes_for_means"] < 60
+    assert all(-1.0 <= gap[k] <= 1.0 for k in ("oracle_cos", "text_shift_cos", "text_emb_cos"))
+    assert heldout_gap(tiny_teacher.encoder, world, held, n_captions=12, renders=3, fit_n=60, seed=1) == gap
+
+
 # ----------------------------------------------------------------------------------------------
 # A short real training run
 
-# Full default runs (600 steps, default world, `python -m pipeline.teacher`) measured on this
-# 2-core machine, seeds 0 and 1: color 0.997-1.00, shape 0.977-0.990, texture 1.00, position 1.00,
-# exact caption 0.983-0.988, matched text-image cosine 0.34, same-caption image-image cosine 0.98.
-# The short run is the same recipe with the schedule compressed to SHORT_STEPS; shapes are learnt
-# last (~0.5 after 250 steps), so its bounds are loose.
+# Measured on the demo's world (2-core machine, heavily shared): the full 600-step teacher reached
+# color 0.998, shape 0.88, texture 0.998, position 0.998, matched text-image cosine 0.60 against
+# 0.97 between renders of one caption, held-out gap (oracle - text-shift) 0.136; after 250 steps
+# (the quick demo's) color 0.98, shape 0.73, matched cosine 0.58, gap 0.05. The short run here
+# is that quick recipe; its bounds are loose (shapes are learnt last) but fail for an untrained
+# tower (chance: color 1/8, shape 1/6) and for a teacher without a gap.
 SHORT_STEPS = 250
 
 
 @pytest.mark.slow
 def test_short_training_run_has_accuracy_and_a_modality_gap(tmp_path: Path) -> None:
-    world = World()
+    world = demo_world(seed=0)
     # One thread: on a shared runner, two OpenMP threads ran ~10x slower here whenever another
-    # process held a core (spinning barriers); one thread costs ~30 s either way.
+    # process held a core (spinning barriers).
     config = TeacherConfig(num_threads=1)
     t0 = time.perf_counter()
     report = train_teacher(world, steps=SHORT_STEPS, seed=0, out_dir=tmp_path / "teacher", config=config,
                            metrics_n=400)
     print(f"\nteacher after {SHORT_STEPS} steps ({time.perf_counter() - t0:.1f} s in all):\n{report.table()}")
-    assert report.color_acc >= 0.9 and report.position_acc >= 0.9 and report.texture_acc >= 0.8
-    assert report.shape_acc >= 0.3  # chance is 1/6
-    # The gap: a caption's text embedding is far from its image, two renders of it are close.
-    assert 0.2 <= report.matched_cos <= 0.5
-    assert report.image_image_cos >= 0.9
-    assert report.image_image_cos - report.matched_cos >= 0.4
+    assert report.color_acc >= 0.9 and report.shape_acc >= 0.4
+    # The gap, learnt (nothing added by hand): a caption's text embedding is far from its image,
+    # two renders of it are close.
+    assert report.matched_cos <= 0.75 and report.image_image_cos - report.matched_cos >= 0.2
+    gap = heldout_gap(load_encoder(report.path, device="cpu"), world, world.holdout_pairs(0.75, seed=0),
+                      n_captions=60, renders=4, fit_n=600)
+    assert gap["gap"] > 0.0 and gap["oracle_cos"] > gap["text_emb_cos"]
     # The folder is an ordinary encoder folder, and the report beside it is the run's.
     loaded = load_encoder(report.path, device="cpu")
     saved = json.loads((Path(report.path) / "teacher_report.json").read_text())
