@@ -1,8 +1,9 @@
 """Prefect flow `demo`: the whole DAG on a CPU, on a synthetic compositional world.
 
-world -> teacher CLIP (trained here) -> url list served on loopback -> precompute (img2dataset +
-encode) -> projection / eclipse / diffusion priors on held-in compositions, several seeds ->
-evaluate on held-in rows and on held-out compositions -> DIR/metrics.json + DIR/report.html.
+world -> teacher CLIP (trained here) + its testbed figures -> url list served on loopback ->
+precompute (img2dataset + encode) -> projection, eclipse at several λ and diffusion priors on
+held-in compositions, several seeds, one training budget -> evaluate on held-in rows and on
+held-out compositions -> DIR/metrics.json + DIR/report.html (with the λ trade-off plot).
 Every stage skips what an earlier run finished.
 """
 
@@ -10,6 +11,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from pydantic import Field
@@ -18,28 +20,40 @@ from flows.evaluate import evaluate
 from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams, _Params
 from flows.precompute import precompute
 from flows.train import train
-from pipeline.world import World, WorldServer, split_by_pairs, write_url_list
+from pipeline.world import World, WorldServer, demo_world, description, split_by_pairs, write_url_list
 from storage_schema import EmbeddingStore
 
-OBJECTIVES = ("projection", "eclipse", "diffusion")
+PAPER_LAMBDA = 0.2  # the eclipse run the diffusion baseline is paired with
 
 
 class DemoParams(_Params):
     images: int = Field(8000, gt=0, description="rendered image-caption pairs")
     heldout_pair_fraction: float = Field(0.75, gt=0, lt=1, description="color x shape pairs the priors never see")
     teacher_steps: int = Field(600, gt=0)
-    prior_steps: int = Field(800, gt=0)
+    prior_steps: int = Field(500, gt=0, description="steps of every prior (one budget for all objectives)")
+    prior_preset: Literal["tiny", "demo"] = Field("demo", description="prior size (training.prior.PRESETS)")
+    lambdas: list[float] = Field([0.02, 0.2, 2.0], min_length=1, description="eclipse's λ values (projection is λ=0)")
     seeds: int = Field(3, gt=0, description="training seeds per objective")
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
     shard_size: int = Field(500, gt=0, description="images per shard")
     eval_seeds: int = Field(3, ge=3, description="noise seeds per prior in the evaluation")
+    eval_rows: int = Field(2000, gt=0, description="rows per split the priors are evaluated on (a seeded sample)")
+    gap_captions: int = Field(300, gt=0, description="held-out captions the testbed gap is measured on")
     seed: int = 0
 
     @classmethod
     def quick(cls) -> "DemoParams":
-        """The same path, small: fewer images, steps and seeds (CI)."""
-        return cls(images=1600, teacher_steps=250, prior_steps=150, seeds=1, shard_size=100)
+        """The same path, small: fewer images, steps, seeds and λ values (CI)."""
+        return cls(images=1600, teacher_steps=250, prior_steps=150, seeds=1, lambdas=[0.2], shard_size=100,
+                   gap_captions=100)
+
+    def objectives(self) -> dict[str, tuple[str, float | None]]:
+        """Run name -> (objective, λ): projection (λ = 0), eclipse at each λ, diffusion."""
+        runs: dict[str, tuple[str, float | None]] = {"projection": ("projection", 0.0)}
+        runs.update({f"eclipse-{lam:g}": ("eclipse", lam) for lam in self.lambdas})
+        runs["diffusion"] = ("diffusion", None)
+        return runs
 
 
 def _port_free(port: int) -> bool:
@@ -67,9 +81,36 @@ def teacher_task(world: World, steps: int, seed: int, out: str) -> dict:
     return train_teacher(world, steps=steps, seed=seed, out_dir=path).to_dict()
 
 
+@task(name="testbed-gap")
+def gap_task(world: World, held_pairs: list[tuple[str, str]], n_captions: int, teacher_dir: str, seed: int) -> dict:
+    from pipeline.encoders import load_encoder
+    from pipeline.teacher import heldout_gap
+
+    path = Path(teacher_dir) / "heldout_gap.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    gap = heldout_gap(load_encoder(teacher_dir), world, held_pairs, n_captions=n_captions,
+                      fit_n=max(800, 6 * n_captions), seed=seed)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(gap, indent=1))
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a file that looks finished
+    return gap
+
+
 @flow(name="demo", log_prints=True)
 def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
-    from training.experiment import caption_retrieval, format_table, oracle_metrics, report_section, summarize
+    from training.experiment import (
+        caption_retrieval,
+        format_table,
+        format_testbed,
+        format_tradeoff,
+        oracle_metrics,
+        report_section,
+        summarize,
+        summarize_testbed,
+        tradeoff,
+    )
+    from training.prior import build_prior, count_parameters
 
     log = get_run_logger()
     root = Path(out).absolute()
@@ -80,17 +121,18 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     if state.get("params", p.model_dump()) != p.model_dump():
         raise ValueError(f"{root} holds a demo run with other settings ({state['params']}); resume it with the same "
                          f"flags, or use another --out")
-    world = World(seed=p.seed, image_size=32)
+    world = demo_world(seed=p.seed, image_size=32)
+    held_pairs = world.holdout_pairs(p.heldout_pair_fraction, seed=p.seed)
 
-    print("1/5 teacher CLIP on the synthetic world")
+    print("1/5 teacher CLIP on the synthetic world, and the testbed figures")
     teacher = teacher_task(world, p.teacher_steps, p.seed, str(root / "teacher"))
-    print(f"    color {teacher['color_acc']:.3f}, shape {teacher['shape_acc']:.3f}, matched text-image cos "
-          f"{teacher['matched_cos']:.3f} vs same-caption image-image cos {teacher['image_image_cos']:.3f}")
+    gap = gap_task(world, sorted(held_pairs), p.gap_captions, str(root / "teacher"), p.seed)
+    bed = summarize_testbed(teacher, gap)
+    print(format_testbed(bed))
 
     # Held-in compositions first, cut to whole shards, then the held-out ones: shard i of the url
     # list is rows [i*N, (i+1)*N) in img2dataset, so the split is a split of store shards.
     specs = world.sample_specs(p.images, seed=p.seed)
-    held_pairs = world.holdout_pairs(p.heldout_pair_fraction, seed=p.seed)
     kept, held = split_by_pairs(specs, held_pairs)
     kept = kept[: (len(kept) // p.shard_size) * p.shard_size]
     if not kept or not held:
@@ -116,34 +158,52 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     st = EmbeddingStore(store)
     heldin_shards, heldout_shards = st.shards[:n_in_shards], st.shards[n_in_shards:]
     dim, context = st.encoder.image_dim, st.encoder.context_length
-    runs: dict[str, list[str]] = {o: [] for o in OBJECTIVES}
-    total = len(OBJECTIVES) * p.seeds
-    print(f"3/5 training {total} priors ({p.prior_steps} steps each) on the held-in shards {heldin_shards}")
+    objectives = p.objectives()
+    runs: dict[str, list[str]] = {o: [] for o in objectives}
+    total = len(objectives) * p.seeds
+    n_params = count_parameters(build_prior(p.prior_preset, dim, context))
+    budget = {"steps": p.prior_steps, "batch_size": p.batch_size, "samples_seen": p.prior_steps * p.batch_size,
+              "lr": p.lr, "preset": p.prior_preset, "prior_parameters": n_params, "heldin_rows": len(kept),
+              "epochs": round(p.prior_steps * p.batch_size / (0.9 * len(kept)), 1)}
+    print(f"3/5 training {total} priors on the held-in shards {heldin_shards}: every objective gets the same "
+          f"budget, {p.prior_steps} steps x batch {p.batch_size} (~{budget['epochs']} epochs), "
+          f"{n_params:,}-parameter '{p.prior_preset}' prior")
     for s in range(p.seeds):
-        for obj in OBJECTIVES:
-            name = f"{obj}-s{s}"
+        for key, (obj, lam) in objectives.items():
+            name = f"{key}-s{s}"
             print(f"    [{sum(map(len, runs.values())) + 1}/{total}] {name}")
-            train(store=store, out=str(root / "runs" / name), objective=obj, preset="tiny", steps=p.prior_steps,
+            train(store=store, out=str(root / "runs" / name), objective=obj, preset=p.prior_preset,
+                  steps=p.prior_steps,
                   params=TrainParams(batch_size=p.batch_size, lr=p.lr, seed=s, embedding_dim=dim,
                                      text_length=context, heldout_fraction=0.1, ckpt_every=max(p.prior_steps // 4, 1),
-                                     eval_every=0, num_threads=max(1, os.cpu_count() or 1)),
+                                     eval_every=0, num_threads=max(1, os.cpu_count() or 1),
+                                     **({"eclipse_lambda": lam} if obj == "eclipse" else {})),
                   shards=heldin_shards)
-            runs[obj].append(name)
+            runs[key].append(name)
 
     print("4/5 evaluating on held-in rows and on held-out compositions")
-    priors = [str(root / "runs" / n) for obj in OBJECTIVES for n in runs[obj]]
-    common = dict(priors=priors, store=store, seeds=p.eval_seeds, max_rows=4000, prompt_suite=False,
+    priors = [str(root / "runs" / n) for key in objectives for n in runs[key]]
+    common = dict(priors=priors, store=store, seeds=p.eval_seeds, max_rows=p.eval_rows, prompt_suite=False,
                   device="cpu", image_source=pre["images"])
     results = {"heldin": evaluate(out=str(root / "eval-heldin"), **common),
                "heldout": evaluate(out=str(root / "eval-heldout"), heldout_shards=heldout_shards, **common)}
-    oracle = {"heldout": oracle_metrics(st, heldout_shards)}
+    # Templates are drawn independently of the image: group renders by the caption without its template.
+    oracle = {"heldout": oracle_metrics(st, heldout_shards, group=description)}
     for split, held_shards in (("heldin", None), ("heldout", heldout_shards)):
+        rows = len(held) if held_shards else len(kept)
         results[split]["caption_retrieval"] = caption_retrieval(st, priors, heldin_shards, held_shards,
-                                                                seeds=p.eval_seeds)
+                                                                seeds=p.eval_seeds, keep=min(1.0, p.eval_rows / rows),
+                                                                group=description)
 
     print("5/5 report")
-    table = summarize(results, runs, oracle)
-    metrics = {"teacher": teacher, "world": world.to_dict(), "params": p.model_dump(),
+    paper = f"eclipse-{PAPER_LAMBDA:g}" if PAPER_LAMBDA in p.lambdas else f"eclipse-{p.lambdas[0]:g}"
+    pairs = [(f"eclipse-{lam:g}", "projection") for lam in p.lambdas] + [(paper, "diffusion")]
+    table = summarize(results, runs, oracle, pairs=pairs)
+    lambdas = {key: lam for key, (obj, lam) in objectives.items() if lam is not None}
+    points = tradeoff(table, lambdas)
+    metrics = {"teacher": teacher, "testbed": bed, "budget": budget, "tradeoff": points,
+               "tradeoff_heldin": tradeoff(table, lambdas, split="heldin"),
+               "world": world.to_dict(), "params": p.model_dump(),
                "split": {"heldin_shards": heldin_shards, "heldout_shards": heldout_shards,
                          "heldout_pairs": sorted(map(list, held_pairs)), "heldin_rows": len(kept),
                          "heldout_rows": len(held)},
@@ -152,12 +212,16 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     (root / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     notes = (f"{len(kept)} held-in and {len(held)} held-out-composition images; "
              f"{len(held_pairs)} of {len(world.colors) * len(world.shapes)} color × shape pairs never reach a prior. "
+             f"Training budget, the same for every objective: {p.prior_steps} steps × batch {p.batch_size} "
+             f"(~{budget['epochs']} epochs of the held-in rows), lr {p.lr:g}, {n_params:,}-parameter "
+             f"'{p.prior_preset}' prior, {p.seeds} training seed(s). "
              "The evaluation below is the held-out-composition split; held-in figures are in the table above "
              "and in eval-heldin/report.html.")
     heldout_html = (root / "eval-heldout" / "report.html").read_text()
-    top = report_section(table, teacher, notes)
+    top = report_section(table, teacher, notes, testbed_figures=bed, points=points)
     (root / "report.html").write_text(heldout_html.replace("<body>", "<body>" + top, 1))
-    text = format_table(table)
+    text = "\n".join([format_table(table), "", "testbed:", format_testbed(bed), "",
+                      "λ trade-off on held-out compositions (mean [t-interval over seeds]):", format_tradeoff(points)])
     print(text)
     print(f"report: {root / 'report.html'}")
     log.info("demo finished")

@@ -34,7 +34,7 @@ def train(
     store: str,
     out: str,
     objective: Literal["eclipse", "projection", "diffusion"] = "eclipse",
-    preset: Literal["kandinsky22", "karlo", "tiny"] = "kandinsky22",
+    preset: Literal["kandinsky22", "karlo", "tiny", "demo"] = "kandinsky22",
     steps: int = 60_000,
     params: TrainParams = TrainParams(),
     init_from: str | None = None,

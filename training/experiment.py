@@ -63,11 +63,14 @@ def oracle_metrics(store: EmbeddingStore, shards: Sequence[str], n_boot: int = 2
 
 
 def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards: Sequence[str],
-                      heldout_shards: Sequence[str] | None, seeds: int = 3, n_boot: int = 200) -> dict:
+                      heldout_shards: Sequence[str] | None, seeds: int = 3, n_boot: int = 200,
+                      keep: float = 1.0, group: Callable[[str], str] | None = None) -> dict:
     """R@1 among caption prototypes: is the prediction nearest to the mean real image embedding of its own
     caption, among the prototypes of every caption in the store? Row-level retrieval cannot tell apart
     renders of one caption; this asks what a decoder needs: the right composition.
 
+    `group` maps a caption to its prototype's key (as in `oracle_metrics`; default: the caption).
+    `keep`: the fraction of the evaluated rows to score (a key-hash sample, as `evaluate` draws it).
     Returns model name -> summary (priors under `seeds` noise seeds; TextEmb, text-shift, ridge; oracle).
     """
     from training.evaluate import Baselines, predict_heldout, resolve_split, scan_training_split
@@ -75,18 +78,20 @@ def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards
 
     handles = [open_prior(p, "cpu") for p in priors]
     split = resolve_split(handles, None, None, train_shards, heldout_shards, store)
-    held = predict_heldout(store, split, handles, seeds, 1.0, 256)
+    held = predict_heldout(store, split, handles, seeds, keep, 256)
     base = Baselines.fit(scan_training_split(store, split, 1.0, 0.0))
 
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for b in store.iter_batches(4096, [CAPTION, IMAGE_EMBED]):
         for c, e in zip(b[CAPTION], b[IMAGE_EMBED].astype(np.float64), strict=True):
-            sums[str(c)] = sums.get(str(c), 0) + e
-            counts[str(c)] = counts.get(str(c), 0) + 1
+            k = group(str(c)) if group else str(c)
+            sums[k] = sums.get(k, 0) + e
+            counts[k] = counts.get(k, 0) + 1
     names = sorted(sums)
     protos = M.l2_normalize(np.stack([sums[c] / counts[c] for c in names]))
-    target = np.array([names.index(c) for c in held.captions])
+    index = {c: i for i, c in enumerate(names)}
+    target = np.array([index[group(c) if group else c] for c in held.captions])
 
     def hits(pred: np.ndarray) -> np.ndarray:
         return (np.argmax(M.l2_normalize(pred) @ protos.T, axis=1) == target).astype(np.float64)

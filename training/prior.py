@@ -28,11 +28,13 @@ from torch import nn
 MASK_VALUE = -10000.0
 
 # Presets: the released ECLIPSE configs (16 heads x 32 dims, 10 layers) for the two
-# decoders, and a tiny one for tests. `embedding_dim` is the CLIP dim D of the store.
+# decoders, a tiny one for tests, and the demo's (sized to fit its held-in rows on 2 CPU cores).
+# `embedding_dim` is the CLIP dim D of the store.
 PRESETS: dict[str, dict] = {
     "kandinsky22": dict(num_attention_heads=16, attention_head_dim=32, num_layers=10, embedding_dim=1280),
     "karlo": dict(num_attention_heads=16, attention_head_dim=32, num_layers=10, embedding_dim=768),
     "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32),
+    "demo": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, embedding_dim=64),
 }
 # Everything else is shared by all presets and equals the released config.
 COMMON = dict(
