@@ -4,7 +4,8 @@ Prints the raw numbers for the two hidden-state layouts considered (nested fp16 
 fp16 byte string), then the trainer's batch path against the raw Parquet read of the same
 columns, one core each (fp16 payload bytes per second: both embeddings plus the real tokens
 of text_hidden):
-  raw read     pyarrow reads every shard's image_embed, text_embed, text_hidden, text_len
+  raw read     pyarrow reads every shard's columns that the loader reads (training.data.TRAIN_COLUMNS
+               and text_len), memory-mapped as the loader does
   batch path   training.data.StoreLoader without its read-ahead thread: the same read, then
                shuffle (seeded row buffer), pad, mask and wrap as torch tensors (StoreBatch).
                As the trainer runs it (pad_on_device): the host pads to the batch's longest
@@ -16,6 +17,7 @@ disk / fp16 payload).
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storage_schema import EmbeddingStore, EncoderInfo, StoreWriter, build_table  # noqa: E402
 from storage_schema.inspect import inspect_store  # noqa: E402
-from training.data import StoreLoader  # noqa: E402
+from training.data import TRAIN_COLUMNS, StoreLoader  # noqa: E402
 
 
 def make_store(path: Path, shards: int, rows: int, dim: int) -> None:
@@ -87,34 +89,44 @@ def trainer_columns_payload(store: EmbeddingStore) -> int:
     return rows * (store.encoder.image_dim + store.encoder.text_dim) * 2 + tokens * store.encoder.hidden_dim * 2
 
 
-def raw_read_gbps(store: EmbeddingStore) -> float:
-    """pyarrow alone reading the columns the batch path reads, every shard, one thread (best of 3).
+def raw_read_seconds(store: EmbeddingStore) -> float:
+    """One pass of pyarrow alone reading the columns the batch path reads, every shard, one thread.
 
     Memory-mapped like the batch path, so the ratio is the batch path's own cost.
     """
-    cols = ["image_embed", "text_embed", "text_hidden", "text_len"]
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for name in store.shards:
-            pq.read_table(store.dir / name, columns=cols, use_threads=False, memory_map=True)
-        best = min(best, time.perf_counter() - t0)
-    return trainer_columns_payload(store) / best / 1e9
+    t0 = time.perf_counter()
+    for name in store.shards:
+        pq.read_table(store.dir / name, columns=[*TRAIN_COLUMNS, "text_len"], use_threads=False, memory_map=True)
+    return time.perf_counter() - t0
 
 
-def batch_path_gbps(store: EmbeddingStore, pad_on_device: bool) -> float:
-    """One pass of StoreLoader (no read-ahead thread: one core) over the whole store (best of 3)."""
-    hidden = store.encoder.hidden_dim
-    best, payload = float("inf"), 0
-    for _ in range(3):
-        payload = 0
-        t0 = time.perf_counter()
-        loader = StoreLoader(store, 256, shuffle=True, seed=0, infinite=False, drop_last=False, buffer_size=2048,
-                             pad_to=77, pad_on_device=pad_on_device, prefetch=0)
-        for b in loader:
-            payload += b.image_embed.nbytes + b.text_embed.nbytes + int(b.text_mask.sum()) * hidden * 2
-        best = min(best, time.perf_counter() - t0)
-    return payload / best / 1e9
+def batch_path_seconds(store: EmbeddingStore, pad_on_device: bool) -> tuple[float, int]:
+    """One pass of StoreLoader (no read-ahead thread: one core) over the whole store: (seconds, payload bytes)."""
+    hidden, payload = store.encoder.hidden_dim, 0
+    t0 = time.perf_counter()
+    loader = StoreLoader(store, 256, shuffle=True, seed=0, infinite=False, drop_last=False, buffer_size=2048,
+                         pad_to=77, pad_on_device=pad_on_device, prefetch=0)
+    for b in loader:
+        payload += b.image_embed.nbytes + b.text_embed.nbytes + int(b.text_mask.sum()) * hidden * 2
+    return time.perf_counter() - t0, payload
+
+
+def batch_path_vs_raw(store: EmbeddingStore, rounds: int) -> dict[str, tuple[float, float]]:
+    """name -> (median GB/s, median ratio to the raw read). The passes alternate and each ratio
+    pairs a pass with the raw read right before it: this machine's speed drifts within seconds."""
+    payload = trainer_columns_payload(store)
+    speeds: dict[str, list[float]] = {"raw": [], "trainer": [], "host_77": []}
+    ratios: dict[str, list[float]] = {"trainer": [], "host_77": []}
+    for _ in range(rounds):
+        t_raw = raw_read_seconds(store)
+        speeds["raw"].append(payload / t_raw / 1e9)
+        for name, on_device in (("trainer", True), ("host_77", False)):
+            t, got = batch_path_seconds(store, on_device)
+            assert got == payload, (got, payload)  # every row once, the same bytes as the raw read
+            speeds[name].append(payload / t / 1e9)
+            ratios[name].append(t_raw / t)
+    ratios["raw"] = [1.0]
+    return {k: (statistics.median(v), statistics.median(ratios[k])) for k, v in speeds.items()}
 
 
 def main() -> None:
@@ -122,6 +134,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--rounds", type=int, default=7, help="alternating raw-read / batch-path rounds")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,13 +146,14 @@ def main() -> None:
         report = inspect_store(tmp / "store", verify=False)
         print(f"layout nested list<fixed_size_list<f16>> text_hidden: {nested_layout_gbps(store, tmp):.2f} GB/s")
         print(f"layout large_binary text_hidden (ours):              {binary_layout_gbps(store):.2f} GB/s")
-        raw = raw_read_gbps(store)
-        trainer, host_77 = batch_path_gbps(store, True), batch_path_gbps(store, False)
+        res = batch_path_vs_raw(store, args.rounds)
+        (raw, _), (trainer, ratio), (host_77, ratio_77) = res["raw"], res["trainer"], res["host_77"]
+        print(f"medians of {args.rounds} alternating rounds:")
         print(f"raw read of the trainer's columns:                   {raw:.2f} GB/s")
-        print(f"batch path as the trainer runs it (77 on the device): {trainer:.2f} GB/s ({trainer / raw:.2f}x raw)")
-        print(f"batch path padded to 77 on the host:                 {host_77:.2f} GB/s ({host_77 / raw:.2f}x raw)")
+        print(f"batch path as the trainer runs it (77 on the device): {trainer:.2f} GB/s ({ratio:.2f}x raw)")
+        print(f"batch path padded to 77 on the host:                 {host_77:.2f} GB/s ({ratio_77:.2f}x raw)")
         print(f"bytes per sample {report['bytes_per_sample']:.0f}, avg tokens {report['tokens'] / report['rows']:.1f}")
-        print(f"batch_path_vs_raw_read={trainer / raw:.2f}")
+        print(f"batch_path_vs_raw_read={ratio:.2f}")
         print(f"store_read_gbps_per_core={trainer:.2f}")
         print(f"store_bytes_ratio={report['bytes_ratio']:.4f}")
 
