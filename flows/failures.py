@@ -3,19 +3,21 @@
 Prefect retries a failed task after a pause; `retry_unless_permanent` (a task's
 `retry_condition_fn`) stops that for :func:`pipeline.errors.is_permanent` errors, so an
 offline machine or a refused metadata request fails in seconds and the flow run's final
-state message is the error itself (`prefect deployment run ... --watch` prints the run's
-logs, the final state's message among them).
+state message is the error itself. `prefect deployment run ... --watch` prints the run's
+state events and, when the server streams logs (README: PREFECT_SERVER_LOGS_*), its logs:
+the "not retrying" line and Prefect's "Finished in state Failed(...)" carry the error.
 """
 
 from pathlib import Path
 
-from prefect import get_run_logger
+from prefect import Task, get_run_logger
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.exceptions import MissingContextError
 
 from pipeline.errors import is_permanent
 
 
-def retry_unless_permanent(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+def retry_unless_permanent(task: Task, task_run: TaskRun, state: State) -> bool:
     """False (fail now) when the task's exception is permanent; True lets the task's retry policy run."""
     exc = state.result(raise_on_failure=False)  # the exception itself, without re-raising it (tracebacks stay short)
     if not isinstance(exc, BaseException) or not is_permanent(exc):
