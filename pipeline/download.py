@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PermanentError
 from pipeline.sources import prepare_url_list, read_url_list_report, resolve_source, source_spec
+from storage_schema.writer import atomic_write_bytes
 
 # albumentations (imported by img2dataset) checks PyPI for updates at import time: a
 # network call on every worker start, slow or hanging offline. Set before the import;
@@ -179,15 +180,7 @@ class DownloadSummary:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, text.encode())
 
 
 def _shard_name(shard_id: int) -> str:
