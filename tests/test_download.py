@@ -205,6 +205,10 @@ def test_config_defaults_and_validation():
         DownloadConfig(incremental_mode="extend")
     with pytest.raises(ValueError, match="max_error_rate"):
         DownloadConfig(max_error_rate=1.5)
+    from pipeline.cli import _download_config, build_parser
+
+    args = build_parser().parse_args(["download", "pairs.csv", "--out", "o", "--max-error-rate", "0.9"])
+    assert _download_config(args).max_error_rate == 0.9
     with pytest.raises(TypeError, match="unknown download option"):
         download_main("x.csv", "out", colour="red")
 
