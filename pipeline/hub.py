@@ -102,26 +102,26 @@ def _hub_errors(repo: str, pattern: str) -> Iterator[None]:
             f"dataset {repo} is gated and {why} (HTTP {status}). Accept the dataset's terms at {page} while logged "
             "in, then run `huggingface-cli login` (or `hf auth login`) or set HF_TOKEN=<a read token>; "
             + _manual_hint(repo, pattern)
-        ) from None
-    except RepositoryNotFoundError:
+        ) from e
+    except RepositoryNotFoundError as e:
         raise SourceAccessError(
             f"dataset {repo} was not found at {endpoint()} (or it is private): check the name; if it is private, "
             "run `huggingface-cli login` or set HF_TOKEN; " + _manual_hint(repo, pattern)
-        ) from None
+        ) from e
     except RevisionNotFoundError as e:
-        raise SourceAccessError(f"dataset {repo}: no such revision ({e})") from None
+        raise SourceAccessError(f"dataset {repo}: no such revision ({e})") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, http.ConnectError, http.TimeoutException) as e:
         raise SourceUnavailableError(
             f"dataset {repo}: the hub at {endpoint()} cannot be reached (offline?) and the files matching "
             f"{pattern!r} are not in the Hugging Face cache {cache_dir()}: {type(e).__name__}; "
             + _manual_hint(repo, pattern)
-        ) from None
+        ) from e
     except EntryNotFoundError as e:
-        raise SourceAccessError(f"dataset {repo}: a listed file is missing ({e})") from None
+        raise SourceAccessError(f"dataset {repo}: a listed file is missing ({e})") from e
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         cls = SourceAccessError if status in (401, 403, 404) else SourceUnavailableError
-        raise cls(f"dataset {repo}: the hub answered HTTP {status}: {str(e).splitlines()[0]}") from None
+        raise cls(f"dataset {repo}: the hub answered HTTP {status}: {str(e).splitlines()[0]}") from e
 
 
 def _offline_reason() -> str | None:
