@@ -34,11 +34,11 @@ class DemoParams(_Params):
     prior_preset: Literal["tiny", "demo"] = Field("demo", description="prior size (training.prior.PRESETS)")
     lambdas: list[float] = Field([0.02, 0.2, 2.0], min_length=1, description="eclipse's λ values (projection is λ=0)")
     seeds: int = Field(3, gt=0, description="training seeds per objective")
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     shard_size: int = Field(500, gt=0, description="images per shard")
     eval_seeds: int = Field(3, ge=3, description="noise seeds per prior in the evaluation")
-    eval_rows: int = Field(2000, gt=0, description="rows per split the priors are evaluated on (a seeded sample)")
+    eval_rows: int = Field(1000, gt=0, description="rows per split the priors are evaluated on (a seeded sample)")
     gap_captions: int = Field(300, gt=0, description="held-out captions the testbed gap is measured on")
     seed: int = 0
 
