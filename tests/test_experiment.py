@@ -16,6 +16,7 @@ from training.experiment import (
     summarize,
     summarize_testbed,
     tradeoff,
+    tradeoff_charts,
     verdict,
 )
 
@@ -92,6 +93,8 @@ def test_tradeoff_points_follow_lambda_with_seed_intervals():
     lo, hi = pts[2]["cos_image"]["ci_over_seeds"]
     assert lo < 0.51 < hi and pts[2]["caption_r1"]["mean"] is None  # not evaluated here
     assert "0.2" in format_tradeoff(pts).splitlines()[2]
+    charts = tradeoff_charts(pts, table)  # caption R@1 was not evaluated: only the probe's two charts
+    assert charts.count("<svg") == 2 and "attribute probe AUC vs cosine, the λ sweep" in charts
     paired = [p for p in table["paired"] if p["metric"] == "cos_image"]
     assert [(p["a"], p["b"]) for p in paired] == [("eclipse-0.2", "projection")]
     assert paired[0]["mean"] == pytest.approx(-0.1)

@@ -268,11 +268,12 @@ def format_tradeoff(points: Sequence[dict], metrics: Sequence[str] = ("cos_image
 
 def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout") -> str:
     """SVG charts of the λ sweep: each composition score against cosine to the real image, one point
-    per λ (mean over seeds, t-interval whiskers on both axes), the curve in λ order, and the
-    baselines and the diffusion prior as reference points."""
+    per λ (mean over seeds, t-interval whiskers on both axes), the curve in λ order; once with the
+    λ points alone (their scale), once with the baselines and the diffusion prior as references."""
     from training.report import BASELINE_COLORS, PRIOR_COLORS, svg_scatter
 
     charts = []
+    curve = [f"λ={pt['lambda']:g} ({pt['objective']})" for pt in points]
     for score, label in (("caption_r1", "caption R@1 (right composition)"),
                          ("probe_auc", "attribute probe AUC")):
         pts = []
@@ -281,6 +282,8 @@ def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout")
             pts.append((f"λ={pt['lambda']:g} ({pt['objective']})", PRIOR_COLORS[i % len(PRIOR_COLORS)],
                         (x["mean"], *(x["ci_over_seeds"] or (None, None))),
                         (y["mean"], *(y["ci_over_seeds"] or (None, None)))))
+        charts.append(svg_scatter(f"{split}: {label} vs cosine, the λ sweep", pts, "cosine to the real image",
+                                  label, curve=curve))
         swept = {pt["objective"] for pt in points}
         for obj, by_split in table["objectives"].items():
             if obj in swept or split not in by_split:
@@ -292,7 +295,7 @@ def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout")
             v = table["baselines"].get(base, {}).get(split, {})
             pts.append((base, BASELINE_COLORS[j], (v.get("cos_image"), None, None), (v.get(score), None, None)))
         charts.append(svg_scatter(f"{split}: {label} vs cosine to the real image", pts, "cosine to the real image",
-                                  label, curve=[f"λ={pt['lambda']:g} ({pt['objective']})" for pt in points]))
+                                  label, curve=curve))
     return "".join(charts)
 
 
