@@ -131,3 +131,22 @@ def test_scatter_draws_points_whiskers_and_the_curve():
     assert svg.find(f"{ns}polyline").get("points").count(",") == 2  # the curve joins the drawn points
     assert any("(n/a)" in (t.text or "") for t in svg.findall(f"{ns}text"))
     assert svg_scatter("empty", [("a", "#000", (None, None, None), (None, None, None))], "x", "y") == ""
+
+
+def test_scatter_keeps_every_point_and_whisker_inside_the_axes():
+    # the demo's figures: a prior past the last "nice" tick (0.932 > 0.9) and a baseline high above the rest
+    width, height, left, right, top, bottom = 560, 340, 56, 170, 28, 44
+    svg = ET.fromstring(svg_scatter("trade-off", [
+        ("projection", "#111111", (0.932, 0.929, 0.935), (0.358, 0.281, 0.436)),
+        ("diffusion", "#222222", (0.890, 0.871, 0.909), (0.313, 0.235, 0.392)),
+        ("TextEmb", "#333333", (0.612, None, None), (0.727, None, None)),
+    ], "cos", "R@1", width=width, height=height))
+    ns = "{http://www.w3.org/2000/svg}"
+    xs = [float(c.get("cx")) for c in svg.findall(f"{ns}circle")]
+    ys = [float(c.get("cy")) for c in svg.findall(f"{ns}circle")]
+    for g in svg.findall(f"{ns}g"):
+        for line in g.findall(f"{ns}line"):
+            xs += [float(line.get("x1")), float(line.get("x2"))]
+            ys += [float(line.get("y1")), float(line.get("y2"))]
+    assert len(xs) > 3 and all(left - 0.01 <= x <= width - right + 0.01 for x in xs)
+    assert all(top - 0.01 <= y <= height - bottom + 0.01 for y in ys)
