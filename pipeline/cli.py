@@ -207,6 +207,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return generate_cli(args)
 
 
+def demo_params(args: argparse.Namespace):
+    """The demo's DemoParams from `eclipse-prior demo`'s flags."""
+    from flows.demo import DemoParams
+
+    params = DemoParams.quick() if args.quick else DemoParams()
+    return params.model_copy(update={"lambdas": args.lambdas}) if args.lambdas else params
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     # `import prefect` writes to ~/.prefect unless PREFECT_HOME is set; keep the demo's state beside it.
@@ -214,9 +222,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the temporary local API sends nothing
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    from flows.demo import DemoParams, demo
+    from flows.demo import demo
 
-    result = demo(out=out, params=DemoParams.quick() if args.quick else DemoParams())
+    result = demo(out=out, params=demo_params(args))
     print(result["table"])  # the flow's own prints went to its log; the answer goes to stdout
     print(f"report:  {result['report']}\nmetrics: {result['metrics']}")
     return 0
@@ -352,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     dm.add_argument("--quick", action="store_true", help="fewer images, steps and seeds (CI)")
+    dm.add_argument("--lambdas", type=float, nargs="+", metavar="L",
+                    help="eclipse's λ values to sweep (default 0.02 0.2 2; --quick: 0.2); projection is λ=0")
     dm.set_defaults(func=_cmd_demo)
 
     srv = sub.add_parser(

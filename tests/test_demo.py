@@ -15,6 +15,18 @@ from training.prior import load_prior
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_demo_flags_choose_the_lambda_sweep():
+    from pipeline.cli import build_parser, demo_params
+
+    parse = build_parser().parse_args
+    assert demo_params(parse(["demo"])).lambdas == [0.02, 0.2, 2.0]
+    wide = demo_params(parse(["demo", "--lambdas", "0.2", "20", "200"]))
+    assert wide.lambdas == [0.2, 20.0, 200.0] and wide.images == 8000
+    quick = demo_params(parse(["demo", "--quick", "--lambdas", "2"]))
+    assert quick.lambdas == [2.0] and quick.images < 8000
+    assert set(quick.objectives()) == {"projection", "eclipse-2", "diffusion"}
+
+
 @pytest.mark.slow
 def test_demo_quick_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
