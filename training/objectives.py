@@ -30,8 +30,8 @@ OBJECTIVES = ("eclipse", "projection", "diffusion")
 
 # tau: the paper does not state it. 0.07 is CLIP's initial temperature (Radford et al. 2021),
 # also the common fixed choice of MoCo/SimCLR-style InfoNCE. It was first chosen when L_proj was
-# a mean over D (which weighted L_CLS D times more); under Eq. 3's sum it was rechecked on the
-# demo world's lambda sweep (README, BENCHMARKS.md) rather than re-tuned.
+# a mean over D (which weighted L_CLS D times more); under Eq. 3's sum it is kept, not re-tuned:
+# the demo's lambda sweep (BENCHMARKS.md) ran at tau 0.07, and no tau sweep has been run.
 DEFAULT_TAU = 0.07
 DEFAULT_LAMBDA = 0.2
 REDUCTIONS = ("sum", "mean")  # Eq. 3's reduction over D: "sum" is the paper's, "mean" divides it by D
