@@ -1,6 +1,6 @@
 """CLIP encoder backends and presets: the decoder's own encoders, loaded once per worker.
 
-What the prior consumes (DESIGN.md, "What the prior consumes"): raw projected `image_embeds`
+What the prior consumes (ARCHITECTURE.md, the store contract): raw projected `image_embeds`
 of the vision tower, raw projected `text_embeds` (EOS token) of the text tower, and the text
 tower's `last_hidden_state` after its final LayerNorm, real tokens only (BOS..EOS). Nothing
 here L2-normalises or standardises: the store keeps what the decoder's prior sees.

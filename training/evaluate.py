@@ -3,8 +3,8 @@
     evaluate(["runs/eclipse", "runs/projection"], "stores/cc3m", "eval/cc3m") -> metrics dict
 
 On the store's held-out split (the key-hash split the trainer never reads, `training.data.is_heldout`):
-every prior predicts image embeddings with several noise seeds; the baselines of DESIGN.md
-("Evaluation") are fitted on the training split only: TextEmb (the text embedding itself),
+every prior predicts image embeddings with several noise seeds; the baselines
+are fitted on the training split only: TextEmb (the text embedding itself),
 text-shift (text - mean text + mean image), the mean image embedding, and ridge regression
 text -> image. Every figure is averaged over the seeds and given with a seeded bootstrap
 interval over rows. Then, when the store's text encoder loads: the T2I-CompBench prompt suites

@@ -5,7 +5,7 @@ not L2-normalised) and returns per-row values where the figure is a mean over ro
 that `summarize` can average over noise seeds and bootstrap a confidence interval over
 rows. Set statistics (Fréchet distance, probe AUC) get their own bootstrap.
 
-What the figures can and cannot see (notes/shapes-world-prototype.md): retrieval ranks
+What the figures can and cannot see (measured on the demo world, BENCHMARKS.md): retrieval ranks
 cosines, so it is blind to a constant shift: the text embedding itself retrieves
 perfectly while it sits across the modality gap from every real image. Report it next to
 the gap-sensitive figures: cosine to the real image embedding, Fréchet distance, norm
