@@ -16,12 +16,13 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from pydantic import Field
 
+from demo.world import World, WorldServer, demo_world, description, split_by_pairs, write_url_list
 from flows.evaluate import evaluate
 from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams, _Params
 from flows.precompute import precompute
 from flows.train import train
-from pipeline.world import World, WorldServer, demo_world, description, split_by_pairs, write_url_list
 from storage_schema import EmbeddingStore
+from storage_schema.atomic import atomic_write_text
 
 PAPER_LAMBDA = 0.2  # the eclipse run the diffusion baseline is paired with
 
@@ -70,8 +71,8 @@ def _port_free(port: int) -> bool:
 
 @task(name="teacher")
 def teacher_task(world: World, steps: int, seed: int, out: str) -> dict:
+    from demo.teacher import teacher_metrics, train_teacher
     from pipeline.encoders import load_encoder
-    from pipeline.teacher import teacher_metrics, train_teacher
 
     path = Path(out)
     report_file = path / "teacher_report.json"
@@ -86,23 +87,21 @@ def teacher_task(world: World, steps: int, seed: int, out: str) -> dict:
 
 @task(name="testbed-gap")
 def gap_task(world: World, held_pairs: list[tuple[str, str]], n_captions: int, teacher_dir: str, seed: int) -> dict:
+    from demo.teacher import heldout_gap
     from pipeline.encoders import load_encoder
-    from pipeline.teacher import heldout_gap
 
     path = Path(teacher_dir) / "heldout_gap.json"
     if path.exists():
         return json.loads(path.read_text())
     gap = heldout_gap(load_encoder(teacher_dir), world, held_pairs, n_captions=n_captions,
                       fit_n=max(800, 6 * n_captions), seed=seed)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(gap, indent=1))
-    os.replace(tmp, path)  # atomic: a killed run never leaves half a file that looks finished
+    atomic_write_text(path, json.dumps(gap, indent=1))
     return gap
 
 
 @flow(name="demo", log_prints=True)
 def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
-    from training.experiment import (
+    from demo.experiment import (
         caption_retrieval,
         format_table,
         format_testbed,

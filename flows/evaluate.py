@@ -10,8 +10,8 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from evaluation.evaluate import evaluate as evaluate_priors
 from flows.failures import require_store
-from training.evaluate import evaluate as evaluate_priors
 
 SUMMARY_METRICS = ("cos_image", "r1", "r5", "frechet", "norm_ratio")
 INPUTS = ".evaluate-inputs.json"

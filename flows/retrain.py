@@ -19,13 +19,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
+from evaluation.gate import Gate, decide, read_promoted, record
 from flows.evaluate import evaluate
 from flows.failures import missing_store_message, require_store, store_exists
 from flows.params import GateParams, TrainParams
 from flows.train import train
 from storage_schema import EmbeddingStore
 from training.export import STATE, latest_checkpoint
-from training.registry import Gate, decide, read_promoted, record
+from training.objectives import Objective
+from training.prior import PresetName
 
 
 def _model_name(result: dict, prior: str) -> str:
@@ -40,8 +42,8 @@ def _model_name(result: dict, prior: str) -> str:
 def retrain(
     store: str,
     registry: str,
-    objective: Literal["eclipse", "projection", "diffusion"] = "eclipse",
-    preset: Literal["kandinsky22", "karlo", "tiny"] = "kandinsky22",
+    objective: Objective = "eclipse",
+    preset: PresetName = "kandinsky22",
     steps: int = 5_000,
     data: Literal["all", "new"] = "all",
     params: TrainParams = TrainParams(),

@@ -3,7 +3,6 @@ interrupted one resumes from its latest complete checkpoint."""
 
 import json
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -12,6 +11,8 @@ from flows.failures import require_store
 from flows.params import TrainParams
 from training.config import TrainConfig
 from training.export import STATE, latest_checkpoint
+from training.objectives import Objective
+from training.prior import PresetName
 from training.trainer import train as train_prior
 
 
@@ -33,8 +34,8 @@ def train_task(cfg: TrainConfig) -> str:
 def train(
     store: str,
     out: str,
-    objective: Literal["eclipse", "projection", "diffusion"] = "eclipse",
-    preset: Literal["kandinsky22", "karlo", "tiny", "demo"] = "kandinsky22",
+    objective: Objective = "eclipse",
+    preset: PresetName = "kandinsky22",
     steps: int = 60_000,
     params: TrainParams = TrainParams(),
     init_from: str | None = None,

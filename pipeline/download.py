@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PermanentError
 from pipeline.sources import prepare_url_list, read_url_list_report, resolve_source, source_spec
-from storage_schema.writer import atomic_write_bytes
+from storage_schema.atomic import atomic_path, atomic_write_text
 
 # albumentations (imported by img2dataset) checks PyPI for updates at import time: a
 # network call on every worker start, slow or hanging offline. Set before the import;
@@ -178,11 +178,6 @@ class DownloadSummary:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode())
-
-
 def _shard_name(shard_id: int) -> str:
     return f"{shard_id:0{OOM_SHARD_COUNT}d}"
 
@@ -274,7 +269,7 @@ def _load_state(out: Path) -> dict[str, Any] | None:
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
-    _atomic_write_text(out / STATE_PATH, json.dumps(state, indent=2))
+    atomic_write_text(out / STATE_PATH, json.dumps(state, indent=2))
 
 
 def _url_list_columns(url_list: Path) -> tuple[str, str, list[str]]:
@@ -512,7 +507,7 @@ def _finish(out: Path, before: set[int], t0: float, config: DownloadConfig, chec
     if not retry:  # a retry of dead links failing again is expected; the error-rate check judges it
         _unmark_failed_run(out, summary)
     summary.run_seconds = round(time.monotonic() - t0, 3)
-    _atomic_write_text(out / SUMMARY_PATH, summary.to_json())
+    atomic_write_text(out / SUMMARY_PATH, summary.to_json())
     print(format_summary(summary))
     for w in summary.warnings:
         log.warning("%s: %s", out, w)
@@ -633,9 +628,8 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
     attempt = len(state.get("retries", [])) + 1
     retry_list = out / META_DIR / f"retry-{attempt:03d}.parquet"
     failed = failed.drop(columns=[c for c in ("status", "error_message") if c in failed]).reset_index(drop=True)
-    tmp = retry_list.with_name(f".{retry_list.name}.tmp")
-    failed.to_parquet(tmp, index=False)
-    os.replace(tmp, retry_list)
+    with atomic_path(retry_list) as tmp:
+        failed.to_parquet(tmp, index=False)
     first_id = max(before) + 1 if before else 0
     log.info("%s: retrying %d failed url(s) as shards from %s", out, len(failed), _shard_name(first_id))
     state.setdefault("retries", []).append({

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from storage_schema.atomic import atomic_path
 from storage_schema.schema import EncoderInfo
 
 ENCODER_JSON = "encoder.json"  # names the backend + the EncoderInfo of a saved encoder folder
@@ -727,18 +726,10 @@ def save_encoder(encoder: ClipEncoder, path: str | os.PathLike) -> Path:
     dest = Path(path).absolute()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"{dest} exists and is not an empty folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_path(dest, directory=True) as tmp:
         backend = encoder._save_weights(tmp)
         meta = {"format": FOLDER_FORMAT, "backend": backend, "info": encoder.info.to_dict()}
         (tmp / ENCODER_JSON).write_text(json.dumps(meta, indent=2))  # written last: marks completion
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -47,7 +47,7 @@ from pipeline.sources import (
     offline_flag,
     source_spec,
 )
-from storage_schema.writer import atomic_write_bytes
+from storage_schema.atomic import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -255,15 +255,11 @@ def _place(src: Path, dest: Path, move: bool) -> None:
     if move:
         os.replace(src, dest)
         return
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(dest) as tmp:
         try:
             os.link(src, tmp)
         except OSError:  # another filesystem, or links not allowed
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _wds_state(src: Source, out: Path, incremental_mode: str) -> dict[str, Any]:

@@ -78,6 +78,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage_schema.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 #: Column names tried, in order, when a source does not name its url / caption column.
@@ -301,16 +303,10 @@ def _cache_dir(src: Source) -> Path:
 
 
 def _download_file(url: str, dest: Path, timeout: float) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     req = urllib.request.Request(url, headers={"User-Agent": "eclipse-prior/0.1"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, dest)  # a killed fetch never leaves a file that looks complete
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dest) as tmp, urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
 
 
 def local_glob(src: Source) -> str:
@@ -598,12 +594,8 @@ def prepare_url_list(source: Source, out_dir: str | os.PathLike[str], *, filenam
     meta = dict(table.schema.metadata or {})
     meta[URL_LIST_METADATA_KEY] = json.dumps(dataclasses.asdict(report)).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(dest) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info(
         "%s: %d rows read from %d file(s) -> %d urls written to %s (dropped: %d empty captions, %d duplicate "
         "urls, %s filtered, %d not sampled)",

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage_schema.atomic import TEMP_PREFIX, atomic_write_bytes, fsync_path, temp_path
 from storage_schema.schema import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -41,15 +42,6 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -58,16 +50,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def read_manifest(store_dir: Path) -> dict | None:
@@ -157,7 +139,7 @@ class StoreWriter:
 
     def _remove_stale_temp_files(self) -> None:
         # Temp files of a killed writer: invisible to readers, but they waste disk.
-        for p in self.dir.glob(".tmp-*"):
+        for p in self.dir.glob(f"{TEMP_PREFIX}*"):
             pid = p.name.split("-")[1]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 p.unlink(missing_ok=True)
@@ -189,7 +171,7 @@ class StoreWriter:
             raise StoreError(f"shard {name}: table schema does not match the store schema")
         table = table.replace_schema_metadata(arrow_schema(self.info).metadata)
         file_name = f"{name}.parquet"
-        tmp = self.dir / f".tmp-{os.getpid()}-{file_name}"  # leading ".": invisible to readers
+        tmp = temp_path(self.dir / file_name)  # hidden from readers; moved into place under the lock
         pq.write_table(
             table,
             tmp,

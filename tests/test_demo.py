@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_flags_choose_the_lambda_sweep():
-    from pipeline.cli import build_parser, demo_params
+    from cli.main import build_parser, demo_params
 
     parse = build_parser().parse_args
     assert demo_params(parse(["demo"])).lambdas == [0.02, 0.2, 2.0, 20.0, 200.0]
@@ -32,7 +32,7 @@ def test_demo_quick_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PREFECT_HOME", None)  # the demo keeps its own Prefect state under OUT/.prefect
-    cmd = [sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "cli.main", "demo", "--quick", "--out", str(out)]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "paired differences" in first.stdout + first.stderr and str(out / "report.html") in first.stdout

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cli import build_parser
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,9 @@ def test_dockerfile_copies_existing_paths_and_runs_as_a_user():
                 if not src.startswith("--"):
                     assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
     assert "\nUSER eclipse" in text and "VOLUME" in text and "'.[gpu]'" in text
+    copied = {line.split()[-1].removeprefix("./") for line in text.splitlines() if line.startswith("COPY")}
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert packages <= copied, f"the image lacks packages {sorted(packages - copied)}"
 
 
 def test_prefect_yaml_entrypoints_are_flows():

@@ -19,7 +19,7 @@ import pytest
 from imageserver import ImageServer, image_server, port_is_closed  # noqa: F401 - the fixture is used by name
 from PIL import Image
 
-from pipeline.cli import main as cli_main
+from cli.main import main as cli_main
 from pipeline.download import (
     STATE_PATH,
     SUMMARY_PATH,
@@ -205,7 +205,7 @@ def test_config_defaults_and_validation():
         DownloadConfig(incremental_mode="extend")
     with pytest.raises(ValueError, match="max_error_rate"):
         DownloadConfig(max_error_rate=1.5)
-    from pipeline.cli import _download_config, build_parser
+    from cli.main import _download_config, build_parser
 
     args = build_parser().parse_args(["download", "pairs.csv", "--out", "o", "--max-error-rate", "0.9"])
     assert _download_config(args).max_error_rate == 0.9

@@ -118,7 +118,7 @@ def test_sigkill_mid_encode_then_rerun_gives_the_same_rows(tmp_path):
     for s in range(n_shards):
         good_shard(tmp_path / "img" / f"{s:05d}.tar", s, 24)
     def cmd_for(store: str) -> list[str]:
-        return [sys.executable, "-m", "pipeline.cli", "encode", str(tmp_path / "img"), "--encoder", "tiny-clip",
+        return [sys.executable, "-m", "cli.main", "encode", str(tmp_path / "img"), "--encoder", "tiny-clip",
                 "--store", str(tmp_path / store), "--batch-size", "4", "--workers", "1"]
 
     cmd = cmd_for("store")

@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.encoders import load_encoder, save_encoder
-from storage_schema import EmbeddingStore, StoreError, StoreWriter, build_table
-from training.data import is_heldout
-from training.evaluate import ImageSource, evaluate, read_training_log, resolve_split
-from training.generate import (
+from evaluation.evaluate import ImageSource, evaluate, read_training_log, resolve_split
+from evaluation.generate import (
     WeightsMissingError,
     build_tiny_decoder,
     open_prior,
     save_tiny_clip_scorer,
 )
+from pipeline.encoders import load_encoder, save_encoder
+from storage_schema import EmbeddingStore, StoreError, StoreWriter, build_table
+from training.data import is_heldout
 from training.prior import build_prior
 
 DIM = 32
@@ -203,7 +203,7 @@ def test_run_folder_curves_and_split_from_the_run(world, tmp_path):
     finally:
         torch.set_num_threads(threads)  # the trainer sets the process's thread count
     # the run records its store's encoder: generate() needs no --encoder for a run folder
-    from training.generate import prior_encoder
+    from evaluation.generate import prior_encoder
 
     assert prior_encoder(open_prior(run, "cpu"), device="cpu").info == EmbeddingStore(world["store"]).encoder
     log = read_training_log(run / "logs" / "train.jsonl")
@@ -220,7 +220,7 @@ def test_run_folder_curves_and_split_from_the_run(world, tmp_path):
 
 
 def test_cli_entry(world, tmp_path, capsys):
-    from pipeline.cli import main
+    from cli.main import main
 
     assert main(["evaluate", "--prior", str(world["priors"][0]), "--prior", str(world["priors"][1]), "--store",
                               str(world["store"]), "--out", str(tmp_path), "--heldout-fraction", str(FRACTION),

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from storefixtures import tiny_info
 
-from storage_schema import EmbeddingStore, StoreWriter, build_table
-from training.experiment import (
+from demo.experiment import (
     _t_interval,
     format_table,
     format_testbed,
@@ -19,6 +18,7 @@ from training.experiment import (
     tradeoff_charts,
     verdict,
 )
+from storage_schema import EmbeddingStore, StoreWriter, build_table
 
 
 def _result(values: dict[str, dict[str, float]]) -> dict:

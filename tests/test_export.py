@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import main as cli_main
+from cli.main import main as cli_main
 from training.config import TrainConfig
 from training.data import write_synthetic_store
 from training.export import export_checkpoint, resolve_checkpoint

@@ -46,7 +46,7 @@ def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp
                      "HF_HUB_CACHE": str(tmp_path / "hf")}
         log = tmp_path / "serve.log"
         with open(log, "w") as out:
-            serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--data", str(data)],
+            serve = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--data", str(data)],
                                      env=serve_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_deployment(api, "precompute/local", serve, log)

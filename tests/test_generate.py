@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.encoders import load_encoder, save_encoder
-from training.generate import (
+from evaluation.generate import (
     ClipImageScorer,
     Decoder,
     ImageMetricUnavailable,
@@ -22,6 +21,7 @@ from training.generate import (
     prior_encoder,
     save_tiny_clip_scorer,
 )
+from pipeline.encoders import load_encoder, save_encoder
 from training.prior import build_prior
 
 DIM = 32
@@ -70,7 +70,7 @@ def test_karlo_generates_with_our_embedding(parts):
     assert dec.pipe.prior is None  # Karlo's own prior is never loaded
     handle = open_prior(parts["prior"], "cpu")
     enc = prior_encoder(handle, parts["encoder"], "cpu")
-    from training.generate import prompt_embeddings
+    from evaluation.generate import prompt_embeddings
 
     emb = prompt_embeddings(handle, enc, [PROMPT, PROMPT], seed=0)
     assert not torch.equal(emb[0], emb[1])  # each row draws its own noise from the seeded generator
@@ -166,7 +166,7 @@ def test_diffusion_prior_is_sampled_with_its_own_scheduler(tmp_path):
 
 
 def test_cli_entry(parts, tmp_path, monkeypatch, capsys):
-    from pipeline.cli import main
+    from cli.main import main
 
     argv = ["generate", PROMPT, "--prior", str(parts["prior"]), "--decoder", "kandinsky22", "--decoder-path",
                               str(parts["kandinsky22"]), "--steps", "2", "--encoder", str(parts["encoder"]),
@@ -219,7 +219,7 @@ def test_decoder_steps_reach_each_stage(parts):
 
 
 def test_cli_exposes_decoder_and_super_resolution_steps(parts, tmp_path, capsys):
-    from pipeline.cli import main
+    from cli.main import main
 
     out = tmp_path / "karlo.png"
     argv = ["generate", PROMPT, "--prior", str(parts["prior"]), "--decoder", "karlo", "--decoder-path",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from training import metrics as M
+from evaluation import metrics as M
 
 
 def _data(n: int = 300, d: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -159,7 +159,7 @@ def test_torchrun_two_nodes_with_c10d_rendezvous_train_on_disjoint_shards(tmp_pa
         for node in range(2):
             cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                    "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-                   "-m", "pipeline.cli", "train", "--store", str(store), "--out", str(run), "--preset", "tiny",
+                   "-m", "cli.main", "train", "--store", str(store), "--out", str(run), "--preset", "tiny",
                    "--objective", "eclipse", "--steps", "6", "--batch-size", "16", "--ckpt-every", "3",
                    "--set", "record_keys=true", "--set", "num_threads=1", "--set", "progress=false"]
             procs.append(_start(cmd, tmp_path / f"node{node}.log", _env()))

@@ -22,7 +22,7 @@ def test_precompute_cli_writes_exactly_the_good_rows_and_reruns_as_a_no_op(image
            image_server.url("/slow/5/3.jpg")]
     rows = list(good.items()) + [(u, "a bad one") for u in bad] + [(next(iter(good)), "a duplicate url")]
     pd.DataFrame({"url": [u for u, _ in rows], "caption": [c for _, c in rows]}).to_parquet(tmp_path / "urls.parquet")
-    cmd = [sys.executable, "-m", "pipeline.cli", "precompute", "--urls", str(tmp_path / "urls.parquet"),
+    cmd = [sys.executable, "-m", "cli.main", "precompute", "--urls", str(tmp_path / "urls.parquet"),
            "--encoder", "tiny-clip", "--out", str(tmp_path / "out"), "--image-size", "32", "--processes", "1",
            "--threads", "4", "--shard-size", "4", "--timeout", "2", "--batch-size", "3", "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

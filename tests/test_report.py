@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from storefixtures import random_rows, tiny_info
 
+from evaluation.evaluate import evaluate
+from evaluation.report import image_data_uri, svg_bars, svg_grouped_bars, svg_lines, svg_scatter, write_report
 from storage_schema import StoreWriter, build_table
-from training.evaluate import evaluate
 from training.prior import build_prior
-from training.report import image_data_uri, svg_bars, svg_grouped_bars, svg_lines, svg_scatter, write_report
 
 NASTY = '<script>alert("x")</script> & a red square'
 

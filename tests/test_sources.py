@@ -367,8 +367,8 @@ def test_metadata_dir_files_are_recognised_by_pattern(tmp_path, monkeypatch):
 
 
 def test_cli_and_deployment_take_metadata_dir():
+    from cli.main import build_parser
     from flows.params import DownloadParams
-    from pipeline.cli import build_parser
 
     for cmd in (["download", "cc3m", "--out", "o"], ["precompute", "--urls", "cc3m", "--out", "o", "--encoder", "x"]):
         assert build_parser().parse_args([*cmd, "--metadata-dir", "/data/cc3m"]).metadata_dir == "/data/cc3m"

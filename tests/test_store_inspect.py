@@ -4,7 +4,7 @@ import sys
 
 from storefixtures import write_store
 
-from pipeline.cli import main
+from cli.main import main
 from storage_schema.inspect import inspect_store
 
 
@@ -51,6 +51,6 @@ def test_not_a_store(tmp_path):
 
 
 def test_console_script_help_explains_itself():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "store", "inspect", "--help"],
+    out = subprocess.run([sys.executable, "-m", "cli.main", "store", "inspect", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--json" in out and "Validate a store" in out

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from PIL import Image
 
-from pipeline.encoders import ClipEncoder, load_encoder, save_encoder
-from pipeline.teacher import (
+from demo.teacher import (
     TEACHER_PRESET,
     MultiPositiveClipLoss,
     TeacherConfig,
@@ -29,7 +28,8 @@ from pipeline.teacher import (
     teacher_metrics,
     train_teacher,
 )
-from pipeline.world import TEMPLATES, World, caption, caption_words, demo_world, render_batch
+from demo.world import TEMPLATES, World, caption, caption_words, demo_world, render_batch
+from pipeline.encoders import ClipEncoder, load_encoder, save_encoder
 
 # A few steps on small batches: enough to exercise every code path in seconds, not to learn.
 TINY = TeacherConfig(steps=3, batch_size=32, warmup_steps=1, num_threads=None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main as cli_main
+from cli.main import main as cli_main
 from storage_schema import StoreError
 from training.config import TrainConfig, cli_config, load_config
 from training.data import is_heldout, write_synthetic_store
@@ -190,7 +190,7 @@ def test_projection_reduction_is_configurable_and_old_runs_resume_with_the_mean(
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "train", *args]
+    return [sys.executable, "-m", "cli.main", "train", *args]
 
 
 @pytest.mark.slow
@@ -232,7 +232,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, store):
     """torchrun --nproc_per_node 2 (gloo): completes, ranks train on disjoint rows each epoch, checkpoint loads."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.cli", "train", "--store", str(store), "--objective", "eclipse", "--preset", "tiny",
+           "-m", "cli.main", "train", "--store", str(store), "--objective", "eclipse", "--preset", "tiny",
            "--steps", "12", "--batch-size", "16", "--out", str(run), "--ckpt-every", "6",
            "--set", "heldout_fraction=0.1", "--set", "record_keys=true", "--set", "num_threads=1",
            "--set", "progress=false"]

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.world import (
+from demo.world import (
     COLOR_RGB,
     COLORS,
     POSITION_PHRASES,

@@ -12,8 +12,9 @@ A run folder:
 
 import json
 import os
-import shutil
 from pathlib import Path
+
+from storage_schema.atomic import atomic_path
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -74,7 +75,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, u
     """
     from safetensors.torch import load_file
 
-    from training.prior import count_parameters, prior_class
+    from training.prior import prior_class
 
     ckpt = resolve_checkpoint(ckpt_dir)
     state = json.loads((ckpt / STATE).read_text())
@@ -89,9 +90,14 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, u
     model.load_state_dict(load_file(src / WEIGHTS_NAME), strict=True)
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(out, directory=True) as tmp:
+        _write_prior_folder(tmp, model, state, ckpt, ema)
+    return out
+
+
+def _write_prior_folder(tmp: Path, model, state: dict, ckpt: Path, ema: bool) -> None:
+    from training.prior import count_parameters
+
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").write_text(model_card(state, ckpt, ema, count_parameters(model)))
     cfg = state.get("config", {})
@@ -100,15 +106,6 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, u
         "encoder": state.get("encoder"), "objective": cfg.get("objective"), "steps": state.get("step"),
         "store": cfg.get("store"), "store_shards": state.get("store_shards"), "ema": ema,
     }, indent=1))
-    if out.exists():
-        old = out.with_name(f".old-{out.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
 
 
 def _fmt(v) -> str:

@@ -17,6 +17,7 @@ held-out cosine to the real image from 0.93 (sum) down to 0.65.
 """
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ from torch import nn
 
 from training.prior import PriorTransformer, preset_config
 
-OBJECTIVES = ("eclipse", "projection", "diffusion")
+Objective = Literal["eclipse", "projection", "diffusion"]  # typed params (flows) use this one list
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 # tau: the paper does not state it. 0.07 is CLIP's initial temperature (Radford et al. 2021),
 # also the common fixed choice of MoCo/SimCLR-style InfoNCE. It was first chosen when L_proj was

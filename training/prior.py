@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,14 @@ MASK_VALUE = -10000.0
 # Presets: the released ECLIPSE configs (16 heads x 32 dims, 10 layers) for the two
 # decoders, a tiny one for tests, and the demo's (sized to fit its held-in rows on 2 CPU cores).
 # `embedding_dim` is the CLIP dim D of the store.
+PresetName = Literal["kandinsky22", "karlo", "tiny", "demo"]  # typed params (flows) use this one list
 PRESETS: dict[str, dict] = {
     "kandinsky22": dict(num_attention_heads=16, attention_head_dim=32, num_layers=10, embedding_dim=1280),
     "karlo": dict(num_attention_heads=16, attention_head_dim=32, num_layers=10, embedding_dim=768),
     "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32),
     "demo": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, embedding_dim=64),
 }
+assert tuple(PRESETS) == get_args(PresetName)
 # Everything else is shared by all presets and equals the released config.
 COMMON = dict(
     num_embeddings=77,

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from storage_schema import IMAGE_EMBED, EmbeddingStore, StoreError
-from storage_schema.writer import atomic_write_bytes, fsync_path
+from storage_schema.atomic import atomic_write_text, fsync_path
 from training.config import CONFIG_NAME, TrainConfig
 from training.data import StoreLoader, check_store_dims, is_heldout
 from training.export import (
@@ -49,13 +49,6 @@ from training.objectives import Objective, make_objective, unwrap
 from training.prior import count_parameters, load_prior, preset_config
 
 EVAL_SEED = 1234  # evaluation draws its noise from its own generator: it never shifts training randomness
-
-
-# -- small file helpers ---------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 # -- distributed setup ----------------------------------------------------------------------
@@ -171,7 +164,7 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_path(root)
-    _atomic_write_text(root / LATEST, name)
+    atomic_write_text(root / LATEST, name)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -199,7 +192,7 @@ class Logger:
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            _atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a")
@@ -341,7 +334,7 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / CHECKPOINTS).glob(".tmp-*"):  # left by a killed checkpoint write
             shutil.rmtree(stale, ignore_errors=True)
-        _atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1))
+        atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1))
     world.barrier()
 
     objective = make_objective(cfg.objective, lam=cfg.eclipse_lambda, tau=cfg.eclipse_tau, reduction=cfg.proj_reduction,

@@ -1,4 +1,4 @@
-"""A teacher CLIP trained on the synthetic world (`pipeline.world`): the demo's stand-in for the
+"""A teacher CLIP trained on the synthetic world (`demo.world`): the demo's stand-in for the
 decoder's CLIP, trained locally in about a minute on two CPU cores.
 
 What it must share with real CLIP, because the paper's argument depends on it:
@@ -48,8 +48,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from pipeline.encoders import ClipEncoder, OpenClipEncoder, bytes_to_unicode, save_encoder
-from pipeline.world import (
+from demo.world import (
     ATTRIBUTES,
     COLORS,
     POSITIONS,
@@ -63,6 +62,7 @@ from pipeline.world import (
     caption_words,
     render_batch,
 )
+from pipeline.encoders import ClipEncoder, OpenClipEncoder, bytes_to_unicode, save_encoder
 from storage_schema.schema import EncoderInfo
 
 log = logging.getLogger(__name__)
@@ -556,8 +556,8 @@ def heldout_gap(encoder: ClipEncoder, world: World, held_pairs: Collection[tuple
     content, template and omitted attributes; everything unsaid is drawn anew, so the oracle is
     E[image | caption] as the world defines it. `gap` = oracle - text-shift.
     """
-    from pipeline.world import split_by_pairs
-    from training.metrics import text_shift
+    from demo.world import split_by_pairs
+    from evaluation.metrics import text_shift
 
     rng = np.random.default_rng([0x6A9, seed])
     size = world.image_size
@@ -633,7 +633,7 @@ def train_teacher(world: World | None = None, steps: int = 600, seed: int = 0,
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m pipeline.teacher", description="Train the world's teacher CLIP.")
+    ap = argparse.ArgumentParser(prog="python -m demo.teacher", description="Train the world's teacher CLIP.")
     ap.add_argument("--out", required=True, help="encoder folder to write")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)

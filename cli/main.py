@@ -196,13 +196,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_cli
+    from evaluation.evaluate import evaluate_cli
 
     return evaluate_cli(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from training.generate import generate_cli
+    from evaluation.generate import generate_cli
 
     return generate_cli(args)
 
@@ -230,12 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eclipse-prior", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_store_command(sub) -> None:
     store = sub.add_parser("store", help="look inside an embedding store")
     store_sub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     insp = store_sub.add_parser(
@@ -250,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--no-verify", action="store_true", help="skip re-hashing every shard (faster)")
     insp.set_defaults(func=_cmd_store_inspect)
 
+
+def _add_download_command(sub) -> None:
     dl = sub.add_parser(
         "download",
         help="url list or dataset preset -> webdataset image shards (img2dataset)",
@@ -264,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_args(dl)
     dl.set_defaults(func=_cmd_download)
 
+
+def _add_precompute_command(sub) -> None:
     pre = sub.add_parser(
         "precompute",
         help="download + encode in one go (images in OUT/images, the store in OUT/store)",
@@ -276,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_args(pre)
     pre.set_defaults(func=_cmd_precompute)
 
+
+def _add_encode_command(sub) -> None:
     enc = sub.add_parser(
         "encode",
         help="image shards -> embedding store (one Dask task per shard)",
@@ -288,18 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode_args(enc)
     enc.set_defaults(func=_cmd_encode)
 
+
+def _add_train_command(sub) -> None:
+    from training.objectives import OBJECTIVES
+    from training.prior import PRESETS
+
     tr = sub.add_parser(
         "train",
         help="train a prior on an embedding store",
         description="Train an ECLIPSE / projection / diffusion prior. Defaults are the paper's recipe (AdamW, lr 5e-5, "
         "CosineAnnealingWarmRestarts, batch 256 per process, 60,000 steps); precedence: defaults < --config file < "
-        "flags < --set. Multi-GPU: torchrun --nproc_per_node N -m pipeline.cli train ... . RUN gets checkpoints/, "
+        "flags < --set. Multi-GPU: torchrun --nproc_per_node N -m cli.main train ... . RUN gets checkpoints/, "
         "logs/ (train.jsonl, tb/) and the exported prior/.",
     )
     tr.add_argument("--store", help="embedding store directory")
     tr.add_argument("--out", help="run folder RUN")
-    tr.add_argument("--objective", choices=["eclipse", "projection", "diffusion"], help="default: eclipse")
-    tr.add_argument("--preset", choices=["kandinsky22", "karlo", "tiny"], help="prior size and D; default kandinsky22")
+    tr.add_argument("--objective", choices=OBJECTIVES, help="default: eclipse")
+    tr.add_argument("--preset", choices=list(PRESETS), help="prior size and D; default kandinsky22")
     tr.add_argument("--steps", type=int, help="training steps (default 60000)")
     tr.add_argument("--config", help="YAML or JSON file of config keys (see training/config.py)")
     tr.add_argument("--resume", action="store_true", help="continue RUN from its newest complete checkpoint")
@@ -315,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="any other config key, e.g. --set eclipse_tau=0.05 (repeatable)")
     tr.set_defaults(func=_cmd_train)
 
+
+def _add_export_command(sub) -> None:
     exp = sub.add_parser(
         "export",
         help="export a checkpoint as a diffusers-style prior folder",
@@ -327,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="export the EMA weights (default: when the run kept them)")
     exp.set_defaults(func=_cmd_export)
 
+
+def _add_evaluate_command(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="embedding metrics, prompt suites, optional decoder images -> metrics.json + report.html",
@@ -338,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
+
+def _add_generate_command(sub) -> None:
     gen = sub.add_parser(
         "generate",
         help="prompt -> image through a prior and an unCLIP decoder (Kandinsky v2.2 or Karlo)",
@@ -348,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
 
+
+def _add_demo_command(sub) -> None:
     dm = sub.add_parser(
         "demo",
         help="the whole DAG on a CPU on a synthetic compositional world (no GPU, no internet)",
@@ -364,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="eclipse's λ values to sweep (default 0.02 0.2 2 20 200; --quick: 0.2); projection is λ=0")
     dm.set_defaults(func=_cmd_demo)
 
+
+def _add_serve_command(sub) -> None:
     srv = sub.add_parser(
         "serve",
         help="register every Prefect deployment and run them (one process, one machine)",
@@ -375,6 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dask-address", default=None, help="run shard tasks on this Dask scheduler")
     srv.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
     srv.set_defaults(func=_cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eclipse-prior", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_store_command(sub)
+    _add_download_command(sub)
+    _add_precompute_command(sub)
+    _add_encode_command(sub)
+    _add_train_command(sub)
+    _add_export_command(sub)
+    _add_evaluate_command(sub)
+    _add_generate_command(sub)
+    _add_demo_command(sub)
+    _add_serve_command(sub)
     return parser
 
 

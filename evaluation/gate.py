@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage_schema.atomic import atomic_write_text
+
 PROMOTED = "promoted.json"
 DECISIONS = "decisions.jsonl"
 
@@ -65,6 +67,4 @@ def record(registry: str | os.PathLike, decision: dict, promoted_entry: dict | N
     with open(reg / DECISIONS, "a") as f:
         f.write(json.dumps(decision) + "\n")
     if decision.get("promote") and promoted_entry is not None:
-        tmp = reg / f".{PROMOTED}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(promoted_entry, indent=1))
-        os.replace(tmp, reg / PROMOTED)
+        atomic_write_text(reg / PROMOTED, json.dumps(promoted_entry, indent=1))

@@ -4,7 +4,7 @@
 
 No plotting library and nothing fetched: charts are SVG written by this module (matplotlib is
 not a dependency of the project), images are PNG data URIs, so the file opens anywhere offline
-and can be attached to a run. `metrics` is the dict `training.evaluate.evaluate` writes to
+and can be attached to a run. `metrics` is the dict `evaluation.evaluate.evaluate` writes to
 metrics.json; `images` maps the image ids it references to PIL images.
 """
 

@@ -220,7 +220,7 @@ def prior_encoder(handle: PriorHandle, encoder: str | os.PathLike | None = None,
 
 def prompt_embeddings(handle: PriorHandle, encoder, prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
     """Our prior's image embeddings [B, D] for prompts (one seeded noise draw)."""
-    from training.prompts import encode_prompts
+    from evaluation.prompts import encode_prompts
 
     enc = encode_prompts(encoder, list(prompts), pad_to=handle.text_length)
     return torch.from_numpy(handle.predict_numpy(enc.text_embed, enc.text_hidden, enc.text_mask, seed))

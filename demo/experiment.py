@@ -3,7 +3,7 @@ rows and on held-out compositions, summarised per objective with paired differen
 eclipse λ sweep (the paper's trade-off between composition and closeness to real images), and
 the testbed figures that say whether the world could tell a good prior from a bad one.
 
-Inputs are `training.evaluate.evaluate` results (metrics.json) of the same priors on the two
+Inputs are `evaluation.evaluate.evaluate` results (metrics.json) of the same priors on the two
 splits. Training seeds are the unit of the paired differences (eclipse seed s vs projection
 seed s): the interval is a t-interval over seeds, and every seed's own figure is reported too.
 """
@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from evaluation import metrics as M
 from storage_schema import CAPTION, IMAGE_EMBED, TEXT_EMBED, EmbeddingStore
-from training import metrics as M
 
 HEADLINE = ("cos_image", "caption_r1", "probe_auc")
 BASELINES = ("TextEmb", "text-shift", "ridge", "mean-image")
@@ -73,8 +73,8 @@ def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards
     `keep`: the fraction of the evaluated rows to score (a key-hash sample, as `evaluate` draws it).
     Returns model name -> summary (priors under `seeds` noise seeds; TextEmb, text-shift, ridge; oracle).
     """
-    from training.evaluate import Baselines, predict_heldout, resolve_split, scan_training_split
-    from training.generate import open_prior
+    from evaluation.evaluate import Baselines, predict_heldout, resolve_split, scan_training_split
+    from evaluation.generate import open_prior
 
     handles = [open_prior(p, "cpu") for p in priors]
     split = resolve_split(handles, None, None, train_shards, heldout_shards, store)
@@ -163,7 +163,7 @@ GOALS = {"zero_shot_min": 0.9, "matched_cos": (0.2, 0.4), "gap_min": 0.10}
 
 def summarize_testbed(teacher: Mapping, gap: Mapping) -> dict:
     """The testbed figures with their goals and whether each is met: `teacher` is a TeacherReport
-    dict, `gap` the `pipeline.teacher.heldout_gap` dict."""
+    dict, `gap` the `demo.teacher.heldout_gap` dict."""
     zero_shot = {a: teacher[f"{a}_acc"] for a in ("color", "shape", "texture", "position")
                  if teacher.get(f"{a}_acc") is not None}
     lo, hi = GOALS["matched_cos"]
@@ -270,7 +270,7 @@ def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout")
     """SVG charts of the λ sweep: each composition score against cosine to the real image, one point
     per λ (mean over seeds, t-interval whiskers on both axes), the curve in λ order; once with the
     λ points alone (their scale), once with the baselines and the diffusion prior as references."""
-    from training.report import BASELINE_COLORS, PRIOR_COLORS, svg_scatter
+    from evaluation.report import BASELINE_COLORS, PRIOR_COLORS, svg_scatter
 
     charts = []
     curve = [f"λ={pt['lambda']:g} ({pt['objective']})" for pt in points]

@@ -32,7 +32,7 @@ how the loopback image server renders `/world/<seed>/<index>.png` without a list
 Rendering uses only exactly-rounded float32 arithmetic per pixel (no trig, no transcendental
 functions), so a batch render and a one-image render give identical bytes on any machine.
 
-The server (`python -m pipeline.world serve --port P`) lets the demo go through the real
+The server (`python -m demo.world serve --port P`) lets the demo go through the real
 img2dataset download stage: `write_url_list` writes a Parquet url list whose urls point at it.
 """
 
@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from storage_schema.atomic import atomic_path
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary (global, ordered: a World may use a subset; ids below are stable across worlds)
@@ -521,7 +523,7 @@ class World:
 def demo_world(seed: int = 0, image_size: int = 32) -> World:
     """The demo's world: every feature that makes captions under-specify their images switched on
     (module docstring). One setting, chosen by hand and then measured (the teacher's held-out
-    gap, oracle cosine - text-shift cosine, `pipeline.teacher.heldout_gap`: 0.137; BENCHMARKS.md);
+    gap, oracle cosine - text-shift cosine, `demo.teacher.heldout_gap`: 0.137; BENCHMARKS.md);
     no other setting has been tried."""
     return World(seed=seed, image_size=image_size, two_object_fraction=0.3, n_templates=len(TEMPLATES), tones=TONES,
                  backdrops=BACKDROPS, distractor_fraction=0.6, omit_fraction=0.5, correlation=0.8)
@@ -700,12 +702,9 @@ def write_url_list(specs: Sequence[SceneSpec], base_url: str, path: str | os.Pat
     ints = {"n_objects", "pair_id", "pair_id2", "world_seed", "world_index"}
     schema = pa.schema([(c, pa.int64() if c in ints else pa.string()) for c in URL_LIST_COLUMNS])
     table = pa.table(rows, schema=schema)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)  # atomic: a killed run never leaves a half list that looks complete
-    return out
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,7 +795,7 @@ def _serve_main(world: World, host: str, port: int) -> None:
 
 
 class WorldServer:
-    """Runs `python -m pipeline.world serve` in a child process (its own GIL: img2dataset's
+    """Runs `python -m demo.world serve` in a child process (its own GIL: img2dataset's
     many connections never compete with the caller) and stops it by pid.
 
         with WorldServer(world) as srv:
@@ -827,7 +826,7 @@ class WorldServer:
         # The child must import this package whether or not it is installed: put its root on the path.
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        cmd = [sys.executable, "-m", "pipeline.world", "serve", "--host", self.host, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "demo.world", "serve", "--host", self.host, "--port", str(self.port),
                "--world", json.dumps(self.world.to_dict())]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
@@ -890,7 +889,7 @@ def _world_from_args(args: argparse.Namespace) -> World:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.world", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m demo.world", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_serve = sub.add_parser("serve", help="run the loopback image server; prints `PORT <n>` when bound")
     p_serve.add_argument("--host", default="127.0.0.1")

@@ -8,7 +8,7 @@ are fitted on the training split only: TextEmb (the text embedding itself),
 text-shift (text - mean text + mean image), the mean image embedding, and ridge regression
 text -> image. Every figure is averaged over the seeds and given with a seeded bootstrap
 interval over rows. Then, when the store's text encoder loads: the T2I-CompBench prompt suites
-(`training.prompts`); optionally images through a decoder and image metrics (`training.generate`).
+(`evaluation.prompts`); optionally images through a decoder and image metrics (`evaluation.generate`).
 """
 
 from __future__ import annotations
@@ -28,20 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from storage_schema import (
-    CAPTION,
-    IMAGE_EMBED,
-    KEY,
-    TEXT_EMBED,
-    TEXT_HIDDEN,
-    TEXT_MASK,
-    URL,
-    EmbeddingStore,
-    EncoderInfo,
-)
-from training import metrics as M
-from training.data import check_store_dims, is_heldout
-from training.generate import (
+from evaluation import metrics as M
+from evaluation.generate import (
     ClipImageScorer,
     Decoder,
     ImageMetricUnavailable,
@@ -53,7 +41,19 @@ from training.generate import (
     pickscore_preference,
     prompt_embeddings,
 )
-from training.prompts import CATEGORIES, load_prompts, probe_vocabulary, run_prompt_suite
+from evaluation.prompts import CATEGORIES, load_prompts, probe_vocabulary, run_prompt_suite
+from storage_schema import (
+    CAPTION,
+    IMAGE_EMBED,
+    KEY,
+    TEXT_EMBED,
+    TEXT_HIDDEN,
+    TEXT_MASK,
+    URL,
+    EmbeddingStore,
+    EncoderInfo,
+)
+from training.data import check_store_dims, is_heldout
 
 METRICS_SCHEMA = 1
 DEFAULT_HELDOUT_FRACTION = 0.01  # training.config.TrainConfig's default
@@ -688,7 +688,7 @@ def evaluate(
         for name, im in images.items():
             im.save(img_dir / f"{name}.png")
     (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False, default=_json_default))
-    from training.report import write_report
+    from evaluation.report import write_report
 
     write_report(result, out / "report.html", images)
     _log(f"wrote {out / 'metrics.json'} and {out / 'report.html'} in {result['elapsed_s']:.0f} s")

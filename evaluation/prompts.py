@@ -1,6 +1,6 @@
 """Prompt suites: the T2I-CompBench validation prompts and embedding-level probes on them.
 
-The prompt lists ship in `training/prompt_data/` (MIT, see License.txt and SOURCE.md there).
+The prompt lists ship in `evaluation/prompt_data/` (MIT, see License.txt and SOURCE.md there).
 They are encoded with the store's own text encoder, mapped to image embeddings by each prior
 (several noise seeds) and baseline, and scored without any decoder:
 
@@ -23,9 +23,9 @@ from importlib import resources
 
 import numpy as np
 
-from training import metrics as M
+from evaluation import metrics as M
 
-DATA_PACKAGE = "training"
+DATA_PACKAGE = __package__  # the lists ship inside this package
 DATA_DIR = "prompt_data"
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 SPLITS = ("val", "val_seen", "val_unseen")  # seen/unseen exist for color, shape, texture only

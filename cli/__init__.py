@@ -1,0 +1,1 @@
+"""The `eclipse-prior` command line: the top of the import graph."""

@@ -1,0 +1,1 @@
+"""The demo: a synthetic world served over loopback HTTP, its teacher CLIP, and the experiment summary."""
