@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic inputs shared with the tests
 from wdsfixtures import write_tar  # noqa: E402
 
 from pipeline.encode import EncodeConfig, encode_shard, iter_webdataset  # noqa: E402

@@ -35,11 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic inputs shared with the tests
 
 from bench_gpu import VISION_TOWERS, prior_train_flops_per_sample, vision_flops_per_image  # noqa: E402
+from storefixtures import write_synthetic_store  # noqa: E402
 
 from storage_schema import EmbeddingStore  # noqa: E402
-from training.data import StoreLoader, write_synthetic_store  # noqa: E402
+from training.data import StoreLoader  # noqa: E402
 from training.objectives import EclipseObjective, PriorBatch  # noqa: E402
 from training.prior import PriorTransformer, count_parameters, preset_config  # noqa: E402
 

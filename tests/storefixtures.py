@@ -1,5 +1,6 @@
-"""Small real stores for tests: random fp16 embeddings written with the real writer."""
+"""Small real stores for tests and benchmarks: random fp16 embeddings written with the real writer."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,40 @@ def write_store(path: Path, shards: int = 3, rows: int = 50, info: EncoderInfo |
         writer.write_shard(f"{s:05d}", build_table(info, **r))
         all_rows.append(r)
     return info, all_rows
+
+
+def write_synthetic_store(
+    path: str | os.PathLike,
+    rows: int,
+    dim: int,
+    hidden_dim: int | None = None,
+    shards: int = 4,
+    seed: int = 0,
+    tokens: tuple[int, int] = (4, 20),
+    key_prefix: str = "s",
+) -> EncoderInfo:
+    """Write a store whose image embeddings are a fixed function of the text (plus a constant gap).
+
+    text_hidden ~ N(0, 1) with a random 4..20 real tokens; text_embed = a random projection of
+    the mean hidden state; image_embed = text_embed @ A + gap + small noise. Random, seeded,
+    learnable: the tests use it to see a prior learn, the benchmarks to measure reading speed.
+    """
+    hidden_dim = hidden_dim or dim
+    info = tiny_info(dim, hidden_dim, preset="synthetic")  # hidden_dim set just above
+    rng = np.random.default_rng(seed)
+    w_text = rng.standard_normal((hidden_dim, dim)) / np.sqrt(hidden_dim)
+    a_img = rng.standard_normal((dim, dim)) / np.sqrt(dim)
+    gap = rng.standard_normal(dim)
+    writer = StoreWriter(path, info)
+    bounds = np.linspace(0, rows, shards + 1).astype(int)
+    for s in range(shards):
+        n = int(bounds[s + 1] - bounds[s])
+        lengths = rng.integers(tokens[0], tokens[1] + 1, size=n)
+        hidden = [rng.standard_normal((int(t), hidden_dim)).astype(np.float16) for t in lengths]
+        text = np.stack([h.astype(np.float32).mean(0) for h in hidden]) @ w_text * 2.0
+        image = text @ a_img + gap + 0.05 * rng.standard_normal((n, dim))
+        keys = [f"{key_prefix}{bounds[s] + i:08d}" for i in range(n)]
+        table = build_table(info, keys, [f"caption {k}" for k in keys], image.astype(np.float16),
+                            text.astype(np.float16), hidden, [False] * n)
+        writer.write_shard(f"shard-{s:05d}", table)
+    return info

@@ -5,9 +5,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from storefixtures import tiny_info, write_synthetic_store
 
 from storage_schema import EmbeddingStore, StoreError
-from training.data import StoreLoader, check_store_dims, is_heldout, synthetic_encoder_info, write_synthetic_store
+from training.data import StoreLoader, check_store_dims, is_heldout
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +119,11 @@ def test_reader_errors_reach_the_training_loop(store):
 
 
 def test_store_of_another_width_is_refused():
-    check_store_dims(synthetic_encoder_info(1280), 1280)
+    check_store_dims(tiny_info(1280, 1280), 1280)
     with pytest.raises(StoreError, match=r"D=768.*does not fit|does not fit.*D=1280"):
-        check_store_dims(synthetic_encoder_info(768), 1280, "the 'kandinsky22' prior")
+        check_store_dims(tiny_info(768, 768), 1280, "the 'kandinsky22' prior")
     with pytest.raises(StoreError, match="H == D"):
-        check_store_dims(synthetic_encoder_info(32, hidden_dim=48), 32)
+        check_store_dims(tiny_info(32, hidden=48), 32)
 
 
 def _reference_rows(store: EmbeddingStore) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

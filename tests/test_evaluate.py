@@ -267,10 +267,9 @@ def test_heldout_shards_a_prior_trained_on_are_refused(world, tmp_path):
 
 def test_a_prior_is_refused_on_a_store_of_another_encoder(tmp_path):
     """Same D, different encoder: the dims check cannot see it, the exported training info can."""
-    from storefixtures import tiny_info, write_store
+    from storefixtures import tiny_info, write_store, write_synthetic_store
 
     from training.config import TrainConfig
-    from training.data import write_synthetic_store
     from training.export import TRAINING_INFO
     from training.trainer import train
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from storefixtures import write_synthetic_store
 
 from cli.main import main as cli_main
 from training.config import TrainConfig
-from training.data import write_synthetic_store
 from training.export import export_checkpoint, resolve_checkpoint
 from training.prior import PriorTransformer, load_prior
 from training.trainer import train

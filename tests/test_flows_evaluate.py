@@ -1,10 +1,10 @@
 """The evaluate flow called directly: artifacts' source figures, and a no-op rerun."""
 
 import pytest
+from storefixtures import write_synthetic_store
 
 from flows.evaluate import evaluate
 from training.config import TrainConfig
-from training.data import write_synthetic_store
 from training.trainer import train
 
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from storefixtures import write_synthetic_store
 
 from evaluation.gate import DECISIONS, PROMOTED, read_promoted
 from flows.params import GateParams, TrainParams
 from flows.retrain import retrain
 from flows.train import train
-from training.data import write_synthetic_store
 
 PARAMS = dict(batch_size=32, embedding_dim=32, heldout_fraction=0.2, ckpt_every=50, eval_every=0, num_threads=1)
 

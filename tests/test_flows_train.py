@@ -1,10 +1,10 @@
 """The train flow called directly: trains, exports, and is a no-op when rerun."""
 
 import pytest
+from storefixtures import write_synthetic_store
 
 from flows.params import TrainParams
 from flows.train import train
-from training.data import write_synthetic_store
 from training.prior import load_prior
 
 

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
 from prefectserver import free_port, prefect_env, prefect_server
+from storefixtures import write_synthetic_store
 
 from storage_schema import EmbeddingStore
-from training.data import write_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project's console scripts: dask, torchrun, prefect, eclipse-prior

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from storefixtures import write_synthetic_store
 
 from cli.main import main as cli_main
 from storage_schema import StoreError
 from training.config import TrainConfig, cli_config, load_config
-from training.data import is_heldout, write_synthetic_store
+from training.data import is_heldout
 from training.export import COMPLETE, latest_checkpoint
 from training.prior import PriorTransformer, load_prior
 from training.trainer import train
@@ -273,7 +274,7 @@ def test_continue_from_an_exported_prior_on_chosen_shards(tmp_path, store):
 
 
 def test_text_length_below_the_store_context_is_refused_and_recorded_in_the_export(tmp_path):
-    from training.data import write_synthetic_store as wss
+    from storefixtures import write_synthetic_store as wss
 
     wss(tmp_path / "short", rows=64, dim=32, shards=2, tokens=(3, 8))
     # synthetic stores declare context 77, so a 20-position prior cannot take them ...

@@ -9,7 +9,6 @@ resumed run restarts at exactly the next batch.
 """
 
 import hashlib
-import os
 import queue
 import threading
 import warnings
@@ -28,8 +27,6 @@ from storage_schema import (
     EmbeddingStore,
     EncoderInfo,
     StoreError,
-    StoreWriter,
-    build_table,
     image_key,
 )
 from training.objectives import PriorBatch
@@ -253,50 +250,3 @@ class StoreLoader:
         finally:
             stop.set()
             thread.join(timeout=10)
-
-
-# -- a learnable synthetic store for tests and benchmarks -----------------------------------
-
-
-def synthetic_encoder_info(dim: int, hidden_dim: int | None = None, context_length: int = 77) -> EncoderInfo:
-    return EncoderInfo(
-        preset="synthetic", image_model="synthetic-image", text_model="synthetic-text", image_dim=dim,
-        text_dim=dim, hidden_dim=hidden_dim or dim, tokenizer="synthetic", context_length=context_length,
-    )
-
-
-def write_synthetic_store(
-    path: str | os.PathLike,
-    rows: int,
-    dim: int,
-    hidden_dim: int | None = None,
-    shards: int = 4,
-    seed: int = 0,
-    tokens: tuple[int, int] = (4, 20),
-    key_prefix: str = "s",
-) -> EncoderInfo:
-    """Write a store whose image embeddings are a fixed function of the text (plus a constant gap).
-
-    text_hidden ~ N(0, 1) with a random 4..20 real tokens; text_embed = a random projection of
-    the mean hidden state; image_embed = text_embed @ A + gap + small noise. Random, seeded,
-    learnable: the tests use it to see a prior learn, the benchmarks to measure reading speed.
-    """
-    hidden_dim = hidden_dim or dim
-    info = synthetic_encoder_info(dim, hidden_dim)
-    rng = np.random.default_rng(seed)
-    w_text = rng.standard_normal((hidden_dim, dim)) / np.sqrt(hidden_dim)
-    a_img = rng.standard_normal((dim, dim)) / np.sqrt(dim)
-    gap = rng.standard_normal(dim)
-    writer = StoreWriter(path, info)
-    bounds = np.linspace(0, rows, shards + 1).astype(int)
-    for s in range(shards):
-        n = int(bounds[s + 1] - bounds[s])
-        lengths = rng.integers(tokens[0], tokens[1] + 1, size=n)
-        hidden = [rng.standard_normal((int(t), hidden_dim)).astype(np.float16) for t in lengths]
-        text = np.stack([h.astype(np.float32).mean(0) for h in hidden]) @ w_text * 2.0
-        image = text @ a_img + gap + 0.05 * rng.standard_normal((n, dim))
-        keys = [f"{key_prefix}{bounds[s] + i:08d}" for i in range(n)]
-        table = build_table(info, keys, [f"caption {k}" for k in keys], image.astype(np.float16),
-                            text.astype(np.float16), hidden, [False] * n)
-        writer.write_shard(f"shard-{s:05d}", table)
-    return info
