@@ -289,6 +289,12 @@ def _url_list_columns(url_list: Path) -> tuple[str, str, list[str]]:
 # ---------------------------------------------------------------------------- running img2dataset
 
 
+# DownloadConfig fields that are img2dataset.download keywords of the same name and meaning.
+_PASSED_THROUGH = ("image_size", "resize_mode", "resize_only_if_bigger", "processes_count", "thread_count",
+                   "number_sample_per_shard", "timeout", "retries", "max_shard_retry", "encode_format",
+                   "encode_quality", "output_format", "min_image_size", "extract_exif", "compute_hash")
+
+
 def _img2dataset_kwargs(url_list: Path, out: Path, config: DownloadConfig, extras: list[str],
                         incremental_mode: str) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
@@ -298,25 +304,11 @@ def _img2dataset_kwargs(url_list: Path, out: Path, config: DownloadConfig, extra
         url_col="url",
         caption_col="caption",
         save_additional_columns=list(extras) or None,
-        image_size=config.image_size,
-        resize_mode=config.resize_mode,
-        resize_only_if_bigger=config.resize_only_if_bigger,
-        processes_count=config.processes_count,
-        thread_count=config.thread_count,
-        number_sample_per_shard=config.number_sample_per_shard,
         incremental_mode=incremental_mode,
-        timeout=config.timeout,
-        retries=config.retries,
-        max_shard_retry=config.max_shard_retry,
-        encode_format=config.encode_format,
-        encode_quality=config.encode_quality,
-        output_format=config.output_format,
-        min_image_size=config.min_image_size,
-        extract_exif=config.extract_exif,
-        compute_hash=config.compute_hash,
         oom_shard_count=OOM_SHARD_COUNT,
         enable_wandb=False,
         distributor="multiprocessing",
+        **{name: getattr(config, name) for name in _PASSED_THROUGH},
     )
     kw.update(config.extra)
     return kw

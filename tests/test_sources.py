@@ -67,7 +67,7 @@ def test_jsonl_with_image_url_and_text(tmp_path):
     df = pd.read_parquet(prepare_url_list(resolve_source(p), tmp_path))
     assert df["url"].tolist() == [f"http://h/{i}.png" for i in range(5)]
     assert df["caption"].tolist() == [f"caption {i}" for i in range(5)]
-    assert "meta" in df.columns
+    assert df["meta"].tolist()[:2] == [{"i": 0}, {"i": 1}]  # extra columns travel with the pairs
 
 
 def test_tsv_and_parquet_folder(tmp_path):
@@ -217,7 +217,10 @@ def test_laion_preset_filters_and_seeded_nested_sample(tmp_path, monkeypatch):
     assert rep["rows_read"] == 403 and rep["rows_written"] == 50
     assert set(rep["filtered_out"]) == {"language not in ['en']", "punsafe>=0.5", "pwatermark>=0.8", "width<1024"}
     assert rep["empty_captions_dropped"] == 16  # the "hi" captions
-    assert rep["duplicates_dropped"] >= 0 and rep["sampled_out"] > 0
+    assert rep["sampled_out"] > 0
+    # Every row read is accounted for exactly once.
+    assert rep["rows_read"] == (sum(rep["filtered_out"].values()) + rep["empty_captions_dropped"]
+                                + rep["duplicates_dropped"] + rep["sampled_out"] + rep["rows_written"])
 
 
 def test_prepare_is_deterministic_and_atomic(tmp_path):
