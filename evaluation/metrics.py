@@ -1,9 +1,10 @@
-"""Embedding-level metrics of a text-to-image prior: pure numpy functions, no I/O.
+"""Embedding-level metrics of a text-to-image prior: pure numpy/scipy functions, no I/O.
 
 Every function takes predictions and references as arrays [N, D] (raw CLIP embeddings,
 not L2-normalised) and returns per-row values where the figure is a mean over rows, so
 that `summarize` can average over noise seeds and bootstrap a confidence interval over
-rows. Set statistics (Fréchet distance, probe AUC) get their own bootstrap.
+rows (scipy.stats.bootstrap). Set statistics (Fréchet distance, probe AUC) get their own bootstrap
+(`set_interval`).
 
 What the figures can and cannot see (measured on the demo world, BENCHMARKS.md): retrieval ranks
 cosines, so it is blind to a constant shift: the text embedding itself retrieves
@@ -14,10 +15,10 @@ ratio and attribute probes trained on real image embeddings only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 
 # -- basics ------------------------------------------------------------------------------------
 
@@ -152,8 +153,8 @@ def frechet_distance(pred: np.ndarray, real: np.ndarray) -> float:
 
 
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, n] row indices drawn with replacement (seeded: the same draws for every model,
-    which makes intervals of different models comparable and differences paired)."""
+    """[n_boot, n] row indices drawn with replacement: the same draws scipy.stats.bootstrap makes with
+    rng=default_rng(seed), so a set statistic's draws line up with the row figures' draws."""
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
@@ -164,35 +165,46 @@ def bootstrap_ci(
     seed: int = 0,
     statistic: str = "mean",
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (or median) of per-row values."""
+    """Percentile bootstrap interval of the mean (or median) of per-row values (NaN rows dropped).
+
+    Seeded: every model's rows are resampled with the same draws, which makes intervals of different
+    models comparable (and a difference's interval paired, see `paired_difference`)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
-    if len(v) == 0:
+    if len(v) == 1:
+        return (float(v[0]), float(v[0]))
+    if len(v) == 0 or n_boot <= 0:
         return (float("nan"), float("nan"))
-    if len(v) == 1 or n_boot <= 0:
-        return (float(v[0]), float(v[0])) if len(v) == 1 else (float("nan"), float("nan"))
-    samples = v[bootstrap_indices(len(v), n_boot, seed)]
-    stats = samples.mean(axis=1) if statistic == "mean" else np.median(samples, axis=1)
-    alpha = (1.0 - level) / 2
-    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+    res = stats.bootstrap((v,), np.mean if statistic == "mean" else np.median, n_resamples=n_boot,
+                          confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def bootstrap_set_statistic(
-    n: int,
-    fn: Callable[[np.ndarray], float],
-    n_boot: int = 200,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile interval of a statistic of a whole set (fn(row_indices) -> float)."""
-    if n < 2 or n_boot <= 0:
-        return (float("nan"), float("nan"))
-    stats = np.array([fn(idx) for idx in bootstrap_indices(n, n_boot, seed)], dtype=np.float64)
-    stats = stats[np.isfinite(stats)]
-    if len(stats) == 0:
-        return (float("nan"), float("nan"))
-    alpha = (1.0 - level) / 2
-    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+def set_interval(draws: np.ndarray, value: float, level: float) -> tuple[tuple[float, float], str]:
+    """(interval, method) of a set statistic (Fréchet distance, probe AUC) from its bootstrap draws.
+
+    Hand-written on purpose: its draws come from `bootstrap_indices` shared by every model (the real
+    side of a Fréchet distance is factorised once per draw for all of them), which scipy.stats.bootstrap,
+    one statistic per call, cannot share. Percentile from >= 100 draws; from fewer, normal with the
+    bootstrap standard error (few draws give crude quantiles)."""
+    d = np.asarray(draws, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if len(d) >= 100:
+        a = (1 - level) / 2
+        return (float(np.quantile(d, a)), float(np.quantile(d, 1 - a))), "percentile"
+    if len(d) >= 2:
+        half = float(stats.norm.ppf(0.5 + level / 2)) * float(d.std(ddof=1))
+        return (value - half, value + half), "normal"
+    return (float("nan"), float("nan")), "none"
+
+
+def t_interval(values, level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean of a few values (e.g. training seeds); None below 2 values."""
+    a = np.asarray(values, dtype=np.float64)
+    if len(a) < 2:
+        return None
+    lo, hi = stats.t.interval(level, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
+    return float(lo), float(hi)
 
 
 @dataclass
@@ -216,6 +228,15 @@ def _f(v: float) -> float | None:
     return None if not np.isfinite(v) else v
 
 
+def set_summary(seed_values: list[float], draws, n: int, level: float) -> dict:
+    """A set statistic's summary dict: the mean over noise seeds and `set_interval` of its draws."""
+    value = float(np.mean(seed_values))
+    draws = np.asarray(draws, dtype=np.float64)
+    ci, method = set_interval(draws, value, level)
+    out = Summary(value, ci, n, [float(v) for v in seed_values] if len(seed_values) > 1 else []).to_dict()
+    return out | {"statistic": "set", "bootstrap_draws": int(np.isfinite(draws).sum()), "ci_method": method}
+
+
 def summarize(
     per_row: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0, statistic: str = "mean"
 ) -> Summary:
@@ -237,7 +258,8 @@ def summarize(
 def paired_difference(
     a: np.ndarray, b: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> Summary:
-    """Mean of a - b over the same rows (seed-averaged first), with a paired bootstrap interval."""
+    """Mean of a - b over the same rows (seed-averaged first), with a paired bootstrap interval: resampling
+    the per-row differences draws the same rows for a and b (scipy's paired=True, same draws)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     a = a.mean(axis=0) if a.ndim == 2 else a
@@ -424,24 +446,15 @@ def fit_probe(x: np.ndarray, labels: np.ndarray, words: list[str], l2: float = 1
 
 
 def auc_per_column(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """ROC AUC of each column (Mann-Whitney U with average ranks for ties); NaN without both classes."""
+    """ROC AUC of each column: Mann-Whitney U / (n_pos n_neg), average ranks for ties; NaN without both classes."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
-    out = np.full(scores.shape[1], np.nan)
-    for k in range(scores.shape[1]):
-        pos = labels[:, k]
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        if n_pos == 0 or n_neg == 0:
-            continue
-        order = np.argsort(scores[:, k], kind="mergesort")
-        ranks = np.empty(len(order))
-        sorted_scores = scores[order, k]
-        # average ranks over ties
-        _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-        avg = first + (counts + 1) / 2.0
-        ranks[order] = np.repeat(avg, counts)
-        out[k] = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
+    n_pos = labels.sum(axis=0)
+    n_neg = len(labels) - n_pos
+    ranks = stats.rankdata(scores, axis=0)  # ties get their average rank
+    u = (ranks * labels).sum(axis=0) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
 def mean_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -150,6 +150,74 @@ def test_unrelated_caption_norm_ratio_and_nearest():
     assert np.allclose(M.max_cosine(text, text), 1.0)
 
 
+def _resampled(stat, values: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval computed by hand: seeded draws of row indices, quantiles of the statistic."""
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
+    s = np.array([stat(values[i]) for i in draws])
+    return float(np.quantile(s, (1 - level) / 2)), float(np.quantile(s, (1 + level) / 2))
+
+
+def test_bootstrap_ci_equals_a_hand_computed_percentile_interval():
+    v = np.random.default_rng(4).standard_normal(60) ** 2
+    assert M.bootstrap_ci(v, 400, 0.9, seed=5) == pytest.approx(_resampled(np.mean, v, 400, 5, 0.9), rel=1e-12)
+    assert M.bootstrap_ci(v, 400, seed=5, statistic="median") == pytest.approx(
+        _resampled(np.median, v, 400, 5), rel=1e-12)
+    with_nan = np.concatenate([v, [np.nan]])  # NaN rows are dropped, not resampled
+    assert M.bootstrap_ci(with_nan, 400, seed=5) == M.bootstrap_ci(v, 400, seed=5)
+    assert M.bootstrap_ci([3.0], 400) == (3.0, 3.0)
+    assert all(np.isnan(M.bootstrap_ci(v, 0)))
+
+
+def test_paired_difference_resamples_rows_together():
+    rng = np.random.default_rng(2)
+    shared = 3.0 * rng.standard_normal(200)  # a row effect both models see
+    a, b = shared + rng.standard_normal(200) + 0.2, shared + rng.standard_normal(200)
+    diff = M.paired_difference(a, b, n_boot=300, seed=1)
+    assert diff.value == pytest.approx((a - b).mean())
+    assert diff.ci == pytest.approx(_resampled(np.mean, a - b, 300, 1), rel=1e-12)
+    # unpaired (independent row draws for a and b), the shared row effect would widen it about sqrt(10) times
+    draws = [np.random.default_rng(s).integers(0, 200, size=(300, 200)) for s in (1, 2)]
+    unpaired = a[draws[0]].mean(axis=1) - b[draws[1]].mean(axis=1)
+    assert 2 * (diff.ci[1] - diff.ci[0]) < np.quantile(unpaired, 0.975) - np.quantile(unpaired, 0.025)
+
+
+def test_set_interval_percentile_or_normal_by_draw_count():
+    draws = np.random.default_rng(0).standard_normal(150)
+    ci, method = M.set_interval(draws, 0.0, 0.9)
+    assert method == "percentile" and ci == (np.quantile(draws, 0.05), np.quantile(draws, 0.95))
+    ci, method = M.set_interval(draws[:20], 1.0, 0.95)
+    half = 1.959963984540054 * draws[:20].std(ddof=1)
+    assert method == "normal" and ci == pytest.approx((1.0 - half, 1.0 + half))
+    assert M.set_interval(np.array([np.nan, 1.0]), 1.0, 0.95)[1] == "none"  # one finite draw
+    s = M.set_summary([1.0, 3.0], draws, 40, 0.9)
+    assert s["value"] == 2.0 and s["seed_values"] == [1.0, 3.0] and s["bootstrap_draws"] == 150
+
+
+def test_t_interval_uses_students_quantiles():
+    assert M.t_interval([1.0]) is None
+    lo, hi = M.t_interval([1.0, 3.0])  # df 1: t_0.975 = 12.706, sd 1.414, sem 1
+    assert (lo, hi) == pytest.approx((2.0 - 12.7062, 2.0 + 12.7062), abs=1e-4)
+    v = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]  # df 11: t_0.975 = 2.201
+    half = 2.20099 * np.std(v, ddof=1) / np.sqrt(len(v))
+    assert M.t_interval(v) == pytest.approx((5.5 - half, 5.5 + half), abs=1e-4)
+
+
+def _auc_by_pairs(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), over every (positive, negative) pair."""
+    pos, neg = scores[labels], scores[~labels]
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
+def test_auc_equals_the_pairwise_definition():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(15, 3)).astype(float)  # few values: many ties
+    labels = rng.random((15, 3)) < 0.4
+    labels[0], labels[1] = True, False  # both classes in every column
+    assert M.auc_per_column(scores, labels) == pytest.approx(
+        [_auc_by_pairs(scores[:, k], labels[:, k]) for k in range(3)], abs=1e-12)
+    assert M.mean_auc(scores, labels) == pytest.approx(np.mean(M.auc_per_column(scores, labels)))
+
+
 def test_auc_and_probe():
     labels = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=bool)
     scores = np.array([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
