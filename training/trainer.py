@@ -1,7 +1,9 @@
-"""The training loop: one function, nanoGPT-style, single process or torchrun (DDP).
+"""The training loop, nanoGPT-style, single process or torchrun (DDP).
 
     train(config) -> RUN/prior
 
+`_train` reads top to bottom: `_set_up` (checks, run folder, model, optimizer, resume), then
+`_loop`, whose steps are `_forward`, `_update`, `_log_train`, `_log_eval` and `_checkpoint`.
 What it does, in order: refuse a store that does not fit the prior (before touching the run
 folder); build the model (same seed on every rank); resume from the newest complete
 checkpoint if asked; stream batches from the store; AdamW + CosineAnnealingWarmRestarts
@@ -22,6 +24,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -282,8 +286,12 @@ def fit_standardisation(model: torch.nn.Module, store: EmbeddingStore, cfg: Trai
 # -- the loop -------------------------------------------------------------------------------
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # nanoGPT's rule: decay matrices and embeddings, not biases or norm gains.
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices and embeddings (ndim >= 2), none on biases, norm gains and scalars.
+
+    Frozen parameters are left out. The same split as open_clip's name-based rule (no decay for
+    bn/ln/bias/logit_scale), since those parameters are exactly the ones with ndim < 2.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
@@ -309,23 +317,182 @@ def train(config: TrainConfig | dict) -> Path:
         world.close()
 
 
+@dataclass
+class _Run:
+    """What one training run is made of, built once by `_set_up` and read by every step below."""
+
+    cfg: TrainConfig
+    store: EmbeddingStore
+    world: Dist
+    run_dir: Path
+    dim: int
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    objective: Objective
+    model: torch.nn.Module  # the prior itself: saved, evaluated, exported
+    train_model: torch.nn.Module  # the same weights, compiled and/or wrapped in DDP: what the step calls
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator  # this rank's noise
+    n_params: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world.world_size
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    position: tuple[int, int] = (0, 0)  # (epoch, batch index) of the next batch this rank reads
+    samples_seen: int = 0
+    metrics: dict = field(default_factory=dict)  # the latest train/... and eval/... values
+
+
+class _Window:
+    """Loss sums since the last log line, kept on the device so that a step needs no host sync."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.parts: dict[str, torch.Tensor] = {}
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        self.loss += loss.detach()
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0) + v
+        self.steps += 1
+
+
 def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, world: Dist) -> Path:
+    run, progress, resumed = _set_up(cfg, store, dim, run_dir, world)
+    log = Logger(run_dir, world.main, progress.step if resumed else None)
+    if world.main:
+        print(f"training {cfg.objective} prior ({cfg.preset}, D={dim}, {run.n_params:,} parameters) on {store.dir} "
+              f"({store.num_rows} rows), {world.world_size} x {run.device.type}, "
+              f"{'resuming at step ' + str(progress.step) if resumed else 'from scratch'}", file=sys.stderr)
+    _loop(run, progress, log)
+    out = run_dir / "prior"
+    if world.main:
+        export_checkpoint(run_dir, out)
+        print(f"exported prior to {out}", file=sys.stderr)
+    world.barrier()
+    return out
+
+
+def _loop(run: _Run, progress: _Progress, log: Logger) -> None:
+    """Steps until `cfg.steps`: train, then log / evaluate / checkpoint when due."""
+    cfg, device = run.cfg, run.device
+    keys_file = _open_keys_file(run)
+    batches = iter(_train_loader(run, progress.position))
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=progress.step, disable=not (run.world.main and cfg.progress), unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    window = _Window(device)
+    try:
+        nxt = next(batches) if progress.step < cfg.steps else None
+        batch = nxt.to(device, non_blocking=True) if nxt is not None else None
+        while progress.step < cfg.steps:
+            raw = nxt
+            loss, parts = _forward(run, batch, progress.step)
+            # Read the next batch while backward runs (the copy is asynchronous from pinned memory).
+            nxt = next(batches) if progress.step + 1 < cfg.steps else None
+            batch = nxt.to(device, non_blocking=True) if nxt is not None else None
+            lr, grad_norm = _update(run, loss)
+            if keys_file is not None:
+                keys_file.write("".join(f"{raw.epoch}\t{k}\n" for k in raw.keys))
+            progress.step += 1
+            progress.samples_seen += run.global_batch
+            progress.position = (raw.epoch, raw.index + 1)  # the next batch to read, on this rank
+            window.add(loss, parts)
+            bar.update(1)
+
+            last = progress.step == cfg.steps
+            if progress.step % cfg.log_every == 0 or last:
+                _log_train(run, progress, window, log, bar, lr=lr, grad_norm=grad_norm, epoch=raw.epoch)
+            if last or (cfg.eval_every and progress.step % cfg.eval_every == 0):
+                _log_eval(run, progress, log)
+            if last or progress.step % cfg.ckpt_every == 0:
+                _checkpoint(run, progress)
+    finally:
+        bar.close()
+        batches.close()
+        log.close()
+        if keys_file is not None:
+            keys_file.close()
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+
+def _set_up(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path,
+            world: Dist) -> tuple[_Run, _Progress, bool]:
+    """Check the shards, prepare the run folder, build model, optimizer and noise; resume if asked.
+
+    Returns the run, its progress and whether it resumed from a checkpoint.
+    """
     device = world.device
+    _check_shards(cfg, store, world)
+    autocast = _configure_device(cfg, world)
+    resume_from = _open_run_dir(cfg, run_dir, world)
+    objective = make_objective(cfg.objective, lam=cfg.eclipse_lambda, tau=cfg.eclipse_tau, reduction=cfg.proj_reduction,
+                               text_drop_prob=cfg.text_drop_prob, num_inference_steps=cfg.inference_steps,
+                               guidance_scale=cfg.guidance_scale)
+    model = _build_model(cfg, objective, store, fresh=resume_from is None).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=cfg.sched_t0 or cfg.steps, T_mult=cfg.sched_t_mult, eta_min=cfg.sched_eta_min)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + world.rank)  # per-rank noise
+    progress = _Progress()
+    if resume_from is not None:
+        progress = _resume(resume_from, cfg, world, model, optimizer, scheduler, gen)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and resume_from is not None:
+        ema.model.load_state_dict(load_file(resume_from / EMA_DIR / WEIGHTS_NAME, device=str(device)))
+    run = _Run(cfg=cfg, store=store, world=world, run_dir=run_dir, dim=dim, autocast=autocast, objective=objective,
+               model=model, train_model=_wrap_for_training(model, cfg, world), ema=ema, optimizer=optimizer,
+               scheduler=scheduler, gen=gen, n_params=count_parameters(model))
+    return run, progress, resume_from is not None
+
+
+def _check_shards(cfg: TrainConfig, store: EmbeddingStore, world: Dist) -> None:
     unknown = sorted(set(cfg.shards or []) - set(store.shards))
     if unknown:
         raise StoreError(f"{store.dir}: config names shards the store does not have: {unknown}")
     if len(cfg.shards or store.shards) < world.world_size:
         raise StoreError(f"{store.dir}: {len(store.shards)} shards cannot feed {world.world_size} processes "
                          f"(ranks read disjoint shards); write more, smaller shards")
+
+
+def _configure_device(cfg: TrainConfig, world: Dist) -> Callable[[], contextlib.AbstractContextManager]:
+    """Set threads / matmul precision; return the autocast context the steps run under."""
+    device = world.device
     if device.type == "cpu":
         torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world.local_world))
     else:
         torch.set_float32_matmul_precision("high")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
-    def autocast():
+    def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
+    return autocast
+
+
+def _open_run_dir(cfg: TrainConfig, run_dir: Path, world: Dist) -> Path | None:
+    """Refuse to overwrite a run, clear killed checkpoint writes, record the config; the checkpoint to resume."""
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     if not cfg.resume and complete_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir}: run folder already has checkpoints; pass --resume to continue it "
@@ -336,159 +503,136 @@ def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, wor
             shutil.rmtree(stale, ignore_errors=True)
         atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1))
     world.barrier()
+    return resume_from
 
-    objective = make_objective(cfg.objective, lam=cfg.eclipse_lambda, tau=cfg.eclipse_tau, reduction=cfg.proj_reduction,
-                               text_drop_prob=cfg.text_drop_prob, num_inference_steps=cfg.inference_steps,
-                               guidance_scale=cfg.guidance_scale)
+
+def _build_model(cfg: TrainConfig, objective: Objective, store: EmbeddingStore, fresh: bool) -> torch.nn.Module:
+    """The prior, on CPU: seeded (identical on every rank), then `init_from` or standardised when `fresh`."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = objective.build_model(cfg.preset, cfg.embedding_dim, cfg.text_length)
-    if cfg.init_from and resume_from is None:
+    if cfg.init_from and fresh:
         init = load_prior(cfg.init_from)
         if type(init) is not type(model):
             raise ValueError(f"init_from {cfg.init_from}: a {type(init).__name__}, but objective "
                              f"{cfg.objective!r} trains a {type(model).__name__}")
         model.load_state_dict(init.state_dict())  # shapes are checked here: a wrong D fails loudly
-    elif cfg.objective == "diffusion" and resume_from is None:
+    elif cfg.objective == "diffusion" and fresh:
         fit_standardisation(model, store, cfg)
-    model.to(device)
-    n_params = count_parameters(model)
+    return model
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=cfg.sched_t0 or cfg.steps, T_mult=cfg.sched_t_mult, eta_min=cfg.sched_eta_min)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + world.rank)  # per-rank noise
 
-    step, position, samples_seen, metrics = 0, (0, 0), 0, {}
-    if resume_from is not None:
-        state = json.loads((resume_from / STATE).read_text())
-        if state["world_size"] != world.world_size:
-            raise RuntimeError(f"{resume_from} was written by {state['world_size']} processes; resume it with the "
-                               f"same number (got {world.world_size}) so the data order and noise continue exactly")
-        if (state["config"]["objective"], state["config"]["preset"]) != (cfg.objective, cfg.preset):
-            raise RuntimeError(f"{resume_from}: checkpoint is {state['config']['objective']}/"
-                               f"{state['config']['preset']}, config asks for {cfg.objective}/{cfg.preset}")
-        model.load_state_dict(load_file(resume_from / PRIOR_DIR / WEIGHTS_NAME, device=str(device)))
-        trainer_state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        _set_rng_state(gen, trainer_state["rng"][world.rank])
-        step, samples_seen, metrics = state["step"], state["samples_seen"], state.get("metrics", {})
-        position = tuple(state["positions"][world.rank])
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None and resume_from is not None:
-        ema.model.load_state_dict(load_file(resume_from / EMA_DIR / WEIGHTS_NAME, device=str(device)))
+def _resume(ckpt: Path, cfg: TrainConfig, world: Dist, model: torch.nn.Module, optimizer, scheduler,
+            gen: torch.Generator) -> _Progress:
+    """Load weights, optimizer, scheduler and this rank's noise state from `ckpt`; return its progress."""
+    state = json.loads((ckpt / STATE).read_text())
+    if state["world_size"] != world.world_size:
+        raise RuntimeError(f"{ckpt} was written by {state['world_size']} processes; resume it with the "
+                           f"same number (got {world.world_size}) so the data order and noise continue exactly")
+    if (state["config"]["objective"], state["config"]["preset"]) != (cfg.objective, cfg.preset):
+        raise RuntimeError(f"{ckpt}: checkpoint is {state['config']['objective']}/"
+                           f"{state['config']['preset']}, config asks for {cfg.objective}/{cfg.preset}")
+    model.load_state_dict(load_file(ckpt / PRIOR_DIR / WEIGHTS_NAME, device=str(world.device)))
+    trainer_state = load_trainer_state(ckpt)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    _set_rng_state(gen, trainer_state["rng"][world.rank])
+    return _Progress(step=state["step"], position=tuple(state["positions"][world.rank]),
+                     samples_seen=state["samples_seen"], metrics=state.get("metrics", {}))
 
-    train_model: torch.nn.Module = model
+
+def _wrap_for_training(model: torch.nn.Module, cfg: TrainConfig, world: Dist) -> torch.nn.Module:
+    """torch.compile and/or DDP around `model` (same parameters); in train mode."""
+    train_model = model
     if cfg.compile:
         train_model = torch.compile(train_model)
     if world.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        device = world.device
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model.train()
+    return train_model
 
-    log = Logger(run_dir, world.main, step if resume_from is not None else None)
-    if world.main:
-        print(f"training {cfg.objective} prior ({cfg.preset}, D={dim}, {n_params:,} parameters) on {store.dir} "
-              f"({store.num_rows} rows), {world.world_size} x {device.type}, "
-              f"{'resuming at step ' + str(step) if resume_from else 'from scratch'}", file=sys.stderr)
-    keys_file = None
-    if cfg.record_keys:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        keys_file = open(run_dir / "logs" / f"keys-rank{world.rank}.tsv", "a")
 
-    loader = StoreLoader(
-        store, cfg.batch_size, split="train", heldout_fraction=cfg.heldout_fraction, heldout_seed=cfg.heldout_seed,
-        rank=world.rank, world_size=world.world_size, seed=cfg.seed, shuffle=True, infinite=True, start=position,
-        buffer_size=cfg.shuffle_buffer, pad_to=model.config.num_embeddings, prefetch=cfg.prefetch,
-        pin_memory=device.type == "cuda", shards=cfg.shards, pad_on_device=True,  # ~4x fewer host bytes per batch
+def _open_keys_file(run: _Run):
+    if not run.cfg.record_keys:
+        return None
+    (run.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    return open(run.run_dir / "logs" / f"keys-rank{run.world.rank}.tsv", "a")
+
+
+def _train_loader(run: _Run, position: tuple[int, int]) -> StoreLoader:
+    """This rank's endless shuffled stream of training batches, starting at `position`."""
+    cfg, world = run.cfg, run.world
+    return StoreLoader(
+        run.store, cfg.batch_size, split="train", heldout_fraction=cfg.heldout_fraction,
+        heldout_seed=cfg.heldout_seed, rank=world.rank, world_size=world.world_size, seed=cfg.seed, shuffle=True,
+        infinite=True, start=position, buffer_size=cfg.shuffle_buffer, pad_to=run.model.config.num_embeddings,
+        prefetch=cfg.prefetch, pin_memory=run.device.type == "cuda", shards=cfg.shards,
+        pad_on_device=True,  # ~4x fewer host bytes per batch
     )
-    batches = iter(loader)
-    from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (world.main and cfg.progress), unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    global_batch = cfg.batch_size * world.world_size
-    loss_sum = torch.zeros((), device=device)
-    parts_sum: dict[str, torch.Tensor] = {}
-    window_steps, window_start = 0, time.perf_counter()
-    try:
-        nxt = next(batches) if step < cfg.steps else None
-        batch = nxt.to(device, non_blocking=True) if nxt is not None else None
-        while step < cfg.steps:
-            raw = nxt
-            with autocast():
-                loss, parts = objective.loss(train_model, batch, gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}; stopping (last checkpoint kept)")
-            # Read the next batch while backward runs (the copy is asynchronous from pinned memory).
-            nxt = next(batches) if step + 1 < cfg.steps else None
-            next_batch = nxt.to(device, non_blocking=True) if nxt is not None else None
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update()
-            if keys_file is not None:
-                keys_file.write("".join(f"{raw.epoch}\t{k}\n" for k in raw.keys))
-            step += 1
-            samples_seen += global_batch
-            position = (raw.epoch, raw.index + 1)  # the next batch to read, on this rank
-            batch = next_batch
-            loss_sum += loss.detach()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0) + v
-            window_steps += 1
-            bar.update(1)
 
-            last = step == cfg.steps
-            if step % cfg.log_every == 0 or last:
-                # Mean over the window and over ranks; the only host sync outside checkpoints.
-                values = {"loss": world.mean(loss_sum / window_steps).item()}
-                values |= {k: world.mean(v / window_steps).item() for k, v in parts_sum.items()}
-                elapsed = time.perf_counter() - window_start
-                values |= {"lr": lr, "grad_norm": float(grad_norm),
-                           "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9), "epoch": raw.epoch}
-                log.log("train", step, values)
-                metrics |= {f"train/{k}": values[k] for k in ("loss", *parts_sum)}
-                bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.0f}")
-                loss_sum.zero_()
-                parts_sum = {}
-                window_steps, window_start = 0, time.perf_counter()
-            if last or (cfg.eval_every and step % cfg.eval_every == 0):
-                if world.main:
-                    ev = evaluate(objective, ema.model if ema else model, store, cfg, device, autocast)
-                    if ev:
-                        log.log("eval", step, ev)
-                        metrics |= {f"eval/{k}": v for k, v in ev.items() if k != "rows"}
-                world.barrier()
-            if last or step % cfg.ckpt_every == 0:
-                rank_states = world.gather({"rng": _rng_state(gen), "position": list(position)})
-                if world.main:
-                    state = {
-                        "step": step, "world_size": world.world_size, "samples_seen": samples_seen,
-                        "positions": [r["position"] for r in rank_states], "embedding_dim": dim,
-                        "parameters": n_params, "metrics": metrics, "config": cfg.to_dict(),
-                        "encoder": store.encoder.to_dict(), "store_rows": store.num_rows, "time": time.time(),
-                        "store_shards": list(cfg.shards or store.shards),
-                    }
-                    save_checkpoint(run_dir, step, model, ema, optimizer, scheduler, rank_states, state,
-                                    cfg.keep_checkpoints)
-                world.barrier()
-    finally:
-        bar.close()
-        batches.close()
-        log.close()
-        if keys_file is not None:
-            keys_file.close()
+# -- one step, logging, evaluation, checkpoint ----------------------------------------------
 
-    out = run_dir / "prior"
+
+def _forward(run: _Run, batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    with run.autocast():
+        loss, parts = run.objective.loss(run.train_model, batch, run.gen)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}; stopping (last checkpoint kept)")
+    return loss, parts
+
+
+def _update(run: _Run, loss: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Backward, clip, optimizer and scheduler step, EMA; returns (the lr this step used, the gradient norm)."""
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip or math.inf)
+    run.optimizer.step()
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
+    return lr, grad_norm
+
+
+def _log_train(run: _Run, progress: _Progress, window: _Window, log: Logger, bar, *, lr: float,
+               grad_norm: torch.Tensor, epoch: int) -> None:
+    # Mean over the window and over ranks; the only host sync outside checkpoints.
+    world = run.world
+    values = {"loss": world.mean(window.loss / window.steps).item()}
+    values |= {k: world.mean(v / window.steps).item() for k, v in window.parts.items()}
+    elapsed = time.perf_counter() - window.start
+    values |= {"lr": lr, "grad_norm": float(grad_norm),
+               "samples_per_s": window.steps * run.global_batch / max(elapsed, 1e-9), "epoch": epoch}
+    log.log("train", progress.step, values)
+    progress.metrics |= {f"train/{k}": values[k] for k in ("loss", *window.parts)}
+    bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.0f}")
+    window.reset()
+
+
+def _log_eval(run: _Run, progress: _Progress, log: Logger) -> None:
+    if run.world.main:
+        model = run.ema.model if run.ema else run.model
+        ev = evaluate(run.objective, model, run.store, run.cfg, run.device, run.autocast)
+        if ev:
+            log.log("eval", progress.step, ev)
+            progress.metrics |= {f"eval/{k}": v for k, v in ev.items() if k != "rows"}
+    run.world.barrier()
+
+
+def _checkpoint(run: _Run, progress: _Progress) -> None:
+    world, cfg, store = run.world, run.cfg, run.store
+    rank_states = world.gather({"rng": _rng_state(run.gen), "position": list(progress.position)})
     if world.main:
-        export_checkpoint(run_dir, out)
-        print(f"exported prior to {out}", file=sys.stderr)
+        state = {
+            "step": progress.step, "world_size": world.world_size, "samples_seen": progress.samples_seen,
+            "positions": [r["position"] for r in rank_states], "embedding_dim": run.dim,
+            "parameters": run.n_params, "metrics": progress.metrics, "config": cfg.to_dict(),
+            "encoder": store.encoder.to_dict(), "store_rows": store.num_rows, "time": time.time(),
+            "store_shards": list(cfg.shards or store.shards),
+        }
+        save_checkpoint(run.run_dir, progress.step, run.model, run.ema, run.optimizer, run.scheduler, rank_states,
+                        state, cfg.keep_checkpoints)
     world.barrier()
-    return out
