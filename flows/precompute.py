@@ -21,8 +21,14 @@ from flows.failures import retry_unless_permanent
 from flows.params import ClusterParams, DownloadParams, EncodeParams
 from pipeline.cluster import ClusterConfig, dask_task_runner
 from pipeline.download import DownloadConfig, DownloadFailed, download_main, format_summary
-from pipeline.encode import EncodeConfig, encode_shard, image_shards
-from pipeline.errors import PermanentError, is_permanent
+from pipeline.encode import (
+    EncodeConfig,
+    EncodeSummary,
+    ShardResult,
+    collect_shards,
+    encode_shard_retrying,
+    shards_to_encode,
+)
 from pipeline.precompute import output_dirs
 from pipeline.sources import PRESETS
 from storage_schema.writer import read_manifest
@@ -54,48 +60,32 @@ def download_task(urls: str, images: str, params: DownloadParams) -> dict:
             "failure_reasons": summary.failure_reasons}
 
 
-@task(name="encode-shard", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      task_run_name="encode-{tar_name}", retry_condition_fn=retry_unless_permanent)
-def encode_shard_task(tar: str, tar_name: str, store: str, cfg: EncodeConfig) -> dict:
-    result = encode_shard(tar, store, cfg)  # the encoder is cached per Dask worker process
-    return dataclasses.asdict(result)
+@task(name="encode-shard", task_run_name="encode-{tar_name}")
+def encode_shard_task(tar: str, tar_name: str, store: str, cfg: EncodeConfig) -> ShardResult:
+    # Transient failures are retried inside, permanent ones are not: the CLI's rule (pipeline.encode).
+    return encode_shard_retrying(tar, store, cfg)  # the encoder is cached per Dask worker process
 
 
 @flow(name="encode-shards")
 def encode_shards_flow(images: str, store: str, cfg: EncodeConfig) -> list[dict]:
-    """One task per image shard not yet in the store; progress and per-shard table as artifacts."""
-    manifest = read_manifest(Path(store))
-    done = set(manifest["shards"]) if manifest else set()
-    tars = [t for t in image_shards(images) if f"{t.name.removesuffix('.tar')}.parquet" not in done]
-    logger = get_run_logger()
-    logger.info("%d shards to encode (%d already in the store)", len(tars), len(done))
-    if not tars:
+    """One task per image shard not yet in the store; progress and per-shard table as artifacts.
+
+    Failures are handled as in the CLI (`pipeline.encode.collect_shards`); the run fails with
+    EncodeFailed when a retry cannot help, RuntimeError otherwise.
+    """
+    todo, already = shards_to_encode(images, store)
+    get_run_logger().info("%d shards to encode (%d already in the store)", len(todo), len(already))
+    if not todo:
         return []
     progress = create_progress_artifact(0.0, key="encode-progress", description="image shards encoded")
-    futures = [encode_shard_task.submit(str(t), t.name, store, cfg) for t in tars]
-    results, failures, errors = [], [], []
-    for n, fut in enumerate(as_completed(futures), start=1):
-        try:
-            results.append(fut.result())
-        except Exception as e:  # keep going: the other shards are independent
-            failures.append(f"{type(e).__name__}: {e}")
-            errors.append(e)
-        update_progress_artifact(progress, 100.0 * n / len(futures))
-    rows = [{"shard": r["shard"], "status": r["status"], "rows": r["rows"], "skipped": len(r["skipped"]),
-             "first_reason": r["skipped"][0]["reason"] if r["skipped"] else ""} for r in results]
-    rows += [{"shard": "?", "status": "FAILED", "rows": 0, "skipped": 0, "first_reason": f} for f in failures]
-    create_table_artifact(rows, key="encode-shards", description="per-shard status and skip reasons")
-    if failures:
-        # The run's final message carries the cause (the first one; the table lists them all).
-        permanent = all(is_permanent(e) for e in errors)
-        msg = (f"{len(failures)} of {len(futures)} shard(s) failed ({'not retried: ' if permanent else ''}"
-               f"{failures[0]}); finished shards are kept, rerun the flow once this is fixed")
-        raise (EncodeFailed if permanent else RuntimeError)(msg)
-    return results
-
-
-class EncodeFailed(PermanentError, RuntimeError):
-    """Every failed shard failed for a reason a retry cannot fix (e.g. the encoder's weights are missing)."""
+    futures = {encode_shard_task.submit(str(t), t.name, store, cfg): t.name.removesuffix(".tar") for t in todo}
+    summary = EncodeSummary(store)
+    try:  # Prefect futures cannot be cancelled: after a permanent failure the other shards still run
+        collect_shards(futures, as_completed, summary, cancel=False,
+                       on_done=lambda n: update_progress_artifact(progress, 100.0 * n / len(futures)))
+    finally:
+        create_table_artifact(summary.rows(), key="encode-shards", description="per-shard status and skip reasons")
+    return [dataclasses.asdict(r) for r in summary.written]
 
 
 def _resolve(base_dir: str | None, path: str) -> str:

@@ -1,8 +1,10 @@
 """Encode stage: one webdataset image shard -> one embedding-store shard, each pair encoded once.
 
-`encode_shard` is the unit of work (a Dask task in `pipeline.cluster`); `encode` runs every
-shard of an image directory and skips the ones the store already lists, so a killed run
-resumes where it stopped and a rerun is a no-op.
+`encode_shard` is the unit of work; `encode` runs every shard of an image directory (one
+Dask task each) and skips the ones the store already lists, so a killed run resumes where it
+stopped and a rerun is a no-op. The fan-out rules live here for the CLI and the Prefect flow
+alike: `shards_to_encode` picks the shards, `encode_shard_retrying` retries transient failures,
+`collect_shards` stops the run on a permanent one.
 """
 
 import io
@@ -10,21 +12,26 @@ import logging
 import queue
 import tarfile
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.errors import PermanentError, is_permanent
 from storage_schema import CAPTION_SEP, StoreWriter, build_table
 from storage_schema.writer import read_manifest
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_ATTEMPTS = 3  # a shard failing for a transient reason (a timeout, a worker that died) is tried twice more
+RETRY_DELAY_S = 5.0  # the pause before the second attempt; doubled before each later one
 
 
 @dataclass
@@ -209,12 +216,53 @@ def encode_shard(tar_path: str | Path, store_dir: str | Path, cfg: EncodeConfig)
     return ShardResult(name, "written", table.num_rows, skipped)
 
 
+class EncodeFailed(PermanentError, RuntimeError):
+    """A shard failed for a reason a retry cannot fix (e.g. the encoder's weights are missing); the run stopped."""
+
+
+def shards_to_encode(image_dir: str | Path, store_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """(the finished image shards the store does not list yet, the names of those it already lists)."""
+    manifest = read_manifest(Path(store_dir))
+    done = set(manifest["shards"]) if manifest else set()
+    todo: list[Path] = []
+    already: list[str] = []
+    for tar in image_shards(image_dir):
+        name = tar.name.removesuffix(".tar")
+        if f"{name}.parquet" in done:
+            already.append(name)
+        else:
+            todo.append(tar)
+    return todo, already
+
+
+def encode_shard_retrying(tar_path: str | Path, store_dir: str | Path, cfg: EncodeConfig,
+                          attempts: int = SHARD_ATTEMPTS, delay_s: float = RETRY_DELAY_S) -> ShardResult:
+    """`encode_shard`, tried again after a pause (doubling) while it fails for a reason a retry may fix.
+
+    A permanent error (`pipeline.errors.is_permanent`: another encoder's store, weights that cannot
+    load) is raised at once: retrying it only delays the message.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return encode_shard(tar_path, store_dir, cfg)
+        except Exception as e:
+            if is_permanent(e) or attempt == attempts:
+                raise
+            wait = delay_s * 2 ** (attempt - 1)
+            log.warning("shard %s: attempt %d of %d failed (%s: %s); retrying in %.0f s", Path(tar_path).name,
+                        attempt, attempts, type(e).__name__, e, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class EncodeSummary:
     store: str
     written: list[ShardResult] = field(default_factory=list)
     already_done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # shard -> error
+    cancelled: list[str] = field(default_factory=list)  # not run: an earlier shard failed permanently
+    errors: dict[str, BaseException] = field(default_factory=dict, repr=False)  # shard -> the exception
 
     @property
     def rows_written(self) -> int:
@@ -224,16 +272,75 @@ class EncodeSummary:
     def skipped(self) -> list[dict]:
         return [s for r in self.written for s in r.skipped]
 
+    def record(self, name: str, outcome: ShardResult | BaseException) -> None:
+        """File one shard's result (or the exception it ended with) under its status."""
+        if isinstance(outcome, BaseException):
+            self.failed[name] = f"{type(outcome).__name__}: {outcome}"
+            self.errors[name] = outcome
+        elif outcome.status == "written":
+            self.written.append(outcome)
+        else:
+            self.already_done.append(name)
+
+    def rows(self) -> list[dict]:
+        """One row per shard: shard, status, rows, skipped, first_reason (the CLI table, the flow's artifact)."""
+        out = [{"shard": r.shard, "status": "written", "rows": r.rows, "skipped": len(r.skipped),
+                "first_reason": r.skipped[0]["reason"] if r.skipped else ""} for r in self.written]
+        out += [{"shard": n, "status": "already done", "rows": 0, "skipped": 0, "first_reason": ""}
+                for n in self.already_done]
+        out += [{"shard": n, "status": "FAILED", "rows": 0, "skipped": 0, "first_reason": err}
+                for n, err in self.failed.items()]
+        out += [{"shard": n, "status": "cancelled", "rows": 0, "skipped": 0, "first_reason": ""}
+                for n in self.cancelled]
+        return out
+
     def table(self) -> str:
         lines = [f"{'shard':<12}{'status':<14}{'rows':>8}{'skipped':>9}  first reason"]
-        for r in self.written:
-            reason = r.skipped[0]["reason"] if r.skipped else ""
-            lines.append(f"{r.shard:<12}{'written':<14}{r.rows:>8}{len(r.skipped):>9}  {reason[:60]}")
-        for name in self.already_done:
-            lines.append(f"{name:<12}{'already done':<14}")
-        for name, err in self.failed.items():
-            lines.append(f"{name:<12}{'FAILED':<14}{'':>8}{'':>9}  {err[:60]}")
+        for r in self.rows():
+            counts = f"{r['rows']:>8}{r['skipped']:>9}" if r["status"] == "written" else f"{'':>8}{'':>9}"
+            lines.append(f"{r['shard']:<12}{r['status']:<14}{counts}  {r['first_reason'][:60]}".rstrip())
         return "\n".join(lines)
+
+    def raise_if_failed(self, total: int) -> None:
+        """EncodeFailed when a shard failed permanently (the run stopped), RuntimeError for transient failures."""
+        if not self.failed:
+            return
+        permanent = [e for e in self.errors.values() if is_permanent(e)]
+        first = (permanent or list(self.errors.values()))[0]  # the cause to fix; the table lists them all
+        msg = (f"{len(self.failed)} of {total} shard(s) failed ({'not retried: ' if permanent else ''}"
+               f"{type(first).__name__}: {first}); finished shards are kept, rerun once this is fixed\n{self.table()}")
+        raise (EncodeFailed if permanent else RuntimeError)(msg)
+
+
+def collect_shards(futures: dict[Any, str], as_completed: Callable[[list], Iterable], summary: EncodeSummary,
+                   on_done: Callable[[int], None] | None = None, cancel: bool = True) -> EncodeSummary:
+    """Wait for one future per shard (`futures`: future -> shard name) and file each outcome in `summary`.
+
+    The one rule for shard failures, for the CLI (Dask futures) and the flow (Prefect futures):
+    the shards were run by `encode_shard_retrying`, so what fails here failed for good. A
+    permanent failure stops the run: the shards not finished yet are cancelled (when `cancel`;
+    Prefect futures cannot be) and EncodeFailed is raised. A transient one is reported for its
+    shard while the others go on, and RuntimeError is raised at the end. Finished shards stay written.
+    `on_done(n)` is called after the n-th shard finished (a progress bar).
+    """
+    stopping = False
+    for n, fut in enumerate(as_completed(list(futures)), start=1):
+        name = futures[fut]
+        try:
+            summary.record(name, fut.result())
+        except CancelledError:
+            summary.cancelled.append(name)
+        except Exception as e:
+            summary.record(name, e)
+            if cancel and not stopping and is_permanent(e):
+                stopping = True
+                for other in futures:
+                    if not other.done():
+                        other.cancel()
+        if on_done is not None:
+            on_done(n)
+    summary.raise_if_failed(len(futures))
+    return summary
 
 
 def encode(
@@ -247,64 +354,36 @@ def encode(
     """Encode every image shard not yet in the store, one Dask task per shard.
 
     Uses `client` if given, else starts a cluster from `cluster` (`pipeline.cluster.ClusterConfig`).
-    Raises after all shards ran if any failed; finished shards stay written.
+    Failures are handled by `collect_shards`: finished shards stay written, a rerun retries the rest.
     """
     from distributed import as_completed
     from tqdm import tqdm
 
     from pipeline.cluster import dask_client
-    from storage_schema import StoreError
 
-    store_dir = Path(store_dir)
-    tars = image_shards(image_dir)
-    if not tars:
+    todo, already = shards_to_encode(image_dir, store_dir)
+    summary = EncodeSummary(str(store_dir), already_done=already)
+    if not todo and not already:
         raise FileNotFoundError(
             f"{image_dir}: no finished image shards (*.tar with *_stats.json); run the download stage first"
         )
-    manifest = read_manifest(store_dir)
-    done = set(manifest["shards"]) if manifest else set()
-    summary = EncodeSummary(str(store_dir))
-    todo = []
-    for t in tars:
-        name = t.name.removesuffix(".tar")
-        if f"{name}.parquet" in done:
-            summary.already_done.append(name)
-        else:
-            todo.append(t)
     if not todo:
-        log.info("all %d shards already encoded in %s", len(tars), store_dir)
+        log.info("all %d shards already encoded in %s", len(already), store_dir)
         return summary
 
     def run(c) -> None:
-        futures = {c.submit(encode_shard, str(t), str(store_dir), cfg, key=f"encode-{t.name}", pure=False): t
-                   for t in todo}
-        bar = tqdm(total=len(futures), desc="encode shards", unit="shard", disable=not progress)
-        for fut in as_completed(futures):
-            name = futures[fut].name.removesuffix(".tar")
-            try:
-                result = fut.result()
-            except StoreError as e:
-                # A store made by another encoder: every other shard would fail the same way.
-                for other in futures:
-                    other.cancel()
-                bar.close()
-                raise StoreError(f"shard {name}: {e}") from e
-            except Exception as e:
-                summary.failed[name] = f"{type(e).__name__}: {e}"
-            else:
-                if result.status == "written":
-                    summary.written.append(result)
-                else:
-                    summary.already_done.append(name)
-            bar.update(1)
-            bar.set_postfix(rows=summary.rows_written, failed=len(summary.failed))
-        bar.close()
+        futures = {c.submit(encode_shard_retrying, str(t), str(store_dir), cfg, key=f"encode-{t.name}", pure=False):
+                   t.name.removesuffix(".tar") for t in todo}
+        with tqdm(total=len(futures), desc="encode shards", unit="shard", disable=not progress) as bar:
+            def advance(_: int) -> None:
+                bar.update(1)
+                bar.set_postfix(rows=summary.rows_written, failed=len(summary.failed))
+
+            collect_shards(futures, as_completed, summary, on_done=advance)
 
     if client is not None:
         run(client)
     else:
         with dask_client(cluster) as c:
             run(c)
-    if summary.failed:
-        raise RuntimeError(f"{len(summary.failed)} shard(s) failed; rerun to retry them:\n{summary.table()}")
     return summary

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,18 @@ from PIL import Image
 from storefixtures import tiny_info
 from wdsfixtures import good_shard, render, write_tar
 
-from pipeline.encode import EncodeConfig, encode, encode_shard, iter_webdataset
+from pipeline.encode import (
+    EncodeConfig,
+    EncodeFailed,
+    EncodeSummary,
+    ShardResult,
+    collect_shards,
+    encode,
+    encode_shard,
+    encode_shard_retrying,
+    iter_webdataset,
+    shards_to_encode,
+)
 from pipeline.encoders import load_encoder
 from storage_schema import EmbeddingStore, StoreError, StoreWriter
 from storage_schema.writer import read_manifest
@@ -95,6 +107,87 @@ def test_a_shard_still_downloading_is_not_encoded(tmp_path):
     good_shard(tmp_path / "img" / "00000.tar", 0, 3)
     write_tar(tmp_path / "img" / "00001.tar", [{"key": "000010000", "jpg": render(1), "txt": "x"}], finished=False)
     assert [p.name for p in image_shards(tmp_path / "img")] == ["00000.tar"]
+
+
+def test_shards_to_encode_leaves_out_what_the_store_lists(tmp_path):
+    for s in range(3):
+        good_shard(tmp_path / "img" / f"{s:05d}.tar", s, 2)
+    encode_shard(tmp_path / "img" / "00001.tar", tmp_path / "store", CFG)
+    todo, already = shards_to_encode(tmp_path / "img", tmp_path / "store")
+    assert [t.name for t in todo] == ["00000.tar", "00002.tar"] and already == ["00001"]
+
+
+def _failing_encode_shard(monkeypatch, errors: list[Exception]) -> list[str]:
+    """encode_shard raises `errors` in turn, then succeeds; returns the list of calls."""
+    calls: list[str] = []
+
+    def fake(tar, store, cfg):
+        calls.append(str(tar))
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return ShardResult("00000", "written", 3)
+
+    monkeypatch.setattr("pipeline.encode.encode_shard", fake)
+    return calls
+
+
+def test_a_transient_shard_failure_is_retried(monkeypatch):
+    calls = _failing_encode_shard(monkeypatch, [ConnectionError("worker died"), TimeoutError("slow disk")])
+    result = encode_shard_retrying("00000.tar", "store", CFG, attempts=3, delay_s=0)
+    assert result.rows == 3 and len(calls) == 3
+    calls = _failing_encode_shard(monkeypatch, [ConnectionError("a"), ConnectionError("b"), ConnectionError("c")])
+    with pytest.raises(ConnectionError, match="c"):
+        encode_shard_retrying("00000.tar", "store", CFG, attempts=3, delay_s=0)
+    assert len(calls) == 3
+
+
+def test_a_permanent_shard_failure_is_not_retried(monkeypatch):
+    calls = _failing_encode_shard(monkeypatch, [StoreError("made by encoder 'other'")])
+    with pytest.raises(StoreError):
+        encode_shard_retrying("00000.tar", "store", CFG, attempts=3, delay_s=0)
+    assert len(calls) == 1
+
+
+class _Future:
+    """A finished shard for collect_shards: its result or exception; cancel() marks it cancelled."""
+
+    def __init__(self, outcome):
+        self.outcome, self.cancelled = outcome, False
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def result(self):
+        if self.cancelled:
+            raise CancelledError()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def test_a_permanent_failure_cancels_the_other_shards_and_names_its_cause():
+    futures = {_Future(StoreError("made by encoder 'other'")): "00000",
+               _Future(ShardResult("00001", "written", 4)): "00001", _Future(OSError("x")): "00002"}
+    summary = EncodeSummary("store")
+    with pytest.raises(EncodeFailed, match=r"1 of 3 shard\(s\) failed \(not retried: StoreError: made by encoder"):
+        collect_shards(futures, list, summary)
+    assert summary.cancelled == ["00001", "00002"] and summary.written == [] and list(summary.failed) == ["00000"]
+
+
+def test_a_transient_failure_is_reported_for_its_shard_and_the_others_finish():
+    written = ShardResult("00001", "written", 4, [{"key": "k", "reason": "corrupt image"}])
+    futures = {_Future(OSError("disk full")): "00000", _Future(written): "00001",
+               _Future(ShardResult("00002", "already-done", 2)): "00002"}
+    summary = EncodeSummary("store")
+    with pytest.raises(RuntimeError, match=r"1 of 3 shard\(s\) failed \(OSError: disk full\)") as err:
+        collect_shards(futures, list, summary)
+    assert not isinstance(err.value, EncodeFailed)
+    assert summary.written == [written] and summary.already_done == ["00002"] and summary.cancelled == []
+    assert [(r["shard"], r["status"], r["first_reason"]) for r in summary.rows()] == [
+        ("00001", "written", "corrupt image"), ("00002", "already done", ""), ("00000", "FAILED", "OSError: disk full")]
 
 
 @pytest.mark.slow
