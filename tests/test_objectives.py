@@ -51,9 +51,18 @@ def _hand_infonce(pred, text, tau):
     return total / len(pred)
 
 
-def test_lambda_is_the_papers_and_tau_is_clips_initial_temperature():
+def test_lambda_is_the_papers():
     assert DEFAULT_LAMBDA == 0.2  # the paper: "setting lambda = 0.2"
-    assert DEFAULT_TAU == 0.07  # not stated in the paper; CLIP's initial temperature (documented choice)
+    assert EclipseObjective().lam == 0.2
+
+
+def test_tau_is_our_documented_choice_clips_initial_temperature():
+    """The paper does not state tau; we use CLIP's initial temperature 0.07 (see training.objectives)."""
+    assert DEFAULT_TAU == 0.07 and EclipseObjective().tau == 0.07
+    # ... and it is what the loss uses when no tau is passed.
+    default = contrastive_loss(torch.tensor(PRED), torch.tensor(TEXT)).item()
+    assert default == pytest.approx(_hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
+    assert default != pytest.approx(_hand_infonce(PRED, TEXT, 1.0), rel=1e-3)
 
 
 def test_projection_loss_sums_over_dimensions_then_averages_over_the_batch():
