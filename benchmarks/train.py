@@ -88,7 +88,7 @@ def predicted_speedup(vision: dict, prior: dict) -> tuple[float, float, float]:
     return v / 1e9, p / 1e9, (v + p) / p
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4, help="rounds of k memory/store pairs + 1 clip step")
     ap.add_argument("--steps", type=int, default=2, help="memory and store steps per round (clip: 1)")
@@ -98,7 +98,54 @@ def main() -> None:
     # One thread: on a shared 2-core machine a second OpenMP thread spins at barriers and made the
     # small prior ~10x slower while the image tower's big matmuls barely noticed, skewing the ratio.
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def clip_mode_batches(vision_cfg: dict, in_memory: list[PriorBatch], bs: int):
+    """(batch i -> batch i with image embeddings from a fresh image tower on fixed images, the tower)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_cfg)).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (bs, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    mean = torch.tensor([0.481, 0.458, 0.408]).view(1, 3, 1, 1)
+    std = torch.tensor([0.269, 0.261, 0.276]).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def encode(i: int) -> PriorBatch:
+        pixels = (images.float() / 255.0 - mean) / std
+        b = in_memory[i]
+        return PriorBatch(vision(pixel_values=pixels).image_embeds, b.text_embed, b.text_hidden, b.text_mask)
+
+    return encode, vision
+
+
+def time_rounds(modes: dict, rounds: int, k: int) -> tuple[list[float], list[float], dict[str, float]]:
+    """(memory/store time ratios, clip/store time ratios, total seconds per mode) over `rounds` rounds.
+
+    Interleaved: shared machines drift, so each store step is paired with the memory step right
+    before it, each clip step with the store step before it; ratios are medians over the pairs.
+    """
+    ratios_input, ratios_cache = [], []
+    totals = dict.fromkeys(modes, 0.0)
+    for r in range(rounds):
+        idx = list(range(1 + r * k, 1 + (r + 1) * k))
+        for i in idx:
+            t_mem, t_store = seconds(modes["memory"], i), seconds(modes["store"], i)
+            ratios_input.append(t_mem / t_store)
+            totals["memory"] += t_mem
+            totals["store"] += t_store
+        t_clip = seconds(modes["clip"], idx[0])
+        totals["clip"] += t_clip
+        ratios_cache.append(t_clip / t_store)
+        print(f"round {r}: memory {1 / t_mem:.3f}, store {1 / t_store:.3f}, clip {1 / t_clip:.3f} steps/s "
+              f"(last step of each)")
+    return ratios_input, ratios_cache, totals
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     bs, k = args.batch_size, args.steps
     n_batches = 1 + args.rounds * k  # one warm-up batch, then k per round
@@ -126,21 +173,7 @@ def main() -> None:
         it = iter(loader())
         in_memory = [next(it).to("cpu") for _ in range(n_batches)]
         it.close()
-
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        torch.manual_seed(0)
-        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_cfg)).eval()
-        gen = torch.Generator().manual_seed(1)
-        images = torch.randint(0, 256, (bs, 3, 224, 224), dtype=torch.uint8, generator=gen)
-        mean = torch.tensor([0.481, 0.458, 0.408]).view(1, 3, 1, 1)
-        std = torch.tensor([0.269, 0.261, 0.276]).view(1, 3, 1, 1)
-
-        @torch.no_grad()
-        def encode(i: int) -> PriorBatch:
-            pixels = (images.float() / 255.0 - mean) / std
-            b = in_memory[i]
-            return PriorBatch(vision(pixel_values=pixels).image_embeds, b.text_embed, b.text_hidden, b.text_mask)
+        encode, vision = clip_mode_batches(vision_cfg, in_memory, bs)
 
         memory_step, store_step, clip_step = fresh_step(), fresh_step(), fresh_step()
         stream = iter(loader())
@@ -159,22 +192,7 @@ def main() -> None:
               f"forward+backward")
         for run_one in modes.values():  # warm-up, untimed
             run_one(0)
-        # Interleaved: shared machines drift, so each store step is paired with the memory step right
-        # before it, each clip step with the store step before it; ratios are medians over the pairs.
-        ratios_input, ratios_cache = [], []
-        totals = dict.fromkeys(modes, 0.0)
-        for r in range(args.rounds):
-            idx = list(range(1 + r * k, 1 + (r + 1) * k))
-            for i in idx:
-                t_mem, t_store = seconds(modes["memory"], i), seconds(modes["store"], i)
-                ratios_input.append(t_mem / t_store)
-                totals["memory"] += t_mem
-                totals["store"] += t_store
-            t_clip = seconds(modes["clip"], idx[0])
-            totals["clip"] += t_clip
-            ratios_cache.append(t_clip / t_store)
-            print(f"round {r}: memory {1 / t_mem:.3f}, store {1 / t_store:.3f}, clip {1 / t_clip:.3f} steps/s "
-                  f"(last step of each)")
+        ratios_input, ratios_cache, totals = time_rounds(modes, args.rounds, k)
         stream.close()
         flops = {"memory": p_gflop, "store": p_gflop, "clip": v_gflop + p_gflop}
         for name, total in totals.items():
