@@ -118,3 +118,15 @@ def test_unknown_preset_and_wrong_extra_tokens_are_refused():
         build_prior("huge")
     with pytest.raises(ValueError, match="additional_embeddings"):
         PriorTransformer(**{**preset_config("tiny"), "additional_embeddings": 4})
+
+
+def test_optional_layers_are_built_on_request_and_unknown_kinds_are_refused():
+    tiny = preset_config("tiny")
+    plain = PriorTransformer(**tiny)
+    assert plain.norm_in is None and plain.embedding_proj_norm is None
+    assert isinstance(plain.encoder_hidden_states_proj, torch.nn.Linear)
+    normed = PriorTransformer(**tiny | {"norm_in_type": "layer", "embedding_proj_norm_type": "layer"})
+    assert isinstance(normed.norm_in, torch.nn.LayerNorm) and isinstance(normed.embedding_proj_norm, torch.nn.LayerNorm)
+    assert PriorTransformer(**tiny | {"encoder_hid_proj_type": None}).encoder_hidden_states_proj is None
+    with pytest.raises(ValueError, match="unsupported norm_in_type: 'batch'"):
+        PriorTransformer(**tiny | {"norm_in_type": "batch"})

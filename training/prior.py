@@ -12,6 +12,7 @@ the text padding mask let the `prd` token see everything; the prediction is read
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -97,6 +98,15 @@ def additive_attention_mask(
     return mask.repeat_interleave(heads, dim=0)
 
 
+def _optional_layer(option: str, kind: str | None, **builders: Callable[[], nn.Module]) -> nn.Module | None:
+    """None when `kind` is None, else the layer `builders[kind]` builds; an unknown kind is an error."""
+    if kind is None:
+        return None
+    if kind not in builders:
+        raise ValueError(f"unsupported {option}: {kind!r}")
+    return builders[kind]()
+
+
 class PriorTransformer(ModelMixin, ConfigMixin):
     """ECLIPSE's time-free prior. Named as the released class so config.json's `_class_name` matches.
 
@@ -135,19 +145,11 @@ class PriorTransformer(ModelMixin, ConfigMixin):
             )
 
         self.proj_in = nn.Linear(embedding_dim, inner)  # the noise vector
-        if embedding_proj_norm_type is None:
-            self.embedding_proj_norm = None
-        elif embedding_proj_norm_type == "layer":
-            self.embedding_proj_norm = nn.LayerNorm(embedding_proj_dim)
-        else:
-            raise ValueError(f"unsupported embedding_proj_norm_type: {embedding_proj_norm_type!r}")
+        self.embedding_proj_norm = _optional_layer("embedding_proj_norm_type", embedding_proj_norm_type,
+                                                   layer=lambda: nn.LayerNorm(embedding_proj_dim))
         self.embedding_proj = nn.Linear(embedding_proj_dim, inner)  # the pooled text embedding
-        if encoder_hid_proj_type is None:
-            self.encoder_hidden_states_proj = None
-        elif encoder_hid_proj_type == "linear":
-            self.encoder_hidden_states_proj = nn.Linear(embedding_dim, inner)  # text hidden states, H == D
-        else:
-            raise ValueError(f"unsupported encoder_hid_proj_type: {encoder_hid_proj_type!r}")
+        self.encoder_hidden_states_proj = _optional_layer(  # text hidden states, H == D
+            "encoder_hid_proj_type", encoder_hid_proj_type, linear=lambda: nn.Linear(embedding_dim, inner))
 
         self.positional_embedding = nn.Parameter(torch.zeros(1, num_embeddings + additional_embeddings, inner))
         if added_emb_type == "prd":
@@ -164,12 +166,7 @@ class PriorTransformer(ModelMixin, ConfigMixin):
             )
             for _ in range(num_layers)
         )
-        if norm_in_type is None:
-            self.norm_in = None
-        elif norm_in_type == "layer":
-            self.norm_in = nn.LayerNorm(inner)
-        else:
-            raise ValueError(f"unsupported norm_in_type: {norm_in_type!r}")
+        self.norm_in = _optional_layer("norm_in_type", norm_in_type, layer=lambda: nn.LayerNorm(inner))
         self.norm_out = nn.LayerNorm(inner)
         self.proj_to_clip_embeddings = nn.Linear(inner, clip_embed_dim)
 
