@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from demo.render import render_batch
 from demo.world import (
     ATTRIBUTES,
     COLORS,
@@ -60,9 +61,9 @@ from demo.world import (
     World,
     caption,
     caption_words,
-    render_batch,
+    split_by_pairs,
 )
-from pipeline.encoders import ClipEncoder, OpenClipEncoder, bytes_to_unicode, save_encoder
+from pipeline.encoders import ClipEncoder, OpenClipEncoder, build_bpe_tokenizer, save_encoder
 from storage_schema.schema import EncoderInfo
 
 log = logging.getLogger(__name__)
@@ -145,47 +146,10 @@ class TeacherReport:
 # Tokenizer: CLIP's byte-level BPE with merges for exactly the caption words
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one word as the tokenizers library does it: merge the best-ranked
-    adjacent pair (everywhere in the word), repeat until no known pair is left."""
-    while len(symbols) > 1:
-        rank, pair = min((ranks.get(p, math.inf), p) for p in zip(symbols, symbols[1:], strict=False))
-        if rank == math.inf:
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
-
-
 def build_tokenizer(words: Sequence[str] | None = None, context_length: int = TeacherConfig.context_length) -> Any:
-    """A transformers CLIPTokenizer: 512 byte symbols (any text stays encodable), then merges that
-    make each caption word exactly one token, then BOS and EOS (EOS has the highest id: open_clip's
-    argmax pooling finds it; padding is EOS too, and argmax returns the first).
-
-    Merges are added per word until BPE, as it will run, ends in one token: a merge appended last
-    has the lowest priority, so it never changes how an earlier word is split.
-    """
-    from transformers import CLIPTokenizer
-
-    alphabet = list(bytes_to_unicode().values())
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words if words is not None else caption_words():
-        initial = [*word[:-1], word[-1] + "</w>"]
-        symbols = _bpe(initial, ranks)
-        while len(symbols) > 1:
-            ranks[(symbols[0], symbols[1])] = len(ranks)
-            symbols = _bpe(initial, ranks)
-    merges = sorted(ranks, key=ranks.__getitem__)
-    tokens = list(dict.fromkeys(alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]))
-    vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+    """A transformers CLIPTokenizer in which each caption word (default: every word the world can
+    write) is one token; any other text stays encodable, byte by byte."""
+    return build_bpe_tokenizer(caption_words() if words is None else words, context_length)
 
 
 def _open_clip_tokenizer(hf_tokenizer: Any, context_length: int) -> Any:
@@ -556,7 +520,6 @@ def heldout_gap(encoder: ClipEncoder, world: World, held_pairs: Collection[tuple
     content, template and omitted attributes; everything unsaid is drawn anew, so the oracle is
     E[image | caption] as the world defines it. `gap` = oracle - text-shift.
     """
-    from demo.world import split_by_pairs
     from evaluation.metrics import text_shift
 
     rng = np.random.default_rng([0x6A9, seed])

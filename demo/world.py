@@ -26,40 +26,26 @@ has never seen; here every caption is exact, every attribute is a label a probe 
 on, and held-out (color, shape) pairs give a clean compositional split (`World.holdout_pairs`).
 
 Determinism: a `SceneSpec` holds every random draw (positions, sizes, angles, colors, noise
-seed), so `render(spec, size)` is a pure function of the spec. `World.spec_at(seed, index)`
-draws spec `index` from its own generator, so any sample is reproducible on its own; this is
-how the loopback image server renders `/world/<seed>/<index>.png` without a list of specs.
-Rendering uses only exactly-rounded float32 arithmetic per pixel (no trig, no transcendental
-functions), so a batch render and a one-image render give identical bytes on any machine.
-
-The server (`python -m demo.world serve --port P`) lets the demo go through the real
-img2dataset download stage: `write_url_list` writes a Parquet url list whose urls point at it.
+seed), so its pixels (`demo.render.render`) are a pure function of the spec.
+`World.spec_at(seed, index)` draws spec `index` from its own generator, so any sample is
+reproducible on its own; this is how the loopback image server (`demo.server`) renders
+`/world/<seed>/<index>.png` without a list of specs. `write_url_list` writes the Parquet url
+list, pointing at that server, that the demo's download stage reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import os
-import select
-import signal
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from storage_schema.atomic import atomic_path
 
@@ -120,17 +106,10 @@ CENTER = (0.42, 0.58)  # objects of a world that does not caption positions
 BACKGROUND_GRAY = (85, 165)  # the gray tone's brightness range
 BACKGROUND_JITTER = 20  # other tones: brightness varies by this much around the tone
 BACKGROUND_TINT = 12
-GRADIENT_DEPTH = 0.35  # a gradient backdrop darkens from top to bottom by this fraction
-CHECKER_PERIOD = 0.25  # checker cells per image side: 1 / this
-CHECKER_CONTRAST = 22.0
 DISTRACTOR_RADIUS = (0.09, 0.12)
 DISTRACTOR_CORNERS = ((0.13, 0.13), (0.87, 0.13), (0.13, 0.87), (0.87, 0.87))
 DISTRACTOR_JITTER = 0.03
 COLOR_JITTER = 14
-NOISE_AMPLITUDE = 28.0  # uniform per-pixel noise on everything (background and objects)
-OUTLINE_WIDTH = 0.38  # fraction of the object's radius
-STRIPE_FREQUENCY = 1.45  # stripe periods per object radius
-STRIPE_DARK = 0.25  # the dark stripes: the object's color times this
 
 
 def partner_color(color: str) -> str:
@@ -284,6 +263,19 @@ def caption_words() -> list[str]:
 Content = tuple[str, str, str | None, str | None]
 
 
+def _object(content: Content, pair: bool, u: list[float], jitter: np.ndarray) -> ObjectSpec:
+    """A captioned object placed in its position's region; `u`: uniform draws (x, y, radius, angle)."""
+    color, shape, texture, position = content
+    near, far, mid = (PAIR_NEAR, PAIR_FAR, PAIR_MID) if pair else (NEAR, FAR, MID)
+    rx, ry = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far),
+              None: (CENTER, CENTER)}[position]
+    r_lo, r_hi = PAIR_RADIUS if pair else SINGLE_RADIUS
+    rgb = tuple(min(255, max(0, v + int(j))) for v, j in zip(COLOR_RGB[color], jitter, strict=True))
+    return ObjectSpec(color=color, shape=shape, texture=texture, position=position,
+                      cx=rx[0] + u[0] * (rx[1] - rx[0]), cy=ry[0] + u[1] * (ry[1] - ry[0]),
+                      radius=r_lo + u[2] * (r_hi - r_lo), angle=MAX_ANGLE * (2.0 * u[3] - 1.0), rgb=rgb)
+
+
 @dataclass(frozen=True)
 class World:
     """A world's configuration. `attributes` lists what captions mention and what varies:
@@ -420,18 +412,7 @@ class World:
         noise_seeds = rng.integers(2**32, size=n)
         unit = rng.random((m, 4))  # x, y within the region; radius; angle
         jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=(m, 3))
-        objects = []
-        for k, ((color, shape, texture, position), pair) in enumerate(objs):
-            near, far, mid = (PAIR_NEAR, PAIR_FAR, PAIR_MID) if pair else (NEAR, FAR, MID)
-            rx, ry = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far),
-                      None: (CENTER, CENTER)}[position]
-            r_lo, r_hi = PAIR_RADIUS if pair else SINGLE_RADIUS
-            u = unit[k].tolist()
-            rgb = tuple(min(255, max(0, v + int(j))) for v, j in zip(COLOR_RGB[color], jitter[k], strict=True))
-            objects.append(ObjectSpec(
-                color=color, shape=shape, texture=texture, position=position,
-                cx=rx[0] + u[0] * (rx[1] - rx[0]), cy=ry[0] + u[1] * (ry[1] - ry[0]),
-                radius=r_lo + u[2] * (r_hi - r_lo), angle=MAX_ANGLE * (2.0 * u[3] - 1.0), rgb=rgb))
+        objects = [_object(content, pair, unit[k].tolist(), jitter[k]) for k, (content, pair) in enumerate(objs)]
         # What the caption does not say (drawn last: the draws above keep their order).
         extra = rng.random((n, 4))  # tone follows?, distractor?, distractor color follows?, spare
         tone_draw = rng.integers(len(self.tones), size=n)
@@ -454,14 +435,7 @@ class World:
             if extra[i, 1] < self.distractor_fraction:
                 follows = extra[i, 2] < self.correlation and partner_color(first[0]) in self.colors
                 color = partner_color(first[0]) if follows else self.colors[int(d_color[i])]
-                u = d_unit[i].tolist()
-                corner = DISTRACTOR_CORNERS[min(int(u[0] * 4), 3)]
-                distractor = ObjectSpec(
-                    color=color, shape=self.shapes[int(d_shape[i])], texture="solid" if self.texture_varies else None,
-                    position=None, cx=corner[0] + DISTRACTOR_JITTER * (2 * u[1] - 1),
-                    cy=corner[1] + DISTRACTOR_JITTER * (2 * u[2] - 1),
-                    radius=DISTRACTOR_RADIUS[0] + u[3] * (DISTRACTOR_RADIUS[1] - DISTRACTOR_RADIUS[0]),
-                    angle=MAX_ANGLE * (2.0 * u[4] - 1.0), rgb=COLOR_RGB[color])
+                distractor = self._distractor(color, self.shapes[int(d_shape[i])], d_unit[i].tolist())
             omittable = [a for a in OMITTABLE if a in self.attributes]
             omitted = tuple(a for a, drop in zip(OMITTABLE, omit_draw[i], strict=True) if drop and a in omittable)
             specs.append(SceneSpec(objects=tuple(objects[k:k + len(content)]),
@@ -471,6 +445,16 @@ class World:
                                    omitted=omitted))
             k += len(content)
         return specs
+
+    def _distractor(self, color: str, shape: str, u: list[float]) -> ObjectSpec:
+        """The unmentioned small object in a corner; `u`: uniform draws (corner, x, y, radius, angle)."""
+        corner = DISTRACTOR_CORNERS[min(int(u[0] * 4), 3)]
+        return ObjectSpec(
+            color=color, shape=shape, texture="solid" if self.texture_varies else None,
+            position=None, cx=corner[0] + DISTRACTOR_JITTER * (2 * u[1] - 1),
+            cy=corner[1] + DISTRACTOR_JITTER * (2 * u[2] - 1),
+            radius=DISTRACTOR_RADIUS[0] + u[3] * (DISTRACTOR_RADIUS[1] - DISTRACTOR_RADIUS[0]),
+            angle=MAX_ANGLE * (2.0 * u[4] - 1.0), rgb=COLOR_RGB[color])
 
     # -- captions ------------------------------------------------------------------------------
 
@@ -541,129 +525,6 @@ def split_by_pairs(specs: Iterable[SceneSpec], held_out: Collection[tuple[str, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Rendering (vectorised over a batch; float32, exactly-rounded ops only)
-
-
-def _star_lines() -> np.ndarray:
-    """Unit normals of the 5 lines of a pentagram with outer radius 1 (point up, y down). A point
-    is in the filled star iff it is on the center's side of at least 4 of them; the lines lie at
-    distance cos(72 deg) from the center."""
-    return np.array([(math.sin(math.radians(72 * k)), -math.cos(math.radians(72 * k)))
-                     for k in range(5)], dtype=np.float32)
-
-
-_STAR_N = _star_lines()
-_STAR_D = np.float32(math.cos(math.radians(72)))
-_F = np.float32
-
-
-def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Membership in a shape of radius about 1, in object coordinates (u right, v down)."""
-    au, av = np.abs(u), np.abs(v)
-    if shape == "circle":
-        return u * u + v * v <= _F(1.0)
-    if shape == "square":
-        return np.maximum(au, av) <= _F(0.86)
-    if shape == "triangle":  # apex up, equilateral
-        return (v <= _F(0.62)) & (v >= _F(-1.0) + _F(1.7320508) * au)
-    if shape == "diamond":  # taller than wide, so no small rotation turns a square into it
-        return au * _F(1.0 / 0.72) + av * _F(1.0 / 1.08) <= _F(1.0)
-    if shape == "cross":
-        return ((au <= _F(0.32)) & (av <= _F(1.0))) | ((au <= _F(1.0)) & (av <= _F(0.32)))
-    if shape == "star":
-        s = _F(1.0 / 1.08)
-        count = np.zeros(u.shape, dtype=np.int8)
-        for nx, ny in _STAR_N:
-            count += (u * (nx * s) + v * (ny * s)) <= _STAR_D
-        return count >= 4
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def _hash_noise(seeds: np.ndarray, n: int) -> np.ndarray:
-    """[B, n] uniform noise in [-1, 1) from (seed, element index): integer hashing, no RNG state."""
-    idx = np.arange(n, dtype=np.uint32)[None, :]
-    h = idx * np.uint32(0x9E3779B1) + seeds.astype(np.uint32)[:, None] * np.uint32(0x85EBCA77)
-    # lowbias32 finaliser (Chris Wellons): good avalanche for consecutive indices.
-    h ^= h >> np.uint32(16)
-    h *= np.uint32(0x7FEB352D)
-    h ^= h >> np.uint32(15)
-    h *= np.uint32(0x846CA68B)
-    h ^= h >> np.uint32(16)
-    return (h >> np.uint32(8)).astype(np.float32) * _F(2.0 / 2**24) - _F(1.0)
-
-
-def _paint(img: np.ndarray, noise: np.ndarray, rows: list[int], objs: list[ObjectSpec], coords: np.ndarray) -> None:
-    """Paint `objs[k]` into image `rows[k]` of `img` (in place)."""
-    cx = np.array([o.cx for o in objs], dtype=np.float32)[:, None, None]
-    cy = np.array([o.cy for o in objs], dtype=np.float32)[:, None, None]
-    inv_r = np.array([1.0 / o.radius for o in objs], dtype=np.float32)[:, None, None]
-    # Rotation by the object's angle: cos/sin per object in float64 Python math (deterministic).
-    cos = np.array([math.cos(math.radians(o.angle)) for o in objs], dtype=np.float32)[:, None, None]
-    sin = np.array([math.sin(math.radians(o.angle)) for o in objs], dtype=np.float32)[:, None, None]
-    dx = (coords[None, None, :] - cx) * inv_r  # [M, 1, S]
-    dy = (coords[None, :, None] - cy) * inv_r  # [M, S, 1]
-    u = cos * dx + sin * dy  # [M, S, S]
-    v = cos * dy - sin * dx
-    mask = np.zeros(u.shape, dtype=bool)
-    for shape in {o.shape for o in objs}:
-        sel = np.array([o.shape == shape for o in objs])
-        mask[sel] = _inside(shape, u[sel], v[sel])
-        outl = np.array([o.shape == shape and o.texture == "outline" for o in objs])
-        if outl.any():
-            k = _F(1.0 / (1.0 - OUTLINE_WIDTH))
-            mask[outl] &= ~_inside(shape, u[outl] * k, v[outl] * k)
-    rgb = np.array([o.rgb for o in objs], dtype=np.float32)[:, None, None, :]
-    color = np.broadcast_to(rgb, (*u.shape, 3))
-    striped = np.array([o.texture == "striped" for o in objs])
-    if striped.any():
-        t = v[striped] * _F(STRIPE_FREQUENCY)
-        dark = (t - np.floor(t)) >= _F(0.5)
-        color = color.copy()
-        color[striped] = np.where(dark[..., None], rgb[striped] * _F(STRIPE_DARK), rgb[striped])
-    # Objects get half the background's noise: flat colors would be a give-away, not a texture.
-    painted = color + noise[rows] * _F(0.5)
-    img[rows] = np.where(mask[..., None], painted, img[rows])
-
-
-def render_batch(specs: Sequence[SceneSpec], size: int) -> np.ndarray:
-    """Render specs to a uint8 array [B, size, size, 3]; row i equals `render(specs[i], size)`."""
-    b, s = len(specs), int(size)
-    if b == 0:
-        return np.zeros((0, s, s, 3), dtype=np.uint8)
-    noise = _hash_noise(np.array([sp.noise_seed for sp in specs], dtype=np.uint64) & 0xFFFFFFFF, s * s * 3)
-    noise = noise.reshape(b, s, s, 3) * _F(NOISE_AMPLITUDE)
-    img = np.array([sp.background for sp in specs], dtype=np.float32)[:, None, None, :] + noise
-    coords = (np.arange(s, dtype=np.float32) + _F(0.5)) / _F(s)
-    gradient = np.array([sp.backdrop == "gradient" for sp in specs])
-    if gradient.any():  # darker towards the bottom
-        img[gradient] *= (_F(1.0) - _F(GRADIENT_DEPTH) * coords)[None, :, None, None]
-    checker = np.array([sp.backdrop == "checker" for sp in specs])
-    if checker.any():
-        cells = np.floor(coords * _F(1.0 / CHECKER_PERIOD)).astype(np.int32)
-        sign = np.where((cells[:, None] + cells[None, :]) % 2 == 0, _F(1.0), _F(-1.0))
-        img[checker] += (sign * _F(CHECKER_CONTRAST))[None, :, :, None]
-    rows = [i for i, sp in enumerate(specs) if sp.distractor is not None]
-    if rows:  # under the mentioned objects, which stay whole
-        _paint(img, noise, rows, [specs[i].distractor for i in rows], coords)
-    for slot in range(max(sp.n_objects for sp in specs)):  # paint first objects, then second ones
-        rows = [i for i, sp in enumerate(specs) if sp.n_objects > slot]
-        _paint(img, noise, rows, [specs[i].objects[slot] for i in rows], coords)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def render(spec: SceneSpec, size: int = 32) -> Image.Image:
-    """The RGB image of `spec`, `size` x `size` pixels."""
-    return Image.fromarray(render_batch([spec], size)[0], mode="RGB")
-
-
-def encode_image(spec: SceneSpec, size: int, fmt: str = "png") -> bytes:
-    """`render` encoded as the world server sends it."""
-    buf = io.BytesIO()
-    render(spec, size).save(buf, format={"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------
 # Url list for the download stage
 
 URL_LIST_COLUMNS = ("url", "caption", "n_objects", "color", "shape", "texture", "position", "pair_id",
@@ -705,220 +566,3 @@ def write_url_list(specs: Sequence[SceneSpec], base_url: str, path: str | os.Pat
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# The loopback image server
-
-_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
-MAX_SERVED_SIZE = 1024
-
-
-class _WorldHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "eclipse-world/1"
-    world: World  # set on the subclass serve_world builds
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass  # img2dataset sends thousands of requests; access logs would drown real output
-
-    def _send(self, code: int, body: bytes, content_type: str = "text/plain") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _spec(self, parts: list[str], query: dict[str, list[str]]) -> tuple[SceneSpec, str] | str:
-        """The spec and extension a /world/<seed>/<index>.<ext> path names, or an error message."""
-        stem, _, ext = parts[2].rpartition(".")
-        if not (parts[1].isdigit() and stem.isdigit() and ext.lower() in _CONTENT_TYPES):
-            return "expected /world/<seed>/<index>.<png|jpg|webp>"
-        want = query.get("w", [None])[0]
-        if want is not None and want != self.world.fingerprint:
-            return f"this server renders world {self.world.fingerprint}, the url asks for world {want}"
-        return self.world.spec_at(int(parts[1]), int(stem)), ext.lower()
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-        url = urllib.parse.urlsplit(self.path)
-        parts = [p for p in url.path.split("/") if p]
-        query = urllib.parse.parse_qs(url.query)
-        try:
-            if parts == ["healthz"]:
-                self._send(200, b"ok")
-            elif parts == ["world"]:
-                self._send(200, json.dumps({**self.world.to_dict(), "fingerprint": self.world.fingerprint}).encode(),
-                           "application/json")
-            elif len(parts) == 3 and parts[0] in ("world", "caption"):
-                found = self._spec(parts, query)
-                if isinstance(found, str):
-                    self._send(404, found.encode())
-                elif parts[0] == "caption":
-                    self._send(200, caption(found[0]).encode(), "text/plain; charset=utf-8")
-                else:
-                    size = int(query.get("size", [self.world.image_size])[0])
-                    if not 8 <= size <= MAX_SERVED_SIZE:
-                        self._send(400, f"size must be in [8, {MAX_SERVED_SIZE}]".encode())
-                        return
-                    spec, ext = found
-                    self._send(200, encode_image(spec, size, ext), _CONTENT_TYPES[ext])
-            else:
-                self._send(404, b"not found")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away (e.g. its timeout fired): not our error
-
-    do_HEAD = do_GET
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # img2dataset opens many connections at once
-
-
-def serve_world(world: World, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A bound (not yet serving) HTTP server for `world`: `/world/<seed>/<index>.png` renders
-    `world.spec_at(seed, index)` (`?size=N`, `?w=<fingerprint>` checked), `/caption/<seed>/<index>.png`
-    its caption, `/world` the config, `/healthz` ok. Call `serve_forever()` on it (any thread)."""
-    handler = type("WorldHandler", (_WorldHandler,), {"world": world})
-    return _Server((host, port), handler)
-
-
-def _serve_main(world: World, host: str, port: int) -> None:
-    httpd = serve_world(world, host, port)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop by pid -> clean exit
-    print(f"PORT {httpd.server_address[1]}", flush=True)  # the parent waits for this line
-    try:
-        httpd.serve_forever(poll_interval=0.1)
-    finally:
-        httpd.server_close()
-
-
-class WorldServer:
-    """Runs `python -m demo.world serve` in a child process (its own GIL: img2dataset's
-    many connections never compete with the caller) and stops it by pid.
-
-        with WorldServer(world) as srv:
-            write_url_list(world.sample_specs(100), srv.base_url, "urls.parquet")
-    """
-
-    def __init__(self, world: World | None = None, host: str = "127.0.0.1", port: int = 0,
-                 start_timeout: float = 30.0) -> None:
-        self.world = world or World()
-        self.host, self.port = host, port
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError("world server not started")
-        return self.proc.pid
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def url(self, spec: SceneSpec, size: int | None = None, fmt: str = "png") -> str:
-        return world_url(self.base_url, spec, size, fmt)
-
-    def start(self) -> WorldServer:
-        # The child must import this package whether or not it is installed: put its root on the path.
-        root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        cmd = [sys.executable, "-m", "demo.world", "serve", "--host", self.host, "--port", str(self.port),
-               "--world", json.dumps(self.world.to_dict())]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + self.start_timeout
-        # Bounded wait for "PORT <n>": a wedged child fails the caller instead of hanging it.
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"world server failed to start (got {line!r})")
-        self.port = int(line.split()[1])
-        while True:  # the socket is bound before the line is printed; one probe confirms it serves
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise
-                time.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-
-    def __enter__(self) -> WorldServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def contact_sheet(specs: Sequence[SceneSpec], size: int = 64, columns: int = 8) -> Image.Image:
-    """A grid of renders, for eyeballing the world."""
-    rows = math.ceil(len(specs) / columns)
-    sheet = Image.new("RGB", (columns * size, rows * size), (255, 255, 255))
-    for i, spec in enumerate(specs):
-        sheet.paste(render(spec, size), ((i % columns) * size, (i // columns) * size))
-    return sheet
-
-
-def _world_from_args(args: argparse.Namespace) -> World:
-    if args.world:
-        return World.from_dict(json.loads(args.world))
-    return World(seed=args.seed, image_size=args.image_size, two_object_fraction=args.two_object_fraction)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m demo.world", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p_serve = sub.add_parser("serve", help="run the loopback image server; prints `PORT <n>` when bound")
-    p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=0, help="0: a free ephemeral port")
-    p_urls = sub.add_parser("urls", help="write a Parquet url list pointing at a world server")
-    p_urls.add_argument("--n", type=int, required=True)
-    p_urls.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8765")
-    p_urls.add_argument("--out", required=True)
-    p_sheet = sub.add_parser("sheet", help="write a contact sheet PNG of the first specs")
-    p_sheet.add_argument("--n", type=int, default=64)
-    p_sheet.add_argument("--size", type=int, default=64)
-    p_sheet.add_argument("--out", required=True)
-    for p in (p_serve, p_urls, p_sheet):
-        p.add_argument("--world", default=None, help="World config as JSON (overrides the flags below)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--image-size", type=int, default=32)
-        p.add_argument("--two-object-fraction", type=float, default=0.0)
-    args = ap.parse_args(argv)
-    world = _world_from_args(args)
-    if args.cmd == "serve":
-        _serve_main(world, args.host, args.port)
-    elif args.cmd == "urls":
-        out = write_url_list(world.sample_specs(args.n), args.base_url, args.out)
-        print(f"{args.n} urls -> {out}")
-    else:
-        contact_sheet(world.sample_specs(args.n), args.size).save(args.out)
-        print(f"{args.n} renders -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,8 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from pydantic import Field
 
-from demo.world import World, WorldServer, demo_world, description, split_by_pairs, write_url_list
+from demo.server import WorldServer
+from demo.world import World, demo_world, description, split_by_pairs, write_url_list
 from flows.evaluate import evaluate
 from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams, _Params
 from flows.precompute import precompute

@@ -429,10 +429,10 @@ def _reconcile(info: EncoderInfo, saved: EncoderInfo | None) -> EncoderInfo:
 # tiny-clip: a seeded random CLIP built from a config (no download, no shipped weights)
 
 TINY_SEED = 0
-TINY_REVISION = f"tiny-v1-seed{TINY_SEED}"  # bump when the generator below changes
+TINY_REVISION = f"tiny-v2-seed{TINY_SEED}"  # bump when the generator below changes (v2: one token a word)
 TINY_IMAGE_SIZE = 32
 TINY_CONTEXT = 77
-# Common caption words: their BPE merges make the tiny vocab tokenize captions into few tokens;
+# Common caption words: each is one token of the tiny vocab, so captions tokenize into few tokens;
 # anything else falls back to single bytes, so every UTF-8 string is encodable.
 _TINY_WORDS = (
     "a an the of and in on with at to from by for is are photo picture image painting drawing portrait "
@@ -442,42 +442,58 @@ _TINY_WORDS = (
 ).split()
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's / GPT-2's reversible byte -> printable unicode map (byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word as the tokenizers library does it: merge the best-ranked
+    adjacent pair (everywhere in the word), repeat until no known pair is left."""
+    while len(symbols) > 1:
+        rank, pair = min((ranks.get(p, float("inf")), p) for p in zip(symbols, symbols[1:], strict=False))
+        if rank == float("inf"):
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
 
 
-def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-ordered vocab: 256 bytes, 256 bytes+`</w>`, merge results, then BOS and EOS last."""
+def bpe_vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-ordered byte-level BPE vocabulary in which each of `words` is one token: 256 bytes,
+    256 bytes + `</w>` (any text stays encodable), merge results, then BOS and EOS (EOS has the
+    highest id: open_clip's argmax pooling finds it).
+
+    Merges are added per word until BPE, as the tokenizer will run it, ends in one token: a merge
+    appended last has the lowest priority, so it never changes how an earlier word is split.
+    """
+    from open_clip.tokenizer import bytes_to_unicode
+
     alphabet = list(bytes_to_unicode().values())
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in _TINY_WORDS:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:  # left-to-right chain: every prefix is a token, the word ends as one
-            pair = (symbols[0], symbols[1])
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            symbols = [symbols[0] + symbols[1], *symbols[2:]]
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
-    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        initial = [*word[:-1], word[-1] + "</w>"]
+        symbols = _bpe(initial, ranks)
+        while len(symbols) > 1:
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            symbols = _bpe(initial, ranks)
+    merges = sorted(ranks, key=ranks.__getitem__)
+    tokens = list(dict.fromkeys(alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]))
+    return {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}, merges
+
+
+def build_bpe_tokenizer(words: Sequence[str], context_length: int) -> Any:
+    """A transformers CLIPTokenizer over `bpe_vocab_and_merges(words)` (padding is EOS)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = bpe_vocab_and_merges(words)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
 
 
 def build_tiny_tokenizer() -> Any:
-    from transformers import CLIPTokenizer
-
-    vocab, merges = tiny_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TINY_CONTEXT)
+    return build_bpe_tokenizer(_TINY_WORDS, TINY_CONTEXT)
 
 
 def build_tiny_clip(seed: int = TINY_SEED) -> tuple[Any, Any, Any, Any]:

@@ -1,6 +1,7 @@
 """A loopback stand-in for the Hugging Face Hub, for tests that drive the real huggingface_hub client.
 
-It runs in its own process (``python tests/fakehub.py --root DIR``), like ``imageserver.py``,
+It runs in its own process (``python tests/fakehub.py --root DIR``), started and stopped by
+``demo.server.ServerProcess`` like ``imageserver.py``,
 and serves dataset repos laid out on disk as ``DIR/datasets/<org>/<name>/<files...>``,
 with ``DIR/hub.json`` saying which repos are gated and which tokens may read them::
 
@@ -41,17 +42,12 @@ import argparse
 import hashlib
 import json
 import os
-import select
-import signal
-import subprocess
 import sys
 import threading
-import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from imageserver import ImageServer
+from demo.server import LoopbackHandler, LoopbackHTTPServer, ServerProcess, serve_until_terminated
 
 LFS_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".zip", ".jpg")
 LFS_MIN_SIZE = 10_000
@@ -110,60 +106,37 @@ class _Hub:
         return {"type": "file", "oid": _git_blob_sha(p.read_bytes()), "size": data_size, "path": rel}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LoopbackHandler):
     hub: _Hub  # set on the class by serve()
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
 
     def _log(self) -> None:
         auth = "auth" if self.headers.get("Authorization") else "-"
         with self.hub.lock, open(self.hub.root / "requests.log", "a") as f:
             f.write(f"{self.command} {urllib.parse.urlsplit(self.path).path} {auth}\n")
 
-    def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD" and body:
-            self.wfile.write(body)
-
     def _error(self, code: int, error_code: str, message: str, extra: dict[str, str] | None = None) -> None:
         headers = {"X-Error-Code": error_code, "X-Error-Message": message, **(extra or {})}
-        self._send(code, json.dumps({"error": message}).encode(), headers)
+        self.send(code, json.dumps({"error": message}).encode(), "application/json", headers)
 
     def _json(self, obj: object, headers: dict[str, str] | None = None) -> None:
-        self._send(200, json.dumps(obj).encode(), headers)
+        self.send(200, json.dumps(obj).encode(), "application/json", headers)
 
-    def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
-        self.do_GET()
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def route(self) -> None:
         self._log()
         parts = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(parts.path)
         query = urllib.parse.parse_qs(parts.query)
         seg = path.strip("/").split("/")
-        try:
-            if path == "/healthz":
-                self._send(200, b"ok", content_type="text/plain")
-            elif seg[:2] == ["api", "datasets"] and len(seg) >= 6 and seg[4] == "revision":
-                self._info("/".join(seg[2:4]), "/".join(seg[5:]))
-            elif seg[:2] == ["api", "datasets"] and len(seg) >= 6 and seg[4] == "tree":
-                self._tree("/".join(seg[2:4]), seg[5], "/".join(seg[6:]), query)
-            elif seg[:1] == ["datasets"] and len(seg) >= 6 and seg[3] == "resolve":
-                self._resolve("/".join(seg[1:3]), seg[4], "/".join(seg[5:]))
-            elif seg[:1] == ["cdn"] and len(seg) == 2:
-                self._cdn(seg[1])
-            else:
-                self._send(404, b"not found", content_type="text/plain")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        if seg[:2] == ["api", "datasets"] and len(seg) >= 6 and seg[4] == "revision":
+            self._info("/".join(seg[2:4]), "/".join(seg[5:]))
+        elif seg[:2] == ["api", "datasets"] and len(seg) >= 6 and seg[4] == "tree":
+            self._tree("/".join(seg[2:4]), seg[5], "/".join(seg[6:]), query)
+        elif seg[:1] == ["datasets"] and len(seg) >= 6 and seg[3] == "resolve":
+            self._resolve("/".join(seg[1:3]), seg[4], "/".join(seg[5:]))
+        elif seg[:1] == ["cdn"] and len(seg) == 2:
+            self._cdn(seg[1])
+        else:
+            self.send(404, b"not found")
 
     def _repo_or_error(self, repo: str, revision: str) -> Path | None:
         d = self.hub.repo_dir(repo)
@@ -244,13 +217,13 @@ class _Handler(BaseHTTPRequestHandler):
             port = self.server.server_address[1]
             # The real hub sends LFS files to a CDN host with a signed url; so does this one, on loopback.
             location = f"http://localhost:{port}/cdn/{sha}?sig={hashlib.md5(sha.encode()).hexdigest()}"
-            self._send(302, b"", {"Location": location, "X-Repo-Commit": commit, "ETag": f'"{entry["oid"]}"',
-                                  "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(p.stat().st_size),
-                                  "Accept-Ranges": "bytes"})
+            self.send(302, b"", "application/json", {
+                "Location": location, "X-Repo-Commit": commit, "ETag": f'"{entry["oid"]}"', "X-Linked-Etag": f'"{sha}"',
+                "X-Linked-Size": str(p.stat().st_size), "Accept-Ranges": "bytes"})
             return
         data = p.read_bytes()
-        self._send(200, data, {"ETag": f'"{_git_blob_sha(data)}"', "X-Repo-Commit": commit,
-                               "Accept-Ranges": "bytes"}, content_type="application/octet-stream")
+        self.send(200, data, "application/octet-stream", {"ETag": f'"{_git_blob_sha(data)}"', "X-Repo-Commit": commit,
+                                                           "Accept-Ranges": "bytes"})
 
     def _cdn(self, sha: str) -> None:
         for d in (self.hub.root / "datasets").glob("*/*"):
@@ -260,38 +233,32 @@ class _Handler(BaseHTTPRequestHandler):
                     rng = self.headers.get("Range", "")
                     if rng.startswith("bytes=") and rng[6:].split("-")[0].isdigit():
                         start = int(rng[6:].split("-")[0])
-                        self._send(206, data[start:], {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
-                                                       "ETag": f'"{sha}"'}, content_type="application/octet-stream")
+                        self.send(206, data[start:], "application/octet-stream",
+                                  {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}", "ETag": f'"{sha}"'})
                     else:
-                        self._send(200, data, {"ETag": f'"{sha}"', "Accept-Ranges": "bytes"},
-                                   content_type="application/octet-stream")
+                        self.send(200, data, "application/octet-stream", {"ETag": f'"{sha}"', "Accept-Ranges": "bytes"})
                     return
-        self._send(404, b"no such blob", content_type="text/plain")
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+        self.send(404, b"no such blob")
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 0, page_size: int = DEFAULT_PAGE_SIZE) -> None:
     _Handler.hub = _Hub(root, page_size)
-    httpd = _Server((host, port), _Handler)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
-    print(f"PORT {httpd.server_address[1]}", flush=True)
-    try:
-        httpd.serve_forever(poll_interval=0.1)
-    finally:
-        httpd.server_close()
+    serve_until_terminated(LoopbackHTTPServer((host, port), _Handler))
 
 
-class FakeHub(ImageServer):
-    """Start ``tests/fakehub.py`` as a child process on a free port; stop it by pid (ImageServer's stop)."""
+class FakeHub(ServerProcess):
+    """Runs this file (the hub) on a free port in a child process and stops it by pid."""
+
+    name = "fake hub"
 
     def __init__(self, root: Path, page_size: int = DEFAULT_PAGE_SIZE, start_timeout: float = 20.0) -> None:
-        super().__init__("127.0.0.1", start_timeout)
+        super().__init__("127.0.0.1", 0, start_timeout)
         self.root = Path(root)
         self.page_size = page_size
+
+    def command(self) -> list[str]:
+        return [sys.executable, os.path.abspath(__file__), "--root", str(self.root), "--page-size", str(self.page_size),
+                "--host", self.host, "--port", str(self.port)]
 
     @property
     def endpoint(self) -> str:
@@ -318,19 +285,7 @@ class FakeHub(ImageServer):
 
     def start(self) -> FakeHub:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--root", str(self.root), "--page-size", str(self.page_size)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + self.start_timeout
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)  # a wedged child fails, not hangs
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"fake hub did not start (said {line!r})")
-        self.port = int(line.split()[1])
-        self._wait_ready(deadline)
+        super().start()
         self.clear_log()
         return self
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from PIL import Image
 
+from demo.render import render_batch
 from demo.teacher import (
     TEACHER_PRESET,
     MultiPositiveClipLoss,
@@ -28,7 +29,7 @@ from demo.teacher import (
     teacher_metrics,
     train_teacher,
 )
-from demo.world import TEMPLATES, World, caption, caption_words, demo_world, render_batch
+from demo.world import TEMPLATES, World, caption, caption_words, demo_world
 from pipeline.encoders import ClipEncoder, load_encoder, save_encoder
 
 # A few steps on small batches: enough to exercise every code path in seconds, not to learn.

@@ -1,27 +1,16 @@
-"""The synthetic world: deterministic renders, captions that agree with the labels and the
-pixels, the composition hold-out, the url list, and the loopback server (in-process and as a
-real subprocess stopped by pid)."""
+"""The synthetic world: seeded specs, captions that agree with the labels, the composition
+hold-out and the url list. Its pixels are tested in test_render.py, its server in test_server.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import os
 import re
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from demo.world import (
-    COLOR_RGB,
     COLORS,
     POSITION_PHRASES,
     RELATION_PHRASES,
@@ -31,16 +20,13 @@ from demo.world import (
     TONES,
     URL_LIST_COLUMNS,
     World,
-    WorldServer,
     caption,
+    caption_words,
     demo_world,
     description,
     pair_id,
     partner_color,
     preferred_tone,
-    render,
-    render_batch,
-    serve_world,
     split_by_pairs,
     world_url,
     write_url_list,
@@ -50,60 +36,18 @@ from demo.world import (
 MIXED = dataclasses.replace(demo_world(seed=3), two_object_fraction=0.4)
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-def _fetch(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 # ----------------------------------------------------------------------------------------------
-# Sampling and rendering
+# Sampling
 
 
-def test_specs_and_renders_are_deterministic_per_seed() -> None:
+def test_specs_are_deterministic_per_seed() -> None:
     a, b = MIXED.sample_specs(40, seed=7), MIXED.sample_specs(40, seed=7)
     assert a == b
     assert MIXED.spec_at(7, 25) == a[25]  # random access: one spec without the others
     assert MIXED.sample_specs(5, seed=7, start=20) == a[20:25]
     assert a != MIXED.sample_specs(40, seed=8)
-    for spec in a[:10]:
-        assert render(spec, 32).tobytes() == render(spec, 32).tobytes()
     # Another World object with the same config draws the same specs (no hidden state).
     assert World.from_dict(MIXED.to_dict()).sample_specs(40, seed=7) == a
-
-
-def test_batch_render_equals_single_renders() -> None:
-    specs = MIXED.sample_specs(120, seed=1)
-    for size in (32, 64):
-        batch = render_batch(specs, size)
-        assert batch.shape == (120, size, size, 3) and batch.dtype == np.uint8
-        single = np.stack([np.asarray(render(s, size)) for s in specs])
-        np.testing.assert_array_equal(batch, single)
-
-
-def test_render_is_fast() -> None:
-    specs = World(two_object_fraction=0.25).sample_specs(300, seed=0)
-    for s in specs[:5]:
-        render(s, 32)  # warm-up
-    t0 = time.perf_counter()
-    for s in specs:
-        render(s, 32)
-    per_image = (time.perf_counter() - t0) / len(specs)
-    t0 = time.perf_counter()
-    render_batch(specs, 32)
-    per_image_batched = (time.perf_counter() - t0) / len(specs)
-    # Measured ~0.15 ms one by one and ~0.08 ms batched at 32 px on a busy 2-core machine; the
-    # bound leaves room for a loaded CI runner.
-    assert per_image < 2e-3, per_image
-    assert per_image_batched < 1e-3, per_image_batched
 
 
 def test_world_config_is_validated_and_round_trips() -> None:
@@ -228,21 +172,6 @@ def test_description_strips_the_template() -> None:
             dataclasses.replace(spec, template=0))
 
 
-def test_unmentioned_content_is_in_the_pixels() -> None:
-    """The distractor is painted (under the mentioned objects), the backdrop changes the pixels."""
-    world = demo_world(seed=0)
-    spec = next(s for s in world.sample_specs(50, seed=1) if s.distractor is not None and s.n_objects == 1)
-    bare = dataclasses.replace(spec, distractor=None)
-    with_d, without = np.asarray(render(spec, 64)).astype(int), np.asarray(render(bare, 64)).astype(int)
-    changed = np.abs(with_d - without).max(axis=-1) > 0
-    assert 20 < changed.sum() < 0.1 * 64 * 64
-    ys, xs = np.nonzero(changed)
-    assert abs(xs.mean() / 64 - spec.distractor.cx) < 0.06 and abs(ys.mean() / 64 - spec.distractor.cy) < 0.06
-    plain = np.asarray(render(dataclasses.replace(bare, backdrop="plain"), 64)).astype(int)
-    for backdrop in ("gradient", "checker"):
-        other = np.asarray(render(dataclasses.replace(bare, backdrop=backdrop), 64)).astype(int)
-        assert np.abs(other - plain).mean() > 5, backdrop
-
 
 def test_all_single_object_captions() -> None:
     world = World()
@@ -257,50 +186,6 @@ def test_all_single_object_captions() -> None:
     spec = small.spec_at(0, 0)
     assert spec.attributes["texture"] is None and spec.attributes["position"] is None
 
-
-def _object_mask(spec, size: int) -> np.ndarray:
-    """Pixels clearly different from the spec's background (the background noise is +-28)."""
-    img = np.asarray(render(spec, size)).astype(np.int32)
-    return np.abs(img - np.array(spec.background)).max(axis=-1) > 45
-
-
-def test_pixels_agree_with_position_and_color() -> None:
-    world = World()
-    size = 64
-    for spec in world.sample_specs(60, seed=2):
-        if spec.objects[0].texture != "solid":
-            continue
-        mask = _object_mask(spec, size)
-        ys, xs = np.nonzero(mask)
-        cx, cy = xs.mean() / size, ys.mean() / size
-        pos = spec.attributes["position"]
-        assert {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6}[pos], (pos, cx, cy)
-        mean_rgb = np.asarray(render(spec, size))[mask].mean(axis=0)
-        nearest = min(COLORS, key=lambda c: np.abs(mean_rgb - np.array(COLOR_RGB[c])).sum())
-        assert nearest == spec.attributes["color"]
-
-
-def test_shapes_and_textures_render_differently() -> None:
-    """Same placement, different shape or texture -> different pixels (and outline < striped < solid)."""
-    world = World()
-    base = world.spec_at(0, 4)
-    o = base.objects[0]
-
-    def with_obj(**kw):
-        return dataclasses.replace(base, objects=(dataclasses.replace(o, **kw),))
-
-    masks = {s: _object_mask(with_obj(shape=s, texture="solid"), 64) for s in SHAPES}
-    for a in SHAPES:
-        for b in SHAPES:
-            if a < b:
-                assert (masks[a] != masks[b]).sum() > 10, (a, b)
-    yellow = (240, 220, 40)
-    solid, striped, outline = (with_obj(shape="circle", texture=t, rgb=yellow) for t in ("solid", "striped", "outline"))
-    # Outline: a ring, a fraction of the disc. Stripes: the disc, about half of it dark bands.
-    assert 0.3 < _object_mask(outline, 64).sum() / _object_mask(solid, 64).sum() < 0.8
-    pixels = np.asarray(render(striped, 64)).astype(float)[_object_mask(striped, 64)]
-    dark = pixels.sum(axis=1) < 0.5 * sum(yellow)
-    assert 0.25 < dark.mean() < 0.75
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +209,7 @@ def test_holdout_pairs_cover_every_attribute_and_split() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Url list and server
+# Url list
 
 
 def test_write_url_list(tmp_path) -> None:
@@ -345,85 +230,16 @@ def test_write_url_list(tmp_path) -> None:
                        "http://x", tmp_path / "bad.parquet")
 
 
-@pytest.fixture()
-def inprocess_server() -> Iterator[str]:
-    httpd = serve_world(MIXED)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def test_caption_words_are_every_word_a_caption_uses() -> None:
+    words = set(caption_words())
+    used = {w for s in MIXED.sample_specs(300, seed=2) for w in s.caption.split()}
+    used |= {w for s in MIXED.sample_specs(50, seed=3) for w in caption(s, omit=("shape",)).split()}
+    assert used <= words and "shape" in words
+    assert len(words) == len(caption_words())  # no duplicates
 
 
-def test_server_routes(inprocess_server: str) -> None:
-    base = inprocess_server
-    spec = MIXED.spec_at(2, 17)
-    code, body = _fetch(world_url(base, spec))
-    assert code == 200
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), np.asarray(render(spec, 32)))
-    code, body = _fetch(world_url(base, spec, size=64, fmt="jpg"))
-    assert code == 200 and Image.open(io.BytesIO(body)).size == (64, 64)
-    assert _fetch(f"{base}/caption/2/17.png")[1].decode() == caption(spec)
-    assert _fetch(f"{base}/world/2/17.png?w=0123456789ab")[0] == 404  # another world's url
-    assert _fetch(f"{base}/world/2/x.png")[0] == 404
-    assert _fetch(f"{base}/world/2/1.png?size=4")[0] == 400
-    assert _fetch(f"{base}/nothing")[0] == 404
-    assert _fetch(f"{base}/healthz") == (200, b"ok")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.mark.slow  # a real subprocess (the project's marker for servers/subprocesses); ~1 s
-def test_world_server_subprocess(tmp_path) -> None:
-    world = World(seed=1, two_object_fraction=0.3)
-    specs = world.sample_specs(6, seed=5)
-    with WorldServer(world) as srv:
-        pid, port = srv.pid, srv.port
-        assert port and _port_open(port)
-        urls = pd.read_parquet(write_url_list(specs, srv.base_url, tmp_path / "u.parquet")).url
-        for spec, url in zip(specs, urls, strict=True):
-            code, body = _fetch(url)
-            assert code == 200
-            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), np.asarray(render(spec, 32)))
-    # Stopped by pid: the process is gone (reaped) and the port no longer accepts connections.
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-    assert not _port_open(port)
-
-
-@pytest.mark.slow  # img2dataset with a worker process; ~7 s
-def test_url_list_downloads_through_img2dataset(tmp_path) -> None:
-    """The demo's path: world server -> url list -> the real download stage -> webdataset tars whose
-    images are the exact renders (png) and whose json carries the attribute columns."""
-    import json
-    import tarfile
-
-    from pipeline.download import DownloadConfig, download
-
-    world = World(seed=2, two_object_fraction=0.3)
-    specs = world.sample_specs(40, seed=6)
-    with WorldServer(world) as srv:
-        urls = write_url_list(specs, srv.base_url, tmp_path / "urls.parquet")
-        summary = download(urls, tmp_path / "images", DownloadConfig(
-            image_size=32, encode_format="png", encode_quality=6, processes_count=1, thread_count=4,
-            number_sample_per_shard=20))
-    assert summary.successes == 40
-    seen = 0
-    for tar in sorted((tmp_path / "images").glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for member in tf.getmembers():
-                if not member.name.endswith(".png"):
-                    continue
-                meta = json.loads(tf.extractfile(member.name[:-4] + ".json").read())
-                spec = specs[meta["world_index"]]
-                assert meta["caption"] == caption(spec) and meta["shape"] == spec.attributes["shape"]
-                pixels = np.asarray(Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGB"))
-                np.testing.assert_array_equal(pixels, np.asarray(render(spec, 32)))
-                seen += 1
-    assert seen == 40
+def test_world_url_needs_a_drawn_spec() -> None:
+    spec = MIXED.spec_at(4, 2)
+    assert world_url("http://h:1/", spec, fmt="jpg") == f"http://h:1/world/4/2.jpg?w={MIXED.fingerprint}"
+    with pytest.raises(ValueError):
+        world_url("http://h:1", dataclasses.replace(spec, seed=None))
