@@ -148,7 +148,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `eclipse-prior evaluate` (argparse), named as evaluate_main's parameters."""
+    """The options of `eclipse-prior evaluate` (argparse); `eval_config` turns them into an EvalConfig."""
+    from evaluation.decoders import DECODERS
+
     p.add_argument("--prior", action="append", required=True, help="prior folder, run folder or checkpoint "
                    "(repeat to compare several)")
     p.add_argument("--store", required=True, help="embedding store directory")
@@ -163,7 +165,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompts", dest="max_prompts", type=int, default=None, help="per category (default all)")
     p.add_argument("--image-source", dest="image_source", default=None,
                    help="folder of webdataset tars / image files named by key, for example images")
-    p.add_argument("--decoder", choices=["kandinsky22", "karlo"], default=None, help="also render images")
+    p.add_argument("--decoder", choices=DECODERS, default=None, help="also render images")
     p.add_argument("--decoder-path", dest="decoder_path", default=None)
     p.add_argument("--n-generate", dest="n_generate", type=int, default=4)
     p.add_argument("--generate-from", dest="generate_from", default="heldout",
@@ -175,11 +177,14 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid", action="store_true", help="FID of generated vs real images (needs torchmetrics/clean-fid)")
     p.add_argument("--device", default=None)
 
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `eclipse-prior generate` (argparse), named as generate_main's parameters."""
+    """The options of `eclipse-prior generate` (argparse), named as generate()'s parameters."""
+    from evaluation.decoders import DECODERS
+
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--prior", required=True, help="exported prior folder, run folder or checkpoint")
-    p.add_argument("--decoder", choices=["kandinsky22", "karlo"], default="kandinsky22")
+    p.add_argument("--decoder", choices=DECODERS, default="kandinsky22")
     p.add_argument("--decoder-path", dest="decoder_path", default=None,
                    help="local decoder folder (default: the decoder's hub id from the Hugging Face cache)")
     p.add_argument("--out", default=None, help="output PNG (default: PROMPT-seedN.png)")
@@ -195,16 +200,40 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="Kandinsky only (default 512)")
     p.add_argument("--device", default=None)
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from evaluation.evaluate import evaluate_cli
 
-    return evaluate_cli(args)
+def eval_config(args: argparse.Namespace):
+    """The EvalConfig of `eclipse-prior evaluate`'s flags (options without a flag keep their defaults)."""
+    from evaluation.evaluate import EvalConfig
+
+    return EvalConfig(
+        priors=args.prior, store=args.store, out=args.out, heldout_fraction=args.heldout_fraction,
+        heldout_seed=args.heldout_seed, seeds=args.seeds, max_rows=args.max_rows, encoder=args.encoder,
+        prompt_suite=not args.no_prompts, max_prompts=args.max_prompts, image_source=args.image_source,
+        decoder=args.decoder, decoder_path=args.decoder_path, n_generate=args.n_generate,
+        generate_from=args.generate_from, clip_model=args.clip_model, pickscore_model=args.pickscore_model,
+        pickscore_processor=args.pickscore_processor, fid=args.fid, device=args.device,
+    )
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from evaluation.evaluate import evaluate, format_summary
+
+    result = evaluate(eval_config(args))
+    print(format_summary(result))
+    print(os.path.join(args.out, "report.html"))
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from evaluation.generate import generate_cli
+    from evaluation.generate import default_image_name, generate
 
-    return generate_cli(args)
+    out = args.out or default_image_name(args.prompt, args.seed)
+    generate(args.prompt, args.prior, decoder=args.decoder, decoder_path=args.decoder_path, out=out, seed=args.seed,
+             steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+             encoder=args.encoder, height=args.height, width=args.width, device=args.device,
+             super_res_steps=args.super_res_steps)
+    print(out)
+    return 0
 
 
 def demo_params(args: argparse.Namespace):

@@ -5,13 +5,15 @@ A rerun with the same priors (same weights), store and settings is a no-op."""
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from evaluation.decoders import DecoderKind
+from evaluation.evaluate import EvalConfig
 from evaluation.evaluate import evaluate as evaluate_priors
 from flows.failures import require_store
+from storage_schema.atomic import atomic_write_text
 
 SUMMARY_METRICS = ("cos_image", "r1", "r5", "frechet", "norm_ratio")
 INPUTS = ".evaluate-inputs.json"
@@ -28,7 +30,7 @@ def _inputs_fingerprint(priors: list[str], store: str, settings: dict) -> str:
 
 @task(name="evaluate-priors")
 def evaluate_task(priors: list[str], store: str, out: str, settings: dict) -> dict:
-    return evaluate_priors(priors, store, out, **settings)
+    return evaluate_priors(EvalConfig(priors=priors, store=store, out=out, **settings))
 
 
 @flow(name="evaluate", log_prints=True)
@@ -40,7 +42,7 @@ def evaluate(
     max_rows: int = 2000,
     heldout_fraction: float | None = None,
     prompt_suite: bool = True,
-    decoder: Literal["kandinsky22", "karlo"] | None = None,
+    decoder: DecoderKind | None = None,
     decoder_path: str | None = None,
     device: str | None = None,
     heldout_shards: list[str] | None = None,
@@ -62,7 +64,7 @@ def evaluate(
         get_run_logger().info("%s already holds this evaluation; nothing to do", out)
         return json.loads((out_dir / "metrics.json").read_text())
     result = evaluate_task(priors, store, out, settings)
-    (out_dir / INPUTS).write_text(fingerprint)  # after metrics.json: completion recorded last
+    atomic_write_text(out_dir / INPUTS, fingerprint)  # after metrics.json: completion recorded last
 
     rows = []
     for name, model in result["models"].items():

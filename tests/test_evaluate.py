@@ -1,6 +1,7 @@
 """evaluate() end to end on a small store encoded with a tiny random CLIP (real writer, real encoder),
 tiny priors saved with the training package, a tiny decoder and a tiny CLIP scorer."""
 
+import importlib.util
 import io
 import json
 import tarfile
@@ -9,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tinymodels import build_tiny_decoder, save_tiny_clip_scorer
 
-from evaluation.evaluate import ImageSource, evaluate, read_training_log, resolve_split
-from evaluation.generate import (
-    WeightsMissingError,
-    build_tiny_decoder,
-    open_prior,
-    save_tiny_clip_scorer,
-)
+from evaluation.evaluate import EvalConfig, evaluate
+from evaluation.image_metrics import ClipImageScorer, pickscore_preference
+from evaluation.images import ImageSource
+from evaluation.priors import open_prior, prior_encoder, read_training_log
+from evaluation.split import SAMPLE_SALT_HELDOUT, SAMPLE_SALT_TRAIN, resolve_split
+from evaluation.weights import WeightsMissingError
 from pipeline.encoders import load_encoder, save_encoder
 from storage_schema import EmbeddingStore, StoreError, StoreWriter, build_table
 from training.data import is_heldout
@@ -81,11 +82,11 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full(world):
     out = world["root"] / "out"
-    res = evaluate(world["priors"], world["store"], out, heldout_fraction=FRACTION, seeds=3, n_boot=200,
-                   max_prompts=6, prompt_categories=("color", "spatial"), image_source=world["root"] / "images",
-                   n_examples=3, decoder="kandinsky22", decoder_path=world["kandinsky22"], n_generate=2,
-                   decoder_steps=2, decoder_size=64, clip_model=world["clip"], pickscore_model=world["clip"],
-                   fid=True, device="cpu")
+    res = evaluate(EvalConfig(
+        world["priors"], world["store"], out, heldout_fraction=FRACTION, seeds=3, n_boot=200, max_prompts=6,
+        prompt_categories=("color", "spatial"), image_source=world["root"] / "images", n_examples=3,
+        decoder="kandinsky22", decoder_path=world["kandinsky22"], n_generate=2, decoder_steps=2, decoder_size=64,
+        clip_model=world["clip"], pickscore_model=world["clip"], fid=True, device="cpu"))
     return res, out
 
 
@@ -117,7 +118,7 @@ def test_metrics_json_has_every_figure_with_its_interval(full, world):
     assert {(c["a"], c["b"]) for c in res["comparisons"]} >= {("eclipse-a", "eclipse-b"), ("eclipse-a", "ridge")}
 
 
-def test_probe_prompts_examples_and_images(full):
+def test_probe_prompts_examples_and_images(full, world):
     res, out = full
     probe = res["probe"]
     assert set(probe["words"]) <= {"red", "blue", "green", "yellow", "square", "circle"} and probe["words"]
@@ -132,12 +133,24 @@ def test_probe_prompts_examples_and_images(full):
     gen = res["generation"]
     assert len(gen["items"]) == 2 and set(gen["items"][0]["images"]) == {"eclipse-a", "eclipse-b"}
     assert (out / "images" / f"{gen['items'][0]['images']['eclipse-a']}.png").is_file()
-    clip = gen["metrics"]["clipscore"]["per_prior"]["eclipse-a"]
-    assert 0 <= clip["value"] <= 100 and clip["n"] == 2
+    # the image metrics equal the scorers run again on the saved images and their prompts
+    prompts = [it["prompt"] for it in gen["items"]]
+    saved = {name: [Image.open(out / "images" / f"{it['images'][name]}.png") for it in gen["items"]]
+             for name in ("eclipse-a", "eclipse-b")}
+    clip = ClipImageScorer.load("clipscore", world["clip"], device="cpu")
+    assert gen["metrics"]["clipscore"]["per_prior"]["eclipse-a"]["value"] == pytest.approx(
+        clip.score(saved["eclipse-a"], prompts).mean(), rel=1e-5)
+    pick = ClipImageScorer.load("pickscore", world["clip"], device="cpu")
+    pref = pickscore_preference(pick.score(saved["eclipse-b"], prompts), pick.score(saved["eclipse-a"], prompts))
     wr = gen["metrics"]["pickscore"]["win_rates"]["eclipse-b"]
-    assert 0 <= wr["hard"]["value"] <= 1 and 0 <= wr["soft"]["value"] <= 1
+    assert wr["hard"]["value"] == pytest.approx(pref["hard"].mean()) and wr["hard"]["n"] == 2
+    assert wr["soft"]["value"] == pytest.approx(pref["soft"].mean(), rel=1e-5)
     assert gen["metrics"]["pickscore"]["win_rate_vs"] == "eclipse-a"
-    assert "fid" in gen["metrics"]  # a number where a library is installed, else the reason
+    fid = gen["metrics"]["fid"]  # the real images were found: FID ran, or says which library is missing
+    if importlib.util.find_spec("torchmetrics") or importlib.util.find_spec("cleanfid"):
+        assert set(fid) == {"eclipse-a", "eclipse-b"} or "missing weights" in fid["unavailable"]
+    else:
+        assert "neither torchmetrics" in fid["unavailable"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 + 3  # generated + example images inlined
     assert "<svg" in html and "Prompt suites" in html
@@ -145,35 +158,44 @@ def test_probe_prompts_examples_and_images(full):
 
 def test_rerun_gives_the_same_numbers(full, world, tmp_path):
     res, _ = full
-    again = evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, seeds=3, n_boot=200,
-                     prompt_suite=False, probe=False, n_examples=0, device="cpu")
+    again = evaluate(EvalConfig(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, seeds=3,
+                                n_boot=200, prompt_suite=False, probe=False, n_examples=0, device="cpu"))
     for name in res["models"]:
         for key in ("cos_image", "r1", "frechet"):
             assert again["models"][name]["metrics"][key] == res["models"][name]["metrics"][key], (name, key)
 
 
 def test_max_rows_subsamples_every_shard(world, tmp_path):
-    res = evaluate(world["priors"][:1], world["store"], tmp_path, heldout_fraction=FRACTION, max_rows=12,
-                   max_train_rows=30, n_boot=50, prompt_suite=False, probe=False, n_examples=12, device="cpu")
+    res = evaluate(EvalConfig(world["priors"][:1], world["store"], tmp_path, heldout_fraction=FRACTION, max_rows=12,
+                              max_train_rows=30, n_boot=50, prompt_suite=False, probe=False, n_examples=12,
+                              device="cpu"))
     sp = res["split"]
-    assert sp["heldout_rows_in_store"] > 20 and 4 <= sp["heldout_rows"] <= 22  # ~12 by key hash
-    assert 15 <= sp["train_rows_used"] <= 50 < sp["train_rows_in_store"]
+    keys = [k for _, ks in EmbeddingStore(world["store"]).keys() for k in ks]
+    held = is_heldout(keys, FRACTION, 0)
+    assert (sp["heldout_rows_in_store"], sp["train_rows_in_store"]) == (held.sum(), (~held).sum())
+    # each side subsampled by a second, salted key hash to about max_rows / max_train_rows
+    sub_held = held & is_heldout(keys, 12 / held.sum(), SAMPLE_SALT_HELDOUT)
+    sub_train = ~held & is_heldout(keys, 30 / (~held).sum(), SAMPLE_SALT_TRAIN)
+    assert (sp["heldout_rows"], sp["train_rows_used"]) == (sub_held.sum(), sub_train.sum())
+    assert 4 <= sp["heldout_rows"] <= 22 and 15 <= sp["train_rows_used"] <= 50
     assert len({ex["key"][:5] for ex in res["examples"]}) > 1  # not just the first shard
 
 
 def test_refusals(world, tmp_path):
     with pytest.raises(ValueError, match="at least 3 noise seeds"):
-        evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, seeds=2)
+        EvalConfig(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, seeds=2)
+    with pytest.raises(ValueError, match="generate_from must be"):
+        EvalConfig(world["priors"], world["store"], tmp_path, generate_from="colour")
     with pytest.raises(WeightsMissingError, match="Kandinsky 2.2 decoder"):
-        evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, decoder="kandinsky22",
-                 decoder_path=tmp_path / "missing", device="cpu")
+        evaluate(EvalConfig(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION,
+                            decoder="kandinsky22", decoder_path=tmp_path / "missing", device="cpu"))
     assert not (tmp_path / "metrics.json").exists()  # refused before any work
     with torch.random.fork_rng(devices=[]):
         build_prior("tiny", embedding_dim=16).save_pretrained(tmp_path / "d16")
     with pytest.raises(StoreError, match="does not fit prior"):
-        evaluate([tmp_path / "d16"], world["store"], tmp_path, device="cpu")
+        evaluate(EvalConfig([tmp_path / "d16"], world["store"], tmp_path, device="cpu"))
     with pytest.raises(ValueError, match="every row is a training row"):
-        evaluate(world["priors"], world["store"], tmp_path, heldout_fraction=0.0, device="cpu")
+        evaluate(EvalConfig(world["priors"], world["store"], tmp_path, heldout_fraction=0.0, device="cpu"))
     bare = [open_prior(p, "cpu") for p in world["priors"]]
     split = resolve_split(bare, None, None)
     assert split.fraction == 0.01 and "unknown" in split.source  # bare prior folders record no split
@@ -203,20 +225,17 @@ def test_run_folder_curves_and_split_from_the_run(world, tmp_path):
     finally:
         torch.set_num_threads(threads)  # the trainer sets the process's thread count
     # the run records its store's encoder: generate() needs no --encoder for a run folder
-    from evaluation.generate import prior_encoder
-
     assert prior_encoder(open_prior(run, "cpu"), device="cpu").info == EmbeddingStore(world["store"]).encoder
     log = read_training_log(run / "logs" / "train.jsonl")
     assert log["train"]["step"] == [2.0, 4.0, 6.0, 8.0] and len(log["eval"]["cos_to_image"]) == 2
-    res = evaluate([run, world["priors"][0]], world["store"], tmp_path / "out", seeds=3, n_boot=100,
-                   prompt_suite=False, n_examples=1, device="cpu")
+    res = evaluate(EvalConfig([run, world["priors"][0]], world["store"], tmp_path / "out", seeds=3, n_boot=100,
+                              prompt_suite=False, n_examples=1, device="cpu"))
     assert res["split"]["source"] == "run config" and res["split"]["heldout_fraction"] == FRACTION
     assert res["models"]["run"]["objective"] == "eclipse"
-    assert res["training"]["run"]["curves"]["train"]["loss"]
-    html = (tmp_path / "out" / "report.html").read_text()
-    assert "<polyline" in html and "training loss" in html
+    assert res["training"]["run"]["curves"] == log and res["training"]["run"]["config"]["steps"] == 8
+    assert "training loss" in (tmp_path / "out" / "report.html").read_text()  # the curves are drawn
     with pytest.raises(ValueError, match="rows it trained on"):
-        evaluate([run], world["store"], tmp_path / "bad", heldout_fraction=0.5, device="cpu")
+        evaluate(EvalConfig([run], world["store"], tmp_path / "bad", heldout_fraction=0.5, device="cpu"))
 
 
 def test_cli_entry(world, tmp_path, capsys):
@@ -243,26 +262,28 @@ def _run_folder(root, name: str, shards: list[str] | None):
 
 def test_composition_holdout_evaluates_whole_unseen_shards(world, tmp_path):
     run = _run_folder(tmp_path, "on-two-shards", ["00000.parquet", "00001.parquet"])
-    res = evaluate([run], world["store"], tmp_path / "out", seeds=3, n_boot=50, prompt_suite=False, probe=False,
-                   heldout_shards=["00002.parquet"], device="cpu")
+    res = evaluate(EvalConfig([run], world["store"], tmp_path / "out", seeds=3, n_boot=50, prompt_suite=False,
+                              probe=False, heldout_shards=["00002.parquet"], device="cpu"))
     store = EmbeddingStore(world["store"])
     shard_keys = dict(store.keys())
     assert res["split"]["heldout_rows"] == len(shard_keys["00002.parquet"])  # every row of the unseen shard
     train_keys = shard_keys["00000.parquet"] + shard_keys["00001.parquet"]
     assert res["split"]["train_rows_used"] == int((~is_heldout(train_keys, FRACTION, 0)).sum())
     # held-in: the hash-held-out rows of the two training shards only
-    res_in = evaluate([run], world["store"], tmp_path / "in", seeds=3, n_boot=50, prompt_suite=False, probe=False,
-                      device="cpu")
+    res_in = evaluate(EvalConfig([run], world["store"], tmp_path / "in", seeds=3, n_boot=50, prompt_suite=False,
+                                 probe=False, device="cpu"))
     assert res_in["split"]["heldout_rows"] == int(is_heldout(train_keys, FRACTION, 0).sum())
 
 
 def test_heldout_shards_a_prior_trained_on_are_refused(world, tmp_path):
     everything = _run_folder(tmp_path, "on-all", None)
     with pytest.raises(ValueError, match="trained on every shard"):
-        evaluate([everything], world["store"], tmp_path / "o1", heldout_shards=["00002.parquet"], device="cpu")
+        evaluate(EvalConfig([everything], world["store"], tmp_path / "o1", heldout_shards=["00002.parquet"],
+                            device="cpu"))
     overlap = _run_folder(tmp_path, "overlap", ["00001.parquet", "00002.parquet"])
     with pytest.raises(ValueError, match=r"trained on \['00002.parquet'\]"):
-        evaluate([overlap], world["store"], tmp_path / "o2", heldout_shards=["00002.parquet"], device="cpu")
+        evaluate(EvalConfig([overlap], world["store"], tmp_path / "o2", heldout_shards=["00002.parquet"],
+                            device="cpu"))
 
 
 def test_a_prior_is_refused_on_a_store_of_another_encoder(tmp_path):
@@ -280,4 +301,4 @@ def test_a_prior_is_refused_on_a_store_of_another_encoder(tmp_path):
     assert json.loads((prior / TRAINING_INFO).read_text())["encoder"]["preset"] == "synthetic"
     write_store(tmp_path / "b", shards=2, rows=30, info=tiny_info(dim=DIM, hidden=DIM, preset="another-clip"))
     with pytest.raises(ValueError, match="trained on embeddings of encoder 'synthetic'.*'another-clip'"):
-        evaluate([prior], tmp_path / "b", tmp_path / "out", heldout_fraction=0.25, device="cpu")
+        evaluate(EvalConfig([prior], tmp_path / "b", tmp_path / "out", heldout_fraction=0.25, device="cpu"))

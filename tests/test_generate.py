@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tinymodels import build_tiny_decoder, save_tiny_clip_scorer
 
-from evaluation.generate import (
-    ClipImageScorer,
-    Decoder,
-    ImageMetricUnavailable,
-    WeightsMissingError,
-    build_tiny_decoder,
-    fid_between,
-    generate,
-    open_prior,
-    pickscore_preference,
-    prior_encoder,
-    save_tiny_clip_scorer,
-)
+from evaluation.decoders import DECODERS, Decoder
+from evaluation.generate import default_image_name, generate, slug
+from evaluation.image_metrics import ClipImageScorer, ImageMetricUnavailable, fid_between, pickscore_preference
+from evaluation.priors import open_prior, prior_encoder, prompt_embeddings
+from evaluation.weights import WeightsMissingError
 from pipeline.encoders import load_encoder, save_encoder
 from training.prior import build_prior
 
@@ -70,8 +63,6 @@ def test_karlo_generates_with_our_embedding(parts):
     assert dec.pipe.prior is None  # Karlo's own prior is never loaded
     handle = open_prior(parts["prior"], "cpu")
     enc = prior_encoder(handle, parts["encoder"], "cpu")
-    from evaluation.generate import prompt_embeddings
-
     emb = prompt_embeddings(handle, enc, [PROMPT, PROMPT], seed=0)
     assert not torch.equal(emb[0], emb[1])  # each row draws its own noise from the seeded generator
     assert torch.equal(emb, prompt_embeddings(handle, enc, [PROMPT, PROMPT], seed=0))
@@ -85,6 +76,14 @@ def test_karlo_generates_with_our_embedding(parts):
     assert _gen(parts, "karlo", super_res_steps=2).size == (64, 64)  # the generate() entry point
     with pytest.raises(ValueError, match="negative"):
         _gen(parts, "karlo", negative_prompt="blurry")
+
+
+def test_decoder_kinds_and_file_names():
+    assert DECODERS == ("kandinsky22", "karlo")
+    assert slug("A red car, and a BLUE bench!") == "a-red-car-and-a-blue-bench" and slug("!!") == "image"
+    assert default_image_name(PROMPT, 3) == "a-red-car-and-a-blue-bench-seed3.png"
+    with pytest.raises(ValueError, match="unknown decoder 'dalle2'; choose one of \\['kandinsky22', 'karlo'\\]"):
+        build_tiny_decoder("dalle2", "unused")
 
 
 def test_missing_decoder_weights_say_what_is_missing(parts, tmp_path):
@@ -114,14 +113,31 @@ def test_prior_and_decoder_dims_must_agree(parts):
         open_prior(parts["root"] / "empty")
 
 
+def _clip_cosines(folder, images, prompts) -> tuple[torch.Tensor, float]:
+    """cos(image_i, prompt_i) through CLIPModel's separate image and text towers (the scorer runs them jointly)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, proc = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+
+    def features(out):  # a tensor in older transformers, an output with the projection in pooler_output in 5.x
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    with torch.no_grad():
+        img = features(model.get_image_features(**proc(images=images, return_tensors="pt")))
+        txt = features(model.get_text_features(**proc(text=prompts, return_tensors="pt", padding=True)))
+    return torch.nn.functional.cosine_similarity(img, txt), model.logit_scale.exp().item()
+
+
 def test_clip_and_pick_scores(parts):
     images = [_gen(parts, "kandinsky22", seed=s) for s in range(2)]
     clip = ClipImageScorer.load("clipscore", parts["clip"], device="cpu")
     s = clip.score(images, [PROMPT, "a dog"])
-    assert s.shape == (2,) and np.all((s >= 0) & (s <= 100))
-    assert np.allclose(s, clip.score(images, [PROMPT, "a dog"]))
+    cos, logit_scale = _clip_cosines(parts["clip"], images, [PROMPT, "a dog"])
+    assert s == pytest.approx((100 * cos.clamp_min(0)).numpy(), abs=1e-3)  # CLIPScore: 100 max(cos, 0)
     pick = ClipImageScorer.load("pickscore", parts["clip"], device="cpu")
     p = pick.score(images, [PROMPT, PROMPT])
+    cos, _ = _clip_cosines(parts["clip"], images, [PROMPT, PROMPT])
+    assert p == pytest.approx((logit_scale * cos).numpy(), abs=1e-4)  # PickScore: logit scale x cos
     pref = pickscore_preference(p, p[::-1])
     assert pref["hard"].tolist() in ([1.0, 0.0], [0.0, 1.0], [0.5, 0.5])
     assert np.allclose(pref["soft"] + pref["soft"][::-1], 1.0)

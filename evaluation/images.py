@@ -1,0 +1,62 @@
+"""The real image of a store row, for the report's examples and for FID.
+
+    ImageSource("runs/cc3m/images").get(key, url) -> PIL.Image | None
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ImageSource:
+    """Finds the image of a store row by key: in a folder of webdataset tars (img2dataset's layout:
+    KEY.jpg inside shards, the key the encode stage stores), in a folder of files named KEY.<ext>,
+    or at the row's url when that is a local path or a file:// url."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else None
+        if self.root is not None and not self.root.is_dir():
+            raise FileNotFoundError(f"image source {self.root}: no such folder")
+        self._index: dict[str, tuple[Path, str | None]] | None = None
+
+    def _build_index(self) -> dict[str, tuple[Path, str | None]]:
+        index: dict[str, tuple[Path, str | None]] = {}
+        if self.root is None:
+            return index
+        for path in sorted(self.root.rglob("*")):
+            if path.suffix == ".tar":
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        key, _, ext = member.name.rpartition("/")[2].partition(".")
+                        if member.isfile() and ext.lower() in IMAGE_EXTS:
+                            index.setdefault(key, (path, member.name))
+            elif path.suffix.lstrip(".").lower() in IMAGE_EXTS:
+                index.setdefault(path.stem, (path, None))
+        return index
+
+    def get(self, key: str, url: str | None = None) -> Image.Image | None:
+        if self._index is None:
+            self._index = self._build_index()
+        hit = self._index.get(str(key))
+        try:
+            if hit is not None:
+                path, member = hit
+                if member is None:
+                    return Image.open(path).convert("RGB")
+                with tarfile.open(path) as tar:
+                    f = tar.extractfile(member)
+                    return Image.open(io.BytesIO(f.read())).convert("RGB") if f is not None else None
+            if url:
+                local = Path(url.removeprefix("file://"))
+                if (url.startswith("file://") or url.startswith("/")) and local.is_file():
+                    return Image.open(local).convert("RGB")
+        except OSError:  # an unreadable image is shown as missing, not fatal to the report
+            return None
+        return None
