@@ -73,8 +73,10 @@ def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards
     `keep`: the fraction of the evaluated rows to score (a key-hash sample, as `evaluate` draws it).
     Returns model name -> summary (priors under `seeds` noise seeds; TextEmb, text-shift, ridge; oracle).
     """
-    from evaluation.evaluate import Baselines, predict_heldout, resolve_split, scan_training_split
-    from evaluation.generate import open_prior
+    from evaluation.baselines import Baselines, scan_training_split
+    from evaluation.predict import predict_heldout
+    from evaluation.priors import open_prior
+    from evaluation.split import resolve_split
 
     handles = [open_prior(p, "cpu") for p in priors]
     split = resolve_split(handles, None, None, train_shards, heldout_shards, store)
