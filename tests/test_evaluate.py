@@ -14,7 +14,6 @@ from tinymodels import build_tiny_decoder, save_tiny_clip_scorer
 
 from evaluation.evaluate import EvalConfig, evaluate
 from evaluation.image_metrics import ClipImageScorer, pickscore_preference
-from evaluation.images import ImageSource
 from evaluation.priors import open_prior, prior_encoder, read_training_log
 from evaluation.split import SAMPLE_SALT_HELDOUT, SAMPLE_SALT_TRAIN, resolve_split
 from evaluation.weights import WeightsMissingError
@@ -199,17 +198,6 @@ def test_refusals(world, tmp_path):
     bare = [open_prior(p, "cpu") for p in world["priors"]]
     split = resolve_split(bare, None, None)
     assert split.fraction == 0.01 and "unknown" in split.source  # bare prior folders record no split
-
-
-def test_image_source_reads_tars_folders_and_file_urls(world, tmp_path):
-    src = ImageSource(world["root"] / "images")
-    assert src.get("000000000").size == (32, 32)
-    assert src.get("no-such-key") is None
-    render("red", "square", 6).save(tmp_path / "k1.jpg")
-    assert ImageSource(tmp_path).get("k1") is not None
-    assert ImageSource().get("x", url=f"file://{tmp_path / 'k1.jpg'}") is not None
-    with pytest.raises(FileNotFoundError):
-        ImageSource(tmp_path / "nope")
 
 
 def test_run_folder_curves_and_split_from_the_run(world, tmp_path):
