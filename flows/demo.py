@@ -26,6 +26,7 @@ from storage_schema import EmbeddingStore
 from storage_schema.atomic import atomic_write_text
 
 PAPER_LAMBDA = 0.2  # the eclipse run the diffusion baseline is paired with
+STATE_FILE = "demo_state.json"  # the settings and world-server port of the run in a folder
 
 
 class DemoParams(_Params):
@@ -100,56 +101,36 @@ def gap_task(world: World, held_pairs: list[tuple[str, str]], n_captions: int, t
     return gap
 
 
-@flow(name="demo", log_prints=True)
-def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
-    from demo.experiment import (
-        caption_retrieval,
-        format_table,
-        format_testbed,
-        format_tradeoff,
-        oracle_metrics,
-        report_section,
-        summarize,
-        summarize_testbed,
-        tradeoff,
-    )
-    from training.prior import build_prior, count_parameters
-
-    log = get_run_logger()
-    root = Path(out).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    p = params
-    state_file = root / "demo_state.json"
+def _load_state(root: Path, p: DemoParams) -> dict:
+    """What an earlier run in `root` recorded (its world server's port); refuses other settings."""
+    state_file = root / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state.get("params", p.model_dump()) != p.model_dump():
         raise ValueError(f"{root} holds a demo run with other settings ({state['params']}); resume it with the same "
                          f"flags, or use another --out")
-    world = demo_world(seed=p.seed, image_size=32)
-    held_pairs = world.holdout_pairs(p.heldout_pair_fraction, seed=p.seed)
+    return state
 
-    print("1/5 teacher CLIP on the synthetic world, and the testbed figures")
-    teacher = teacher_task(world, p.teacher_steps, p.seed, str(root / "teacher"))
-    gap = gap_task(world, sorted(held_pairs), p.gap_captions, str(root / "teacher"), p.seed)
-    bed = summarize_testbed(teacher, gap)
-    print(format_testbed(bed))
 
-    # Held-in compositions first, cut to whole shards, then the held-out ones: shard i of the url
-    # list is rows [i*N, (i+1)*N) in img2dataset, so the split is a split of store shards.
+def _split(world: World, held_pairs: set[tuple[str, str]], p: DemoParams) -> tuple[list, list]:
+    """(held-in, held-out-composition) specs. Held-in first, cut to whole shards: shard i of the url
+    list is rows [i*N, (i+1)*N) in img2dataset, so the split is a split of store shards."""
     specs = world.sample_specs(p.images, seed=p.seed)
     kept, held = split_by_pairs(specs, held_pairs)
     kept = kept[: (len(kept) // p.shard_size) * p.shard_size]
     if not kept or not held:
         raise ValueError(f"{p.images} images leave {len(kept)} held-in (whole shards of {p.shard_size}) and "
                          f"{len(held)} held-out rows; use more images or smaller shards")
-    n_in_shards = len(kept) // p.shard_size
+    return kept, held
 
-    print(f"2/5 precompute: {len(kept)} held-in + {len(held)} held-out-composition images, served on loopback")
+
+def _precompute(world: World, specs: list, p: DemoParams, root: Path, state: dict) -> dict:
+    """Serve the world on loopback and run the real precompute flow over its url list."""
     port = state.get("port", 0)
     overwrite = bool(port) and not _port_free(port)  # urls of an unfinished earlier run cannot be resumed
     with WorldServer(world, port=0 if overwrite else port) as server:
-        state_file.write_text(json.dumps({"port": server.port, "params": p.model_dump()}))
-        write_url_list(kept + held, server.base_url, root / "urls.parquet", fmt="png")
-        pre = precompute(
+        atomic_write_text(root / STATE_FILE, json.dumps({"port": server.port, "params": p.model_dump()}))
+        write_url_list(specs, server.base_url, root / "urls.parquet", fmt="png")
+        return precompute(
             urls=str(root / "urls.parquet"), encoder=str(root / "teacher"), out=str(root / "data"),
             # png: the teacher sees exactly the pixels it was trained on
             download=DownloadParams(image_size=32, encode_format="png", encode_quality=1, processes_count=1,
@@ -157,18 +138,23 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
                                     overwrite=overwrite),
             encode=EncodeParams(batch_size=256), cluster=ClusterParams(n_workers=1),
         )
-    store = pre["store"]
-    st = EmbeddingStore(store)
-    heldin_shards, heldout_shards = st.shards[:n_in_shards], st.shards[n_in_shards:]
+
+
+def _train_priors(st: EmbeddingStore, shards: list[int], kept_rows: int, p: DemoParams, root: Path
+                  ) -> tuple[dict[str, list[str]], dict]:
+    """Every objective and seed on the held-in shards, one budget: (run names per objective, the budget)."""
+    from training.prior import build_prior, count_parameters
+
+    store = str(st.dir)
     dim, context = st.encoder.image_dim, st.encoder.context_length
     objectives = p.objectives()
     runs: dict[str, list[str]] = {o: [] for o in objectives}
     total = len(objectives) * p.seeds
     n_params = count_parameters(build_prior(p.prior_preset, dim, context))
     budget = {"steps": p.prior_steps, "batch_size": p.batch_size, "samples_seen": p.prior_steps * p.batch_size,
-              "lr": p.lr, "preset": p.prior_preset, "prior_parameters": n_params, "heldin_rows": len(kept),
-              "epochs": round(p.prior_steps * p.batch_size / (0.9 * len(kept)), 1)}
-    print(f"3/5 training {total} priors on the held-in shards {heldin_shards}: every objective gets the same "
+              "lr": p.lr, "preset": p.prior_preset, "prior_parameters": n_params, "heldin_rows": kept_rows,
+              "epochs": round(p.prior_steps * p.batch_size / (0.9 * kept_rows), 1)}
+    print(f"3/5 training {total} priors on the held-in shards {shards}: every objective gets the same "
           f"budget, {p.prior_steps} steps x batch {p.batch_size} (~{budget['epochs']} epochs), "
           f"{n_params:,}-parameter '{p.prior_preset}' prior")
     for s in range(p.seeds):
@@ -181,28 +167,75 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
                                      text_length=context, heldout_fraction=0.1, ckpt_every=max(p.prior_steps // 4, 1),
                                      eval_every=0, num_threads=max(1, os.cpu_count() or 1),
                                      **({"eclipse_lambda": lam} if obj == "eclipse" else {})),
-                  shards=heldin_shards)
+                  shards=shards)
             runs[key].append(name)
+    return runs, budget
 
-    print("4/5 evaluating on held-in rows and on held-out compositions")
-    priors = [str(root / "runs" / n) for key in objectives for n in runs[key]]
+
+def _evaluate(st: EmbeddingStore, images: str, runs: dict[str, list[str]], heldin_shards: list[int],
+              heldout_shards: list[int], rows: dict[str, int], p: DemoParams, root: Path) -> tuple[dict, dict]:
+    """(results per split, oracle figures): every prior on held-in rows and on held-out compositions."""
+    from demo.experiment import caption_retrieval, oracle_metrics
+
+    store = str(st.dir)
+    priors = [str(root / "runs" / n) for key in p.objectives() for n in runs[key]]
     common = dict(priors=priors, store=store, seeds=p.eval_seeds, max_rows=p.eval_rows, prompt_suite=False,
-                  device="cpu", image_source=pre["images"])
+                  device="cpu", image_source=images)
     results = {"heldin": evaluate(out=str(root / "eval-heldin"), **common),
                "heldout": evaluate(out=str(root / "eval-heldout"), heldout_shards=heldout_shards, **common)}
     # Templates are drawn independently of the image: group renders by the caption without its template.
     oracle = {"heldout": oracle_metrics(st, heldout_shards, group=description)}
     for split, held_shards in (("heldin", None), ("heldout", heldout_shards)):
-        rows = len(held) if held_shards else len(kept)
         results[split]["caption_retrieval"] = caption_retrieval(st, priors, heldin_shards, held_shards,
-                                                                seeds=p.eval_seeds, keep=min(1.0, p.eval_rows / rows),
+                                                                seeds=p.eval_seeds,
+                                                                keep=min(1.0, p.eval_rows / rows[split]),
                                                                 group=description)
+    return results, oracle
+
+
+@flow(name="demo", log_prints=True)
+def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
+    from demo.experiment import (
+        format_table,
+        format_testbed,
+        format_tradeoff,
+        report_section,
+        summarize,
+        summarize_testbed,
+        tradeoff,
+    )
+
+    log = get_run_logger()
+    root = Path(out).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    p = params
+    state = _load_state(root, p)
+    world = demo_world(seed=p.seed, image_size=32)
+    held_pairs = world.holdout_pairs(p.heldout_pair_fraction, seed=p.seed)
+
+    print("1/5 teacher CLIP on the synthetic world, and the testbed figures")
+    teacher = teacher_task(world, p.teacher_steps, p.seed, str(root / "teacher"))
+    gap = gap_task(world, sorted(held_pairs), p.gap_captions, str(root / "teacher"), p.seed)
+    bed = summarize_testbed(teacher, gap)
+    print(format_testbed(bed))
+
+    kept, held = _split(world, held_pairs, p)
+    print(f"2/5 precompute: {len(kept)} held-in + {len(held)} held-out-composition images, served on loopback")
+    pre = _precompute(world, kept + held, p, root, state)
+    st = EmbeddingStore(pre["store"])
+    n_in_shards = len(kept) // p.shard_size
+    heldin_shards, heldout_shards = st.shards[:n_in_shards], st.shards[n_in_shards:]
+    runs, budget = _train_priors(st, heldin_shards, len(kept), p, root)
+
+    print("4/5 evaluating on held-in rows and on held-out compositions")
+    rows = {"heldin": len(kept), "heldout": len(held)}
+    results, oracle = _evaluate(st, pre["images"], runs, heldin_shards, heldout_shards, rows, p, root)
 
     print("5/5 report")
     paper = f"eclipse-{PAPER_LAMBDA:g}" if PAPER_LAMBDA in p.lambdas else f"eclipse-{p.lambdas[0]:g}"
     pairs = [(f"eclipse-{lam:g}", "projection") for lam in p.lambdas] + [(paper, "diffusion")]
     table = summarize(results, runs, oracle, pairs=pairs)
-    lambdas = {key: lam for key, (obj, lam) in objectives.items() if lam is not None}
+    lambdas = {key: lam for key, (obj, lam) in p.objectives().items() if lam is not None}
     points = tradeoff(table, lambdas)
     metrics = {"teacher": teacher, "testbed": bed, "budget": budget, "tradeoff": points,
                "tradeoff_heldin": tradeoff(table, lambdas, split="heldin"),
@@ -212,17 +245,17 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
                          "heldout_rows": len(held)},
                "experiment": table, "heldin": results["heldin"], "heldout": results["heldout"],
                "oracle": oracle}
-    (root / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    atomic_write_text(root / "metrics.json", json.dumps(metrics, indent=1, default=str))
     notes = (f"{len(kept)} held-in and {len(held)} held-out-composition images; "
              f"{len(held_pairs)} of {len(world.colors) * len(world.shapes)} color × shape pairs never reach a prior. "
              f"Training budget, the same for every objective: {p.prior_steps} steps × batch {p.batch_size} "
-             f"(~{budget['epochs']} epochs of the held-in rows), lr {p.lr:g}, {n_params:,}-parameter "
+             f"(~{budget['epochs']} epochs of the held-in rows), lr {p.lr:g}, {budget['prior_parameters']:,}-parameter "
              f"'{p.prior_preset}' prior, {p.seeds} training seed(s). "
              "The evaluation below is the held-out-composition split; held-in figures are in the table above "
              "and in eval-heldin/report.html.")
     heldout_html = (root / "eval-heldout" / "report.html").read_text()
     top = report_section(table, teacher, notes, testbed_figures=bed, points=points)
-    (root / "report.html").write_text(heldout_html.replace("<body>", "<body>" + top, 1))
+    atomic_write_text(root / "report.html", heldout_html.replace("<body>", "<body>" + top, 1))
     text = "\n".join([format_table(table), "", "testbed:", format_testbed(bed), "",
                       "λ trade-off on held-out compositions (mean [t-interval over seeds]):", format_tradeoff(points)])
     print(text)
