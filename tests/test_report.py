@@ -1,8 +1,12 @@
-"""The HTML report: self-contained, its plots are well-formed SVG, its images are embedded and decodable."""
+"""The HTML report: self-contained, escaped, its charts are the right matplotlib SVGs, and a real
+browser at 1400 px shows it without clipping."""
 
 import base64
 import io
-import math
+import json
+import os
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -12,12 +16,21 @@ import torch
 from PIL import Image
 from storefixtures import random_rows, tiny_info
 
-from evaluation.evaluate import evaluate
-from evaluation.report import image_data_uri, svg_bars, svg_grouped_bars, svg_lines, svg_scatter, write_report
+from evaluation.evaluate import EvalConfig, evaluate
+from evaluation.report import (
+    CHART_METRICS,
+    fmt,
+    image_data_uri,
+    load_images,
+    render_report,
+    report_context,
+    write_report,
+)
 from storage_schema import StoreWriter, build_table
 from training.prior import build_prior
 
 NASTY = '<script>alert("x")</script> & a red square'
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 class Collect(HTMLParser):
@@ -27,6 +40,8 @@ class Collect(HTMLParser):
         self.tags: list[str] = []
         self.refs: list[str] = []
         self.text: list[str] = []
+        self.best: list[str] = []  # the first text after each td class="best"
+        self._in_best = False
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
@@ -34,9 +49,61 @@ class Collect(HTMLParser):
         if tag == "img":
             self.imgs.append(a["src"])
         self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+        self._in_best = tag == "td" and a.get("class") == "best"
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._in_best and data.strip():
+            self.best.append(data.strip())
+            self._in_best = False
+
+
+def svg_titles(html: str) -> list[str]:
+    """The <title> of every inline SVG, in page order."""
+    svgs = ["<svg" + s.split("</svg>")[0] + "</svg>" for s in html.split("<svg")[1:]]
+    return [ET.fromstring(s).find(f"{SVG}title").text for s in svgs]
+
+
+def summary(value: float, lo: float, hi: float) -> dict:
+    return {"value": value, "ci": [lo, hi], "n": 10}
+
+
+def synthetic_result() -> dict:
+    """Every section of a report, with long names and captions: what the browser test renders."""
+    models = {f"eclipse-λ{lam}-a-rather-long-run-name-s{s}": ("prior", 0.8 + 0.01 * s + lam / 100)
+              for lam in (0.2, 2) for s in range(3)}
+    models |= {"TextEmb": ("baseline", 0.3), "text-shift": ("baseline", 0.85), "ridge": ("baseline", 0.84),
+               "mean-image": ("baseline", 0.7)}
+    metric_info = {k: {"what": f"what {k} measures, said at some length so that the title must wrap twice over "
+                               f"in a chart of ordinary width", "better": "higher"} for k in CHART_METRICS}
+    res = {
+        "created": "2026-01-01 00:00:00", "elapsed_s": 1.0, "metric_info": metric_info,
+        "store": {"path": "/a/store", "rows": 100, "encoder": {"preset": "test", "image_dim": 16}},
+        "split": {"heldout_fraction": 0.1, "heldout_seed": 0, "source": "run config", "heldout_rows": 10},
+        "settings": {"seeds": 3, "n_boot": 100, "ci": 0.95},
+        "dataset": {"cos_text_image": summary(0.3, 0.28, 0.32)},
+        "models": {n: {"kind": kind, "objective": "eclipse" if kind == "prior" else None,
+                       "metrics": {k: summary(v, v - 0.02, v + 0.02) for k in CHART_METRICS}}
+                   for n, (kind, v) in models.items()},
+        "comparisons": [{"a": "TextEmb", "b": "ridge", "metric": "cos_image", **summary(-0.5, -0.6, -0.4)}],
+        "probe": {"words": ["red", "blue"], "train_rows": 50,
+                  "models": {n: summary(0.6, 0.5, 0.7) for n in models}},
+        "training": {n: {"curves": {"train": {"step": [0, 100, 200, 300], "loss": [2.0 + i, 1.5, 1.2, 1.0 + i / 10]},
+                                    "eval": {"step": [800], "loss": [1.1], "cos_to_image": [0.7 + i / 50]}}}
+                     for i, n in enumerate(list(models)[:6])},
+    }
+    cats = ("color", "shape", "texture", "spatial")
+    swaps = [["a red cube", "a blue cube"]]
+    res["prompts"] = {"encoder": "test", "overall": {n: {"swap_acc": summary(0.7, 0.6, 0.8)} for n in models},
+                      "categories": {c: {"n_prompts": 10, "n_swaps": 5, "swap_examples": swaps,
+                                         "models": {n: {m: summary(0.5 + 0.05 * i, 0.45, 0.6)
+                                                        for m in ("swap_acc", "cos_nearest_image", "cos_text")}
+                                                    for i, n in enumerate(models)}} for c in cats}}
+    res["examples"] = [{"key": "k1", "caption": "a very long caption " * 20, "image": "img-k1",
+                        "models": {n: {"true_rank": 1, "cos_true": 0.9, "neighbours": [
+                            {"key": f"k{j}", "cos": 0.9, "is_true": j == 1, "caption": "a caption " * 20,
+                             "image": f"img-k{j}"} for j in range(1, 4)]} for n in models}}]
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +124,8 @@ def evaluated(tmp_path_factory):
         torch.manual_seed(0)
         build_prior("tiny", embedding_dim=16).save_pretrained(root / "prior")
     out = root / "out"
-    res = evaluate([root / "prior"], root / "store", out, heldout_fraction=0.5, seeds=3, n_boot=100,
-                   prompt_suite=True, image_source=root / "images", n_examples=60, device="cpu")
+    res = evaluate(EvalConfig([root / "prior"], root / "store", out, heldout_fraction=0.5, seeds=3, n_boot=100,
+                              prompt_suite=True, image_source=root / "images", n_examples=60, device="cpu"))
     return res, out
 
 
@@ -74,7 +141,6 @@ def test_report_is_self_contained_and_embeds_its_images(evaluated):
         assert im.format == "PNG" and min(im.size) > 0
     assert not [r for r in p.refs if not r.startswith("data:")], "nothing may be fetched from elsewhere"
     assert "<script>" not in html and "&lt;script&gt;" in html  # captions are escaped
-    assert p.tags.count("svg") >= 5 and "table" in p.tags
     text = " ".join(p.text)
     for section in ("Embedding metrics on the held-out split", "TextEmb", "text-shift", "mean-image", "ridge",
                     "Paired differences", "Examples"):
@@ -83,70 +149,129 @@ def test_report_is_self_contained_and_embeds_its_images(evaluated):
     assert "skipped" in res["prompts"] and "test-enc" in res["prompts"]["skipped"]
     assert "Prompt suites" in text and "unavailable" in text
     assert "skipped" in res["probe"]  # random captions: no attribute word to probe
+    # a prior folder has no training log: no curves, and the report names it
+    prior = next(n for n, m in res["models"].items() if m["kind"] == "prior")
+    assert f"No training log for: {prior} (pass a run folder" in text
 
 
-def test_every_svg_is_well_formed(evaluated):
-    _, out = evaluated
+def test_the_charts_are_the_metric_bars(evaluated):
+    res, out = evaluated
     html = (out / "report.html").read_text(encoding="utf-8")
-    svgs = [s.split("</svg>")[0] + "</svg>" for s in html.split("<svg")[1:]]
-    assert svgs
-    for body in svgs:
-        root = ET.fromstring("<svg" + body)
-        assert root.tag.endswith("svg") and root.find("{http://www.w3.org/2000/svg}text") is not None
+    info = res["metric_info"]
+    # probe and prompt suites skipped, no training log: exactly one bar chart per chart metric
+    assert svg_titles(html) == [f"{k}: {info[k]['what']}" for k in CHART_METRICS]
 
 
-def test_chart_helpers():
-    bars = ET.fromstring(svg_bars("cos", [("a", 0.5, 0.4, 0.6, "#123456"), ("b", -0.2, -0.3, -0.1, "#654321"),
-                                          ("c", None, None, None, "#000000"), ("d", math.nan, None, None, "#000")]))
-    rects = bars.findall("{http://www.w3.org/2000/svg}rect")
-    assert len(rects) == 2  # n/a values draw no bar
-    assert "a: 0.5 [0.4, 0.6]" in rects[0].find("{http://www.w3.org/2000/svg}title").text
-    grouped = ET.fromstring(svg_grouped_bars("swap", ["color", "shape"], [
-        ("p", "#111111", [(0.7, 0.6, 0.8), (None, None, None)]), ("q", "#222222", [(0.5, 0.4, 0.6), (0.4, 0.3, 0.5)])]))
-    assert len(grouped.findall("{http://www.w3.org/2000/svg}rect")) == 3 + 2  # bars + legend swatches
-    lines = ET.fromstring(svg_lines("loss", [("run", "#111111", [1, 2, 3], [3.0, math.nan, 1.0])]))
-    assert lines.find("{http://www.w3.org/2000/svg}polyline").get("points").count(",") == 2
-    assert svg_lines("empty", [("run", "#111111", [], [])]) == ""
+def test_the_best_value_of_each_column_is_marked():
+    res = synthetic_result()
+    res["models"] = {"low": {"kind": "prior", "objective": "eclipse", "metrics": {
+                         "cos_image": summary(0.2, 0.1, 0.3), "frechet": summary(5.0, 4.0, 6.0)}},
+                     "high": {"kind": "baseline", "metrics": {
+                         "cos_image": summary(0.9, 0.8, 1.0), "frechet": summary(9.0, 8.0, 10.0)}}}
+    res["metric_info"] = {"cos_image": {"what": "cos", "better": "higher"},
+                          "frechet": {"what": "fd", "better": "lower"}}
+    res["probe"] = {"skipped": "no words"}
+    rows = report_context(res)["summary"]["rows"]
+    assert [(r["name"], [best for _, best in r["cells"]]) for r in rows] == [("low", [False, True]),
+                                                                           ("high", [True, False])]
+    p = Collect()
+    p.feed(render_report(res))
+    assert p.best == ["5", "0.9"]  # Fréchet distance of "low" (row 1), cos_image of "high" (row 2)
+
+
+def test_every_section_renders_and_the_page_is_deterministic(tmp_path):
+    res = synthetic_result()
+    images = {f"img-k{j}": Image.new("RGB", (40, 30), (60 * j, 0, 0)) for j in range(1, 4)}
+    html = write_report(res, tmp_path / "r.html", images).read_text(encoding="utf-8")
+    assert html == render_report(res, images)  # fixed SVG ids and no dates: the same bytes twice
+    titles = svg_titles(html)
+    assert titles[-3:] == ["training loss", "held-out cos(pred, image) during training",
+                           "held-out loss during training"]
+    assert len(titles) == len(CHART_METRICS) + 1 + 3 + 3  # metric bars, probe, prompt charts with data, curves
+    assert html.count("data:image/png;base64,") == 1 + 3 * 10  # the example's image + 3 neighbours x 10 models
+    assert "a red cube → a blue cube" in html
+
+
+def test_images_come_back_from_the_evaluation_folder(evaluated, tmp_path):
+    res, out = evaluated
+    images = load_images(out / "images")
+    assert images and set(images) == {p.stem for p in (out / "images").glob("*.png")}
+    again = write_report(res, tmp_path / "r.html", images).read_text(encoding="utf-8")
+    assert again == (out / "report.html").read_text(encoding="utf-8")  # a re-render equals the original
+    assert load_images(tmp_path / "missing") == {}
+    without = write_report(res, tmp_path / "r2.html").read_text(encoding="utf-8")
+    assert "no image" not in again and "no image" in without
+
+
+def test_formatting_helpers():
+    assert [fmt(0.123456), fmt(3), fmt(None), fmt(float("nan")), fmt(0.5, 3)] == ["0.1235", "3", "n/a", "n/a", "0.5"]
     uri = image_data_uri(Image.new("RGB", (1000, 500), (255, 0, 0)), max_side=100)
     assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (100, 50)
 
 
-def test_write_report_renders_a_result_again(evaluated, tmp_path):
-    res, _ = evaluated
-    path = write_report(res, tmp_path / "r.html", images={})
-    html = path.read_text(encoding="utf-8")
-    assert html.startswith("<!DOCTYPE html>") and "no image" in html  # examples without their images
+# -- in a real browser ---------------------------------------------------------------------------------
+
+WIDTH = 1400
+# Runs in the page once loaded: every SVG drawing inside its SVG, the SVG and every table inside the
+# viewport's width (tables in a scroll box excepted), no horizontal scrolling.
+MEASURE = """<script>
+window.addEventListener("load", () => {
+  const out = {scrollWidth: document.documentElement.scrollWidth, svgs: [], outside: [], tables: []};
+  for (const svg of document.querySelectorAll("svg")) {
+    const box = svg.getBoundingClientRect();
+    out.svgs.push({title: svg.querySelector("title").textContent, left: box.left, right: box.right,
+                   width: box.width});
+    for (const el of svg.querySelectorAll("path, use, text, line, rect")) {
+      const r = el.getBoundingClientRect();
+      if (r.width === 0 && r.height === 0) continue;
+      if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+        out.outside.push(svg.querySelector("title").textContent);
+    }
+  }
+  for (const t of document.querySelectorAll("table")) {
+    const r = t.getBoundingClientRect();
+    if (!t.closest(".wide")) out.tables.push(r.right);
+  }
+  const pre = document.createElement("pre");
+  pre.id = "measure";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
 
 
-def test_scatter_draws_points_whiskers_and_the_curve():
-    svg = ET.fromstring(svg_scatter("trade-off", [
-        ("λ=0", "#111111", (0.9, 0.88, 0.92), (0.5, 0.4, 0.6)),
-        ("λ=0.2", "#222222", (0.8, 0.79, 0.81), (0.7, None, None)),  # no y interval: no vertical whisker
-        ("λ=2", "#333333", (None, None, None), (0.9, 0.8, 1.0)),  # no x: legend only
-    ], "cos", "R@1", curve=["λ=0", "λ=0.2", "λ=2"]))
-    ns = "{http://www.w3.org/2000/svg}"
-    assert len(svg.findall(f"{ns}circle")) == 2
-    whiskers = [line for g in svg.findall(f"{ns}g") for line in g.findall(f"{ns}line")]
-    assert len(whiskers) == 3  # x and y for the first point, x for the second
-    assert svg.find(f"{ns}polyline").get("points").count(",") == 2  # the curve joins the drawn points
-    assert any("(n/a)" in (t.text or "") for t in svg.findall(f"{ns}text"))
-    assert svg_scatter("empty", [("a", "#000", (None, None, None), (None, None, None))], "x", "y") == ""
+def chromium() -> str:
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("no Chromium on PATH under CI: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("no Chromium on PATH (apt-get install chromium) for the browser rendering test")
+    return exe
 
 
-def test_scatter_keeps_every_point_and_whisker_inside_the_axes():
-    # the demo's figures: a prior past the last "nice" tick (0.932 > 0.9) and a baseline high above the rest
-    width, height, left, right, top, bottom = 560, 340, 56, 170, 28, 44
-    svg = ET.fromstring(svg_scatter("trade-off", [
-        ("projection", "#111111", (0.932, 0.929, 0.935), (0.358, 0.281, 0.436)),
-        ("diffusion", "#222222", (0.890, 0.871, 0.909), (0.313, 0.235, 0.392)),
-        ("TextEmb", "#333333", (0.612, None, None), (0.727, None, None)),
-    ], "cos", "R@1", width=width, height=height))
-    ns = "{http://www.w3.org/2000/svg}"
-    xs = [float(c.get("cx")) for c in svg.findall(f"{ns}circle")]
-    ys = [float(c.get("cy")) for c in svg.findall(f"{ns}circle")]
-    for g in svg.findall(f"{ns}g"):
-        for line in g.findall(f"{ns}line"):
-            xs += [float(line.get("x1")), float(line.get("x2"))]
-            ys += [float(line.get("y1")), float(line.get("y2"))]
-    assert len(xs) > 3 and all(left - 0.01 <= x <= width - right + 0.01 for x in xs)
-    assert all(top - 0.01 <= y <= height - bottom + 0.01 for y in ys)
+def browse(exe: str, page, *args: str) -> subprocess.CompletedProcess:
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={WIDTH},2000",
+           "--virtual-time-budget=5000", *args, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.slow
+def test_the_report_fits_a_1400px_browser_window(tmp_path):
+    exe = chromium()
+    res = synthetic_result()
+    images = {f"img-k{j}": Image.new("RGB", (40, 30), (60 * j, 0, 0)) for j in range(1, 4)}
+    page = write_report(res, tmp_path / "r.html", images)
+    html = page.read_text(encoding="utf-8")
+    page.write_text(html.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    dom = browse(exe, page, "--dump-dom").stdout
+    m = json.loads(dom.split('<pre id="measure">', 1)[1].split("</pre>", 1)[0].replace("&amp;", "&"))
+    assert m["scrollWidth"] <= WIDTH
+    assert [s["title"] for s in m["svgs"]] == svg_titles(html)
+    assert all(0 <= s["left"] and s["right"] <= WIDTH and s["width"] >= 500 for s in m["svgs"]), m["svgs"]
+    assert m["outside"] == []  # no title, label, bar or legend past its chart's edge
+    assert m["tables"] and max(m["tables"]) <= WIDTH
+
+    shot = tmp_path / "r.png"
+    browse(exe, page, f"--screenshot={shot}")
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape[1] == WIDTH and pixels.std() > 10  # drawn, not a blank page
