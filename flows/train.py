@@ -11,7 +11,7 @@ from flows.failures import require_store
 from flows.params import TrainParams
 from training.config import TrainConfig
 from training.export import STATE, latest_checkpoint
-from training.objectives import Objective
+from training.objectives import ObjectiveName
 from training.prior import PresetName
 from training.trainer import train as train_prior
 
@@ -34,7 +34,7 @@ def train_task(cfg: TrainConfig) -> str:
 def train(
     store: str,
     out: str,
-    objective: Objective = "eclipse",
+    objective: ObjectiveName = "eclipse",
     preset: PresetName = "kandinsky22",
     steps: int = 60_000,
     params: TrainParams = TrainParams(),

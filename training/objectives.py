@@ -27,8 +27,9 @@ from torch import nn
 
 from training.prior import PriorTransformer, preset_config
 
-Objective = Literal["eclipse", "projection", "diffusion"]  # typed params (flows) use this one list
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
+# The objectives' names, for typed flow parameters (a distinct name: the class `Objective` below is the base).
+ObjectiveName = Literal["eclipse", "projection", "diffusion"]
+OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 
 # tau: the paper does not state it. 0.07 is CLIP's initial temperature (Radford et al. 2021),
 # also the common fixed choice of MoCo/SimCLR-style InfoNCE. It was first chosen when L_proj was
