@@ -164,10 +164,12 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     # What needs the store's text encoder: prompt suites and decoding.
     enc_name = os.fspath(cfg.encoder) if cfg.encoder is not None else store.encoder.preset
-    enc, enc_error = load_text_encoder(enc_name, store, dev) if (cfg.prompt_suite or dec) else (None, None)
+    enc, enc_error = None, None
+    if cfg.prompt_suite or dec is not None:
+        enc, enc_error = load_text_encoder(enc_name, store, dev)
     if cfg.prompt_suite:
-        result["prompts"] = (_prompt_suite(cfg, enc, handles, base, held) | {"encoder": enc_name} if enc
-                             else {"skipped": enc_error})
+        result["prompts"] = (_prompt_suite(cfg, enc, handles, base, held) | {"encoder": enc_name}
+                             if enc is not None else {"skipped": enc_error})
     images: dict[str, Image.Image] = {}
     src = ImageSource(cfg.image_source)
     result["examples"] = nearest_examples(held, models, [*prior_names, *EXAMPLE_MODELS], cfg.n_examples,
@@ -176,7 +178,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         result["generation"] = generation_section(
             dec, enc, handles, held, cfg.generate_from, cfg.n_generate, cfg.generate_seeds, cfg.decoder_steps,
             cfg.decoder_size, scorers, cfg.fid, src, images, cfg.n_boot, cfg.ci, cfg.boot_seed,
-        ) if enc else {"skipped": enc_error}
+        ) if enc is not None else {"skipped": enc_error}
     elif scorers or cfg.fid:
         result["generation"] = {"skipped": "image metrics need generated images: pass a decoder"}
 
