@@ -8,19 +8,23 @@ splits. Training seeds are the unit of the paired differences (eclipse seed s vs
 seed s): the interval is a t-interval over seeds, and every seed's own figure is reported too.
 """
 
-import html
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
+from evaluation import figures as F
 from evaluation import metrics as M
+from evaluation.report import environment, load_images, report_context
 from storage_schema import CAPTION, IMAGE_EMBED, TEXT_EMBED, EmbeddingStore
+from storage_schema.atomic import atomic_write_text
 
 HEADLINE = ("cos_image", "caption_r1", "probe_auc")
 BASELINES = ("TextEmb", "text-shift", "ridge", "mean-image")
-# two-sided 97.5 % quantiles of Student's t for 1..9 degrees of freedom
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
 
 
 def model_value(result: dict, name: str, metric: str) -> float | None:
@@ -106,11 +110,12 @@ def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards
     return {"rows": len(held.keys), "captions_in_gallery": len(names), "models": out}
 
 
-def _t_interval(values: list[float]) -> list[float] | None:
+def _t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """Student's t interval of the mean; None for fewer than two values."""
     if len(values) < 2:
         return None
     a = np.asarray(values, dtype=np.float64)
-    half = _T975[min(len(a) - 2, len(_T975) - 1)] * a.std(ddof=1) / math.sqrt(len(a))
+    half = stats.t.ppf(0.5 + level / 2, df=len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))
     return [float(a.mean() - half), float(a.mean() + half)]
 
 
@@ -268,78 +273,76 @@ def format_tradeoff(points: Sequence[dict], metrics: Sequence[str] = ("cos_image
     return "\n".join(lines)
 
 
-def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout") -> str:
-    """SVG charts of the λ sweep: each composition score against cosine to the real image, one point
-    per λ (mean over seeds, t-interval whiskers on both axes), the curve in λ order; once with the
-    λ points alone (their scale), once with the baselines and the diffusion prior as references."""
-    from evaluation.report import BASELINE_COLORS, PRIOR_COLORS, svg_scatter
+SWEEP_SCORES = (("caption_r1", "caption R@1 (right composition)"), ("probe_auc", "attribute probe AUC"))
 
-    charts = []
+
+def _point(label: str, x: Mapping, y: Mapping) -> F.Point:
+    """A scatter point from two {"mean", "ci_over_seeds"} entries."""
+    return (label, (x["mean"], *(x.get("ci_over_seeds") or (None, None))),
+            (y["mean"], *(y.get("ci_over_seeds") or (None, None))))
+
+
+def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout") -> list[str]:
+    """SVG charts of the λ sweep: each composition score against cosine to the real image, one point
+    per λ (mean over seeds, t-interval error bars on both axes), the curve in λ order; once with the
+    λ points alone (their scale), once with the other objectives and the baselines as references.
+    A score no point has (not evaluated) gives no chart."""
     curve = [f"λ={pt['lambda']:g} ({pt['objective']})" for pt in points]
-    for score, label in (("caption_r1", "caption R@1 (right composition)"),
-                         ("probe_auc", "attribute probe AUC")):
-        pts = []
-        for i, pt in enumerate(points):
-            x, y = pt["cos_image"], pt[score]
-            pts.append((f"λ={pt['lambda']:g} ({pt['objective']})", PRIOR_COLORS[i % len(PRIOR_COLORS)],
-                        (x["mean"], *(x["ci_over_seeds"] or (None, None))),
-                        (y["mean"], *(y["ci_over_seeds"] or (None, None)))))
-        charts.append(svg_scatter(f"{split}: {label} vs cosine, the λ sweep", pts, "cosine to the real image",
-                                  label, curve=curve))
-        swept = {pt["objective"] for pt in points}
-        for obj, by_split in table["objectives"].items():
-            if obj in swept or split not in by_split:
-                continue
-            x, y = by_split[split]["cos_image"], by_split[split][score]
-            pts.append((obj, PRIOR_COLORS[len(pts) % len(PRIOR_COLORS)], (x["mean"], *(x.get("ci_over_seeds") or
-                        (None, None))), (y["mean"], *(y.get("ci_over_seeds") or (None, None)))))
-        for j, base in enumerate(("TextEmb", "text-shift", "ridge")):
+    swept = {pt["objective"] for pt in points}
+    others = [obj for obj, by_split in table["objectives"].items() if obj not in swept and split in by_split]
+    bases = ("TextEmb", "text-shift", "ridge")
+    st = F.styles([*curve, *others, *bases])
+    xlabel = "cosine to the real image"
+    charts = []
+    for score, label in SWEEP_SCORES:
+        pts = [_point(name, pt["cos_image"], pt[score]) for name, pt in zip(curve, points, strict=True)]
+        charts.append(F.to_svg(F.scatter_chart(f"{split}: {label} vs cosine, the λ sweep", pts, st, xlabel, label,
+                                               curve=curve)))
+        pts += [_point(obj, table["objectives"][obj][split]["cos_image"], table["objectives"][obj][split][score])
+                for obj in others]
+        for base in bases:
             v = table["baselines"].get(base, {}).get(split, {})
-            pts.append((base, BASELINE_COLORS[j], (v.get("cos_image"), None, None), (v.get(score), None, None)))
-        charts.append(svg_scatter(f"{split}: {label} vs cosine to the real image", pts, "cosine to the real image",
-                                  label, curve=curve))
-    return "".join(charts)
+            pts.append((base, (v.get("cos_image"), None, None), (v.get(score), None, None)))
+        charts.append(F.to_svg(F.scatter_chart(f"{split}: {label} vs cosine to the real image", pts, st, xlabel,
+                                               label, curve=curve)))
+    return [c for c in charts if c]
+
+
+def experiment_context(table: dict, teacher: dict, notes: str, splits: Sequence[str] = ("heldin", "heldout"),
+                       testbed_figures: dict | None = None, points: Sequence[dict] = ()) -> dict:
+    """What the experiment section (demo/templates/experiment.html) shows."""
+    rows = [(obj, True, [_f(by_split[s][m]["mean"]) for s in splits for m in HEADLINE])
+            for obj, by_split in table["objectives"].items()]
+    rows += [(base, False, [_f(by_split.get(s, {}).get(m)) for s in splits for m in HEADLINE])
+             for base, by_split in table["baselines"].items()]
+    return {"notes": notes, "table": table, "teacher": teacher, "rows": rows,
+            "columns": [(s, m) for s in splits for m in HEADLINE],
+            "testbed_text": format_testbed(testbed_figures) if testbed_figures else "",
+            "tradeoff_text": format_tradeoff(points) if points else "",
+            "sweep_charts": tradeoff_charts(points, table) if points else [],
+            "f": _f, "ci": _ci, "verdict": verdict}
 
 
 def report_section(table: dict, teacher: dict, notes: str, splits: Sequence[str] = ("heldin", "heldout"),
                    testbed_figures: dict | None = None, points: Sequence[dict] = ()) -> str:
-    """The experiment's HTML section (goes on top of the held-out evaluation report)."""
-    esc = html.escape
-    head = "".join(f"<th>{esc(s)}<br>{esc(m)}</th>" for s in splits for m in HEADLINE)
-    rows = []
-    for obj, by_split in table["objectives"].items():
-        rows.append(f"<tr><td><b>{esc(obj)}</b></td>" + "".join(
-            f"<td>{_f(by_split[s][m]['mean'])}</td>" for s in splits for m in HEADLINE) + "</tr>")
-    for base, by_split in table["baselines"].items():
-        rows.append(f"<tr><td>{esc(base)}</td>" + "".join(
-            f"<td>{_f(by_split.get(s, {}).get(m))}</td>" for s in splits for m in HEADLINE) + "</tr>")
-    paired = "".join(
-        f"<tr><td>{esc(p['a'])} − {esc(p['b'])}</td><td>{esc(p['split'])}</td><td>{esc(p['metric'])}</td>"
-        f"<td>{_f(p['mean'], True)}</td><td>{_ci(p['ci_over_seeds'])}</td><td>{_f(p['worst_seed'], True)}</td>"
-        f"<td>{', '.join(_f(v, True) for v in p['per_seed'])}</td><td>{esc(verdict(p['ci_over_seeds']))}</td></tr>"
-        for p in table["paired"])
-    t = teacher
-    teacher_rows = "".join(f"<tr><td>{esc(k)}</td><td>{_f(v) if isinstance(v, float) else esc(str(v))}</td></tr>"
-                           for k, v in t.items() if v is not None and k != "path")
-    testbed_html = ""
-    if testbed_figures:
-        testbed_html = f"<h2>Testbed figures</h2><pre>{esc(format_testbed(testbed_figures))}</pre>"
-    sweep_html = ""
-    if points:
-        sweep_html = ("<h2>The λ trade-off (held-out compositions)</h2>"
-                      "<p>The paper: too small a λ does not distil the composition, too large a λ pulls the "
-                      "prediction to the text side of the modality gap. Intervals: t over training seeds.</p>"
-                      + tradeoff_charts(points, table) + f"<pre>{esc(format_tradeoff(points))}</pre>")
-    return (
-        "<h1>Demo: the ECLIPSE experiment on a synthetic compositional world</h1>"
-        f"<p>{notes}</p>{testbed_html}{sweep_html}"
-        "<h2>Results per objective (mean over training seeds) and baselines</h2>"
-        f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
-        "<h2>Paired differences (same training seed)</h2>"
-        "<table><tr><th>a − b</th><th>split</th><th>metric</th><th>mean</th><th>95 % CI over seeds</th>"
-        f"<th>worst seed</th><th>per seed</th><th>reading</th></tr>{paired}</table>"
-        f"<h2>Teacher CLIP</h2><table>{teacher_rows}</table><hr>"
-    )
+    """The experiment's HTML section alone (`write_demo_report` puts it on top of the evaluation report)."""
+    context = experiment_context(table, teacher, notes, splits, testbed_figures, points)
+    return environment("demo").get_template("experiment.html").render(context)
+
+
+def write_demo_report(path: str | os.PathLike, heldout_eval: str | os.PathLike, table: dict, teacher: dict,
+                      notes: str, splits: Sequence[str] = ("heldin", "heldout"), testbed_figures: dict | None = None,
+                      points: Sequence[dict] = ()) -> Path:
+    """The demo's report.html: the held-out evaluation's report (read back from its folder, metrics.json
+    and images/) with the experiment section on top."""
+    heldout_eval = Path(heldout_eval)
+    result = json.loads((heldout_eval / "metrics.json").read_text())
+    context = report_context(result, load_images(heldout_eval / "images"))
+    context |= experiment_context(table, teacher, notes, splits, testbed_figures, points)
+    html = environment("demo").get_template("demo_report.html").render(context)
+    path = Path(path)
+    atomic_write_text(path, html)
+    return path
 
 
 def _ci(ci: list[float] | None) -> str:

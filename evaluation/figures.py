@@ -78,7 +78,7 @@ def _figure(title: str, height: float) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(WIDTH_IN, height), layout="constrained")
     fig.set_label(title)  # to_svg's accessible title: the unwrapped text
     ax = fig.add_subplot()
-    ax.set_title(wrap(title, TITLE_CHARS), fontsize=FONT + 2, loc="left")
+    ax.set_title(wrap(title, TITLE_CHARS), fontsize=FONT + 2)
     ax.tick_params(labelsize=FONT)
     ax.ticklabel_format(useOffset=False)  # ticks read as values (0.93), not as offsets (+9.3e-1)
     ax.grid(color="#e6e6e6", linewidth=0.8)

@@ -1,9 +1,12 @@
 """The demo's experiment summary on hand-built evaluation results and a small real store."""
 
+import json
 import math
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from PIL import Image
 from storefixtures import tiny_info
 
 from demo.experiment import (
@@ -12,11 +15,13 @@ from demo.experiment import (
     format_testbed,
     format_tradeoff,
     oracle_metrics,
+    report_section,
     summarize,
     summarize_testbed,
     tradeoff,
     tradeoff_charts,
     verdict,
+    write_demo_report,
 )
 from storage_schema import EmbeddingStore, StoreWriter, build_table
 
@@ -28,9 +33,15 @@ def _result(values: dict[str, dict[str, float]]) -> dict:
 
 
 def test_t_interval_matches_a_hand_computation():
+    # Student's t quantiles from a table: t(0.975; 2) = 4.3027, t(0.975; 11) = 2.2010, t(0.95; 2) = 2.9200
     lo, hi = _t_interval([0.1, 0.2, 0.3])
-    half = 4.303 * 0.1 / math.sqrt(3)
-    assert lo == pytest.approx(0.2 - half) and hi == pytest.approx(0.2 + half)
+    half = 4.3027 * 0.1 / math.sqrt(3)
+    assert lo == pytest.approx(0.2 - half, rel=1e-4) and hi == pytest.approx(0.2 + half, rel=1e-4)
+    twelve = [0.0, 1.0] * 6  # mean 0.5, sd sqrt(12 / 44)
+    lo, hi = _t_interval(twelve)
+    assert hi - 0.5 == pytest.approx(2.2010 * math.sqrt(12 / 44) / math.sqrt(12), rel=1e-4)
+    lo, hi = _t_interval([0.1, 0.2, 0.3], level=0.9)
+    assert hi - 0.2 == pytest.approx(2.9200 * 0.1 / math.sqrt(3), rel=1e-4)
     assert _t_interval([0.5]) is None
 
 
@@ -47,8 +58,11 @@ def test_summary_pairs_objectives_by_seed():
     assert cos["per_seed"] == pytest.approx([0.2, 0.05]) and cos["worst_seed"] == pytest.approx(0.05)
     assert cos["mean"] == pytest.approx(0.125) and cos["ci_over_seeds"][0] < 0.125 < cos["ci_over_seeds"][1]
     assert table["baselines"]["TextEmb"]["heldout"]["cos_image"] == 0.3
-    text = format_table(table, splits=("heldout",))
-    assert "eclipse - projection" in text and "text-shift" in text
+    lines = format_table(table, splits=("heldout",)).splitlines()
+    assert lines[1].split() == ["eclipse", "(mean", "over", "seeds)", "0.850", "—", "0.925"]
+    assert lines[-2:] == [  # t(0.975; 1) = 12.706: two seeds give wide intervals
+        "  eclipse - projection    heldout  cos_image  +0.125 [-0.828, +1.078]  worst seed +0.050  no clear difference",
+        "  eclipse - projection    heldout  probe_auc  +0.100 [-0.535, +0.735]  worst seed +0.050  no clear difference"]
 
 
 def test_oracle_is_the_mean_of_the_other_renders_of_a_caption(tmp_path):
@@ -94,7 +108,9 @@ def test_tradeoff_points_follow_lambda_with_seed_intervals():
     assert lo < 0.51 < hi and pts[2]["caption_r1"]["mean"] is None  # not evaluated here
     assert "0.2" in format_tradeoff(pts).splitlines()[2]
     charts = tradeoff_charts(pts, table)  # caption R@1 was not evaluated: only the probe's two charts
-    assert charts.count("<svg") == 2 and "attribute probe AUC vs cosine, the λ sweep" in charts
+    assert [ET.fromstring(c).find("{http://www.w3.org/2000/svg}title").text for c in charts] == [
+        "heldout: attribute probe AUC vs cosine, the λ sweep",
+        "heldout: attribute probe AUC vs cosine to the real image"]
     paired = [p for p in table["paired"] if p["metric"] == "cos_image"]
     assert [(p["a"], p["b"]) for p in paired] == [("eclipse-0.2", "projection")]
     assert paired[0]["mean"] == pytest.approx(-0.1)
@@ -103,3 +119,43 @@ def test_tradeoff_points_follow_lambda_with_seed_intervals():
 def test_a_difference_is_claimed_only_where_its_interval_excludes_zero():
     assert verdict([0.01, 0.2]) == "a > b" and verdict([-0.3, -0.02]) == "a < b"
     assert verdict([-0.01, 0.2]) == "no clear difference" and verdict(None) == "no interval"
+
+
+def _demo_table() -> tuple[dict, list[dict]]:
+    vals = {f"{o}-s{s}": {"cos_image": c + 0.01 * s, "probe_auc": 0.8 + 0.01 * s}
+            for o, c in (("projection", 0.9), ("eclipse-0.2", 0.8)) for s in range(2)}
+    vals |= {"TextEmb": {"cos_image": 0.3, "probe_auc": 0.5}, "text-shift": {"cos_image": 0.85}}
+    runs = {o: [f"{o}-s{s}" for s in range(2)] for o in ("projection", "eclipse-0.2")}
+    table = summarize({"heldout": _result(vals)}, runs, pairs=[("eclipse-0.2", "projection")])
+    return table, tradeoff(table, {"projection": 0.0, "eclipse-0.2": 0.2})
+
+
+def test_the_experiment_section_shows_the_table_and_escapes_text():
+    table, points = _demo_table()
+    html = report_section(table, {"matched_cos": 0.31, "steps": 100, "path": "/x"}, "<b>5 & 6</b>",
+                          splits=("heldout",), points=points)
+    assert "<p>&lt;b&gt;5 &amp; 6&lt;/b&gt;</p>" in html  # notes are text
+    assert "<tr><td><b>eclipse-0.2</b></td><td>0.805</td><td>—</td><td>0.805</td></tr>" in html
+    assert "<tr><td>TextEmb</td><td>0.300</td><td>—</td><td>0.500</td></tr>" in html
+    assert "<td>-0.100</td>" in html and "<td>-0.100, -0.100</td>" in html  # mean and per seed, eclipse − projection
+    assert "<tr><td>matched_cos</td><td>0.310</td></tr><tr><td>steps</td><td>100</td></tr>" in html  # no path
+    assert html.count("<svg") == 2 and "Testbed figures" not in html
+
+
+def test_the_demo_report_puts_the_experiment_on_the_evaluation_report(tmp_path):
+    table, points = _demo_table()
+    ev = tmp_path / "eval-heldout"
+    (ev / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(ev / "images" / "img-1.png")
+    result = {"models": {"TextEmb": {"kind": "baseline", "metrics": {"cos_image": {"value": 0.3, "ci": [0.2, 0.4]}}}},
+              "metric_info": {"cos_image": {"what": "cosine", "better": "higher"}},
+              "examples": [{"key": "k1", "caption": "a red circle", "image": "img-1", "models": {
+                  "TextEmb": {"true_rank": 1, "cos_true": 0.9, "neighbours": []}}}]}
+    (ev / "metrics.json").write_text(json.dumps(result))
+    path = write_demo_report(tmp_path / "report.html", ev, table, {"matched_cos": 0.31}, "notes here",
+                             splits=("heldout",), points=points)
+    html = path.read_text(encoding="utf-8")
+    assert html.count("<body>") == 1 and html.count("<h1>") == 2
+    assert html.index("<h1>Demo: the ECLIPSE experiment") < html.index("<h1>Prior evaluation</h1>")
+    assert html.count("data:image/png;base64,") == 1  # the evaluation's image, read back from images/
+    assert html.count("<svg") == 2 + 1  # the λ sweep's probe charts, the evaluation's cos_image bars
