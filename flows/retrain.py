@@ -26,7 +26,7 @@ from flows.params import GateParams, TrainParams
 from flows.train import train
 from storage_schema import EmbeddingStore
 from training.export import STATE, latest_checkpoint
-from training.objectives import Objective
+from training.objectives import ObjectiveName
 from training.prior import PresetName
 
 
@@ -42,7 +42,7 @@ def _model_name(result: dict, prior: str) -> str:
 def retrain(
     store: str,
     registry: str,
-    objective: Objective = "eclipse",
+    objective: ObjectiveName = "eclipse",
     preset: PresetName = "kandinsky22",
     steps: int = 5_000,
     data: Literal["all", "new"] = "all",
