@@ -65,6 +65,7 @@ from demo.world import (
 )
 from pipeline.encoders import ClipEncoder, OpenClipEncoder, build_bpe_tokenizer, save_encoder
 from storage_schema.schema import EncoderInfo
+from training.trainer import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -315,17 +316,6 @@ def build_model(config: TeacherConfig, vocab_size: int, seed: int) -> Any:
     return model
 
 
-def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    # open_clip's rule: no decay for gains, biases, norms and the logit scale.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _weights_digest(model: Any) -> str:
     h = hashlib.sha1()
     for name, t in sorted(model.state_dict().items()):
@@ -377,7 +367,7 @@ def _fit(world: World, config: TeacherConfig, seed: int, log_every: int) -> Trai
 
     model.train()
     pixels, tokens, positives = batch_tensors()
-    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10 %
         if step < config.warmup_steps:
