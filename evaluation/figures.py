@@ -35,7 +35,7 @@ Point = tuple[str, Interval, Interval]
 
 PALETTE = tuple(to_hex(c) for c in matplotlib.colormaps["tab10"].colors)
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-HATCHES = ("", "//", "..", "xx", "\\\\", "++", "--", "oo")
+HATCHES = ("", "//", "\\\\", "xx", "--", "||")  # line hatches: dotted ones cost 100s of kB of SVG
 WIDTH_IN = 6.4  # about 600 px, two charts side by side in the report
 TITLE_CHARS = 64  # a title wraps at this many characters: it is never cut off
 LABEL_CHARS = 28  # tick and legend labels wrap here

@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 
 import jinja2
+from markupsafe import Markup
 from PIL import Image
 
 from evaluation import figures as F
@@ -46,6 +47,11 @@ def fmt(v, digits: int = 4) -> str:
     if isinstance(v, numbers.Integral):
         return str(v)
     return f"{v:.{digits}g}"
+
+
+def breakable(name: str) -> Markup:
+    """A snake_case name that may wrap after its underscores (a narrow table header)."""
+    return Markup("_<wbr>").join(name.split("_"))
 
 
 def image_data_uri(image: Image.Image, max_side: int = 256) -> str:
@@ -73,6 +79,7 @@ def environment(*packages: str) -> jinja2.Environment:
     env = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(), trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
     env.filters["fmt"] = fmt
+    env.filters["breakable"] = breakable
     return env
 
 

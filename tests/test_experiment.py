@@ -135,10 +135,11 @@ def test_the_experiment_section_shows_the_table_and_escapes_text():
     html = report_section(table, {"matched_cos": 0.31, "steps": 100, "path": "/x"}, "<b>5 & 6</b>",
                           splits=("heldout",), points=points)
     assert "<p>&lt;b&gt;5 &amp; 6&lt;/b&gt;</p>" in html  # notes are text
-    assert "<tr><td><b>eclipse-0.2</b></td><td>0.805</td><td>—</td><td>0.805</td></tr>" in html
-    assert "<tr><td>TextEmb</td><td>0.300</td><td>—</td><td>0.500</td></tr>" in html
+    assert '<tr><td class="l"><b>eclipse-0.2</b></td><td>0.805</td><td>—</td><td>0.805</td></tr>' in html
+    assert '<tr><td class="l">TextEmb</td><td>0.300</td><td>—</td><td>0.500</td></tr>' in html
     assert "<td>-0.100</td>" in html and "<td>-0.100, -0.100</td>" in html  # mean and per seed, eclipse − projection
-    assert "<tr><td>matched_cos</td><td>0.310</td></tr><tr><td>steps</td><td>100</td></tr>" in html  # no path
+    assert ('<tr><td class="l">matched_cos</td><td>0.310</td></tr><tr><td class="l">steps</td><td>100</td></tr>'
+            in html)  # no path
     assert html.count("<svg") == 2 and "Testbed figures" not in html
 
 

@@ -19,6 +19,7 @@ from storefixtures import random_rows, tiny_info
 from evaluation.evaluate import EvalConfig, evaluate
 from evaluation.report import (
     CHART_METRICS,
+    SUMMARY_METRICS,
     fmt,
     image_data_uri,
     load_images,
@@ -75,7 +76,7 @@ def synthetic_result() -> dict:
     models |= {"TextEmb": ("baseline", 0.3), "text-shift": ("baseline", 0.85), "ridge": ("baseline", 0.84),
                "mean-image": ("baseline", 0.7)}
     metric_info = {k: {"what": f"what {k} measures, said at some length so that the title must wrap twice over "
-                               f"in a chart of ordinary width", "better": "higher"} for k in CHART_METRICS}
+                               f"in a chart of ordinary width", "better": "higher"} for k in SUMMARY_METRICS}
     res = {
         "created": "2026-01-01 00:00:00", "elapsed_s": 1.0, "metric_info": metric_info,
         "store": {"path": "/a/store", "rows": 100, "encoder": {"preset": "test", "image_dim": 16}},
@@ -83,7 +84,7 @@ def synthetic_result() -> dict:
         "settings": {"seeds": 3, "n_boot": 100, "ci": 0.95},
         "dataset": {"cos_text_image": summary(0.3, 0.28, 0.32)},
         "models": {n: {"kind": kind, "objective": "eclipse" if kind == "prior" else None,
-                       "metrics": {k: summary(v, v - 0.02, v + 0.02) for k in CHART_METRICS}}
+                       "metrics": {k: summary(v + 0.00123, v - 0.0213, v + 0.0187) for k in SUMMARY_METRICS}}
                    for n, (kind, v) in models.items()},
         "comparisons": [{"a": "TextEmb", "b": "ridge", "metric": "cos_image", **summary(-0.5, -0.6, -0.4)}],
         "probe": {"words": ["red", "blue"], "train_rows": 50,
@@ -213,10 +214,10 @@ def test_formatting_helpers():
 
 WIDTH = 1400
 # Runs in the page once loaded: every SVG drawing inside its SVG, the SVG and every table inside the
-# viewport's width (tables in a scroll box excepted), no horizontal scrolling.
+# viewport's width, no scroll box that needs scrolling, no horizontal scrolling of the page.
 MEASURE = """<script>
 window.addEventListener("load", () => {
-  const out = {scrollWidth: document.documentElement.scrollWidth, svgs: [], outside: [], tables: []};
+  const out = {scrollWidth: document.documentElement.scrollWidth, svgs: [], outside: [], tables: [], scrolls: []};
   for (const svg of document.querySelectorAll("svg")) {
     const box = svg.getBoundingClientRect();
     out.svgs.push({title: svg.querySelector("title").textContent, left: box.left, right: box.right,
@@ -228,10 +229,9 @@ window.addEventListener("load", () => {
         out.outside.push(svg.querySelector("title").textContent);
     }
   }
-  for (const t of document.querySelectorAll("table")) {
-    const r = t.getBoundingClientRect();
-    if (!t.closest(".wide")) out.tables.push(r.right);
-  }
+  for (const t of document.querySelectorAll("table")) out.tables.push(t.getBoundingClientRect().right);
+  for (const w of document.querySelectorAll(".wide"))
+    if (w.scrollWidth > w.clientWidth) out.scrolls.push(w.querySelector("th").textContent);
   const pre = document.createElement("pre");
   pre.id = "measure";
   pre.textContent = JSON.stringify(out);
@@ -269,7 +269,8 @@ def test_the_report_fits_a_1400px_browser_window(tmp_path):
     assert [s["title"] for s in m["svgs"]] == svg_titles(html)
     assert all(0 <= s["left"] and s["right"] <= WIDTH and s["width"] >= 500 for s in m["svgs"]), m["svgs"]
     assert m["outside"] == []  # no title, label, bar or legend past its chart's edge
-    assert m["tables"] and max(m["tables"]) <= WIDTH
+    assert len(m["tables"]) == html.count("<table") and max(m["tables"]) <= WIDTH
+    assert m["scrolls"] == []  # every table fits, none needs scrolling (11 metrics + the probe in the summary)
 
     shot = tmp_path / "r.png"
     browse(exe, page, f"--screenshot={shot}")
