@@ -32,7 +32,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
 	  echo "installing chromium (apt-get) for the report's browser test"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  timeout 900 sh -c 'apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  timeout 300 sh -c 'apt-get install -y -q chromium >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }'; }
 
 lint: setup
