@@ -199,10 +199,10 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
         format_table,
         format_testbed,
         format_tradeoff,
-        report_section,
         summarize,
         summarize_testbed,
         tradeoff,
+        write_demo_report,
     )
 
     log = get_run_logger()
@@ -253,9 +253,8 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
              f"'{p.prior_preset}' prior, {p.seeds} training seed(s). "
              "The evaluation below is the held-out-composition split; held-in figures are in the table above "
              "and in eval-heldin/report.html.")
-    heldout_html = (root / "eval-heldout" / "report.html").read_text()
-    top = report_section(table, teacher, notes, testbed_figures=bed, points=points)
-    atomic_write_text(root / "report.html", heldout_html.replace("<body>", "<body>" + top, 1))
+    write_demo_report(root / "report.html", root / "eval-heldout", table, teacher, notes, testbed_figures=bed,
+                      points=points)
     text = "\n".join([format_table(table), "", "testbed:", format_testbed(bed), "",
                       "λ trade-off on held-out compositions (mean [t-interval over seeds]):", format_tradeoff(points)])
     print(text)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from demo.server import free_port, stop_process, wait_until_ok
 
-__all__ = ["free_port", "prefect_env", "prefect_server", "wait_for_url"]
+__all__ = ["prefect_env", "prefect_server", "wait_for_url"]
 
 
 def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:

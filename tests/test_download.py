@@ -3,17 +3,12 @@
 import io
 import json
 import logging
-import os
-import select
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
 import threading
 from pathlib import Path
 
-import imageserver
 import pandas as pd
 import pytest
 from imageserver import ImageServer, image_server, port_is_closed  # noqa: F401 - the fixture is used by name
@@ -227,18 +222,6 @@ def test_failure_categories(status, message, category):
     assert failure_category(status, message) == category
 
 
-def _start_image_server_on(port: int) -> subprocess.Popen:
-    """The test image server on a given port (ImageServer picks a free one; this test needs the same urls)."""
-    proc = subprocess.Popen([sys.executable, imageserver.__file__, "--port", str(port)], stdout=subprocess.PIPE,
-                            text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], 20)
-    line = proc.stdout.readline() if ready else ""
-    if line.strip() != f"PORT {port}":
-        os.kill(proc.pid, signal.SIGKILL)
-        pytest.fail(f"image server did not start on port {port}: {line!r}")
-    return proc
-
-
 @pytest.mark.slow
 def test_a_download_where_every_url_failed_exits_nonzero_and_is_retried(image_server, tmp_path, capsys):  # noqa: F811
     # Nothing listens on the port yet: every url fails like it does on a machine without network.
@@ -257,13 +240,8 @@ def test_a_download_where_every_url_failed_exits_nonzero_and_is_retried(image_se
     on_disk = json.loads((out / SUMMARY_PATH).read_text())
     assert on_disk["unmarked_shards"] == [0, 1] and on_disk["failure_reasons"] == {"connection_error": 6}
 
-    server = _start_image_server_on(port)  # the "network" is back: the same command fetches both shards
-    try:
+    with ImageServer(port=port):  # the "network" is back: the same command fetches both shards
         summary = download_main(csv, out, **CFG)
-    finally:
-        os.kill(server.pid, signal.SIGTERM)
-        server.wait(timeout=10)
-        server.stdout.close()
     assert summary.successes == 6 and summary.new_shards == [0, 1] and completed_shard_ids(out) == [0, 1]
 
 

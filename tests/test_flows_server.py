@@ -1,8 +1,6 @@
 """A real Prefect server on loopback, `eclipse-prior serve`, and `prefect deployment run ... --watch`."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -13,6 +11,7 @@ import pytest
 from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
 from prefectserver import prefect_env, prefect_server, wait_for_url
 
+from demo.server import stop_process
 from storage_schema import EmbeddingStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +88,4 @@ def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp
             assert bad.returncode != 0
             assert "image_size" in bad.stdout + bad.stderr
         finally:
-            os.killpg(serve.pid, signal.SIGTERM)
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
+            stop_process(serve, 30, group=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
-from prefectserver import free_port, prefect_env, prefect_server
+from prefectserver import prefect_env, prefect_server
 from storefixtures import write_synthetic_store
 
+from demo.server import free_port
 from storage_schema import EmbeddingStore
 
 ROOT = Path(__file__).resolve().parents[1]
