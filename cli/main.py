@@ -259,11 +259,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subcommand(sub, name: str, handler, **kw) -> argparse.ArgumentParser:
+    """A subcommand whose `handler(args) -> exit status` runs when it is chosen."""
+    parser = sub.add_parser(name, **kw)
+    parser.set_defaults(func=handler)
+    return parser
+
+
 def _add_store_command(sub) -> None:
     store = sub.add_parser("store", help="look inside an embedding store")
     store_sub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    insp = store_sub.add_parser(
-        "inspect",
+    insp = _subcommand(
+        store_sub, "inspect", _cmd_store_inspect,
         help="rows, shards, dims, encoder, size and problems of a store",
         description="Validate a store (manifest, every shard, checksums, duplicate keys) and summarise it. "
         "Exit status 1 when problems are found.",
@@ -272,12 +279,11 @@ def _add_store_command(sub) -> None:
     insp.add_argument("--json", action="store_true", help="print a JSON report (keys: rows, shards, image_dim, "
                       "text_dim, encoder, problems, ...)")
     insp.add_argument("--no-verify", action="store_true", help="skip re-hashing every shard (faster)")
-    insp.set_defaults(func=_cmd_store_inspect)
 
 
 def _add_download_command(sub) -> None:
-    dl = sub.add_parser(
-        "download",
+    dl = _subcommand(
+        sub, "download", _cmd_download,
         help="url list or dataset preset -> webdataset image shards (img2dataset)",
         description="Download image-text pairs with img2dataset. URLS is a parquet/csv/tsv/jsonl file or folder "
         "with url and caption columns, or a preset (laion-highres-5m, mscoco, cc3m, cc12m). Duplicate urls are "
@@ -288,12 +294,11 @@ def _add_download_command(sub) -> None:
     dl.add_argument("--out", required=True, help="folder for the image shards")
     dl.add_argument("--retry-failed", action="store_true", help="afterwards, re-feed urls that failed")
     _add_download_args(dl)
-    dl.set_defaults(func=_cmd_download)
 
 
 def _add_precompute_command(sub) -> None:
-    pre = sub.add_parser(
-        "precompute",
+    pre = _subcommand(
+        sub, "precompute", _cmd_precompute,
         help="download + encode in one go (images in OUT/images, the store in OUT/store)",
         description="Download (img2dataset) and encode (Dask workers) in one command. Running it twice on the "
         "same input is a no-op the second time; a killed run resumes where it stopped.",
@@ -302,12 +307,11 @@ def _add_precompute_command(sub) -> None:
     pre.add_argument("--out", required=True, help="output folder")
     _add_encode_args(pre)
     _add_download_args(pre)
-    pre.set_defaults(func=_cmd_precompute)
 
 
 def _add_encode_command(sub) -> None:
-    enc = sub.add_parser(
-        "encode",
+    enc = _subcommand(
+        sub, "encode", _cmd_encode,
         help="image shards -> embedding store (one Dask task per shard)",
         description="Encode every webdataset image shard in IMAGES with the decoder's CLIP encoders into the "
         "store. Finished shards are skipped, so a killed run resumes and a rerun is a no-op. Corrupt images "
@@ -316,15 +320,14 @@ def _add_encode_command(sub) -> None:
     enc.add_argument("images", help="folder of *.tar webdataset shards (the download stage's output)")
     enc.add_argument("--store", required=True, help="store directory to create or extend")
     _add_encode_args(enc)
-    enc.set_defaults(func=_cmd_encode)
 
 
 def _add_train_command(sub) -> None:
     from training.objectives import OBJECTIVES
     from training.prior import PRESETS
 
-    tr = sub.add_parser(
-        "train",
+    tr = _subcommand(
+        sub, "train", _cmd_train,
         help="train a prior on an embedding store",
         description="Train an ECLIPSE / projection / diffusion prior. Defaults are the paper's recipe (AdamW, lr 5e-5, "
         "CosineAnnealingWarmRestarts, batch 256 per process, 60,000 steps); precedence: defaults < --config file < "
@@ -348,12 +351,11 @@ def _add_train_command(sub) -> None:
     tr.add_argument("--log-every", type=int, help="log every N steps (default 10)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="any other config key, e.g. --set eclipse_tau=0.05 (repeatable)")
-    tr.set_defaults(func=_cmd_train)
 
 
 def _add_export_command(sub) -> None:
-    exp = sub.add_parser(
-        "export",
+    exp = _subcommand(
+        sub, "export", _cmd_export,
         help="export a checkpoint as a diffusers-style prior folder",
         description="Write config.json + diffusion_pytorch_model.safetensors + a README.md model card. CKPT is a "
         "checkpoint folder or a run folder (its newest complete checkpoint).",
@@ -362,12 +364,11 @@ def _add_export_command(sub) -> None:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                      help="export the EMA weights (default: when the run kept them)")
-    exp.set_defaults(func=_cmd_export)
 
 
 def _add_evaluate_command(sub) -> None:
-    ev = sub.add_parser(
-        "evaluate",
+    ev = _subcommand(
+        sub, "evaluate", _cmd_evaluate,
         help="embedding metrics, prompt suites, optional decoder images -> metrics.json + report.html",
         description="Evaluate one or more priors on the store's held-out split (never trained on): cosine to the "
         "true image, retrieval R@k, Fréchet distance, norm ratio, each over >= 3 noise seeds with bootstrap CIs, "
@@ -375,24 +376,22 @@ def _add_evaluate_command(sub) -> None:
         "decoder images when --decoder is given. Writes OUT/metrics.json and a self-contained OUT/report.html.",
     )
     add_evaluate_arguments(ev)
-    ev.set_defaults(func=_cmd_evaluate)
 
 
 def _add_generate_command(sub) -> None:
-    gen = sub.add_parser(
-        "generate",
+    gen = _subcommand(
+        sub, "generate", _cmd_generate,
         help="prompt -> image through a prior and an unCLIP decoder (Kandinsky v2.2 or Karlo)",
         description="Encode PROMPT with the prior's text encoder, predict its image embedding with the prior, and "
         "decode it with Kandinsky v2.2 (KandinskyV22Pipeline) or Karlo's decoder. Weights come from --decoder-path "
         "or the local Hugging Face cache.",
     )
     add_generate_arguments(gen)
-    gen.set_defaults(func=_cmd_generate)
 
 
 def _add_demo_command(sub) -> None:
-    dm = sub.add_parser(
-        "demo",
+    dm = _subcommand(
+        sub, "demo", _cmd_demo,
         help="the whole DAG on a CPU on a synthetic compositional world (no GPU, no internet)",
         description="Render a synthetic world of colored, textured shapes, train a small teacher CLIP on it, "
         "serve the images on loopback, download + encode them (img2dataset, Dask), train projection, eclipse and "
@@ -405,12 +404,11 @@ def _add_demo_command(sub) -> None:
     dm.add_argument("--quick", action="store_true", help="fewer images, steps and seeds (CI)")
     dm.add_argument("--lambdas", type=float, nargs="+", metavar="L",
                     help="eclipse's λ values to sweep (default 0.02 0.2 2 20 200; --quick: 0.2); projection is λ=0")
-    dm.set_defaults(func=_cmd_demo)
 
 
 def _add_serve_command(sub) -> None:
-    srv = sub.add_parser(
-        "serve",
+    srv = _subcommand(
+        sub, "serve", _cmd_serve,
         help="register every Prefect deployment and run them (one process, one machine)",
         description="Register the deployments (precompute/<dataset>, precompute/local, ...) with the Prefect server "
         "at PREFECT_API_URL and serve them until interrupted. Then: `prefect deployment run "
@@ -419,7 +417,6 @@ def _add_serve_command(sub) -> None:
     srv.add_argument("--data", default="runs", help="folder the dataset deployments write to (default runs/)")
     srv.add_argument("--dask-address", default=None, help="run shard tasks on this Dask scheduler")
     srv.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
-    srv.set_defaults(func=_cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
