@@ -33,7 +33,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from storage_schema import IMAGE_EMBED, EmbeddingStore, StoreError
-from storage_schema.atomic import atomic_write_text, fsync_path
+from storage_schema.atomic import TEMP_PREFIX, atomic_path, atomic_write_text
 from training.config import CONFIG_NAME, TrainConfig
 from training.data import StoreLoader, check_store_dims, is_heldout
 from training.export import (
@@ -143,31 +143,21 @@ def save_checkpoint(
     run_dir: Path, step: int, model: torch.nn.Module, ema: EMA | None, optimizer, scheduler,
     rank_states: list[dict], state: dict, keep: int,
 ) -> Path:
-    """Write checkpoint `step` atomically: temp folder, fsync, COMPLETE marker last, rename, pointer."""
+    """Write checkpoint `step` atomically: temp folder, COMPLETE marker last, fsync, rename, then the pointer."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / PRIOR_DIR, safe_serialization=True)
-    if ema is not None:
-        ema.model.save_pretrained(tmp / EMA_DIR, safe_serialization=True)
-    # Plain tensors, ints, floats, lists and dicts only: loadable with torch.load(weights_only=True).
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": [r["rng"] for r in rank_states]}, tmp / TRAINER_STATE)
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            fsync_path(path)
-    (tmp / COMPLETE).write_text(f"{step}\n")
-    fsync_path(tmp / COMPLETE)
-    fsync_path(tmp)
     final = root / name
-    if final.exists():  # the same step saved again (e.g. the final step of a resumed, finished run)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(root)
+    # The same step may be saved again (the final step of a resumed, finished run): atomic_path swaps it.
+    with atomic_path(final, directory=True) as tmp:
+        model.save_pretrained(tmp / PRIOR_DIR, safe_serialization=True)
+        if ema is not None:
+            ema.model.save_pretrained(tmp / EMA_DIR, safe_serialization=True)
+        # Plain tensors, ints, floats, lists and dicts only: loadable with torch.load(weights_only=True).
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": [r["rng"] for r in rank_states]}, tmp / TRAINER_STATE)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        (tmp / COMPLETE).write_text(f"{step}\n")  # written last; atomic_path fsyncs the tree before the rename
     atomic_write_text(root / LATEST, name)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -499,7 +489,7 @@ def _open_run_dir(cfg: TrainConfig, run_dir: Path, world: Dist) -> Path | None:
                               f"or choose another --out")
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (run_dir / CHECKPOINTS).glob(".tmp-*"):  # left by a killed checkpoint write
+        for stale in (run_dir / CHECKPOINTS).glob(f"{TEMP_PREFIX}*"):  # left by a killed checkpoint write
             shutil.rmtree(stale, ignore_errors=True)
         atomic_write_text(run_dir / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1))
     world.barrier()
