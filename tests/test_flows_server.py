@@ -21,7 +21,6 @@ def _wait_for_deployment(api: str, name: str, proc: subprocess.Popen, log: Path,
     wait_for_url(f"{api}/deployments/name/{name}", proc, log, timeout)
 
 
-@pytest.mark.slow
 def _watch(env: dict, deployment: str, *args: str) -> subprocess.CompletedProcess:
     # COLUMNS: rich wraps the streamed log lines at 80 columns when stdout is not a terminal.
     return subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", deployment, *args, "--watch",
@@ -29,6 +28,7 @@ def _watch(env: dict, deployment: str, *args: str) -> subprocess.CompletedProces
                           timeout=360)
 
 
+@pytest.mark.slow
 def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp_path, monkeypatch):  # noqa: F811
     data = tmp_path / "data"
     data.mkdir()
