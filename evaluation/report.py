@@ -71,13 +71,21 @@ def load_images(folder: str | os.PathLike) -> dict[str, Image.Image]:
     return {p.stem: Image.open(p) for p in sorted(folder.glob("*.png"))} if folder.is_dir() else {}
 
 
+class PrintStrictUndefined(jinja2.ChainableUndefined):
+    """Optional result sections may be absent (`{% if r.prompts %}` is false), but printing a missing
+    value is a template bug: it raises instead of rendering blank."""
+
+    __str__ = jinja2.Undefined._fail_with_undefined_error
+    __html__ = jinja2.Undefined._fail_with_undefined_error
+
+
 @cache
 def environment(*packages: str) -> jinja2.Environment:
     """The report's templates, autoescaped; templates of `packages` (their templates/ folders) come
     first, so a page there can extend report.html."""
     loader = jinja2.ChoiceLoader([jinja2.PackageLoader(p, "templates") for p in (*packages, "evaluation")])
     env = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(), trim_blocks=True,
-                             lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
+                             lstrip_blocks=True, undefined=PrintStrictUndefined)
     env.filters["fmt"] = fmt
     env.filters["breakable"] = breakable
     return env

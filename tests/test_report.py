@@ -276,3 +276,14 @@ def test_the_report_fits_a_1400px_browser_window(tmp_path):
     browse(exe, page, f"--screenshot={shot}")
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape[1] == WIDTH and pixels.std() > 10  # drawn, not a blank page
+
+
+def test_a_missing_section_is_skipped_but_printing_a_missing_value_raises():
+    import jinja2
+
+    from evaluation.report import environment
+
+    env = environment()
+    assert env.from_string("{% if r.prompts %}x{% else %}none{% endif %}").render(r={}) == "none"
+    with pytest.raises(jinja2.UndefinedError, match="typo"):
+        env.from_string("{{ r.typo }}").render(r={})
