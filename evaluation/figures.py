@@ -81,6 +81,8 @@ def _figure(title: str, height: float) -> tuple[Figure, Axes]:
     ax.set_title(wrap(title, TITLE_CHARS), fontsize=FONT + 2)
     ax.tick_params(labelsize=FONT)
     ax.ticklabel_format(useOffset=False)  # ticks read as values (0.93), not as offsets (+9.3e-1)
+    # Without offsets, a narrow range has long labels (0.918875): few x ticks keep them apart.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     ax.grid(color="#e6e6e6", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):

@@ -121,6 +121,19 @@ def test_scatter_points_intervals_curve_and_na_legend():
     assert scatter_chart("empty", [("a", (None, None, None), (None, None, None))], st, "x", "y") is None
 
 
+def test_tick_labels_of_a_narrow_range_do_not_overlap():
+    # The demo's two λ points differ in the fourth decimal: labels such as 0.918875 are long.
+    st = styles(["λ=0", "λ=0.2"])
+    fig = scatter_chart("narrow", [("λ=0", (0.918862, None, None), (0.0716, None, None)),
+                                   ("λ=0.2", (0.919025, None, None), (0.0692, None, None))], st, "cos", "R@1")
+    fig.draw_without_rendering()
+    boxes = sorted((b.x0, b.x1) for b in (t.get_window_extent() for t in fig.axes[0].get_xticklabels()
+                                          if t.get_text()))
+    assert len(boxes) >= 2
+    gap = fig.axes[0].get_xticklabels()[0].get_window_extent().height  # about two characters: labels read apart
+    assert all(next_left - right >= gap for (_, right), (next_left, _) in zip(boxes, boxes[1:], strict=False)), boxes
+
+
 @pytest.mark.parametrize("n", [3, 12])
 def test_legends_sit_outside_the_plot(n):
     names = [f"a-rather-long-model-name-{i}" for i in range(n)]
