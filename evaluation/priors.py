@@ -26,13 +26,12 @@ from training.export import (
     EMA_DIR,
     PRIOR_DIR,
     STATE,
+    TRAIN_LOG,
     TRAINING_INFO,
     WEIGHTS_NAME,
     latest_checkpoint,
 )
 from training.objectives import Objective, PriorBatch, make_objective
-
-TRAIN_LOG = Path("logs") / "train.jsonl"  # where training.trainer's Logger writes, inside the run folder
 
 
 @dataclass

@@ -4,6 +4,7 @@ tiny priors saved with the training package, a tiny decoder and a tiny CLIP scor
 import importlib.util
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -221,7 +222,9 @@ def test_run_folder_curves_and_split_from_the_run(world, tmp_path):
     assert res["split"]["source"] == "run config" and res["split"]["heldout_fraction"] == FRACTION
     assert res["models"]["run"]["objective"] == "eclipse"
     assert res["training"]["run"]["curves"] == log and res["training"]["run"]["config"]["steps"] == 8
-    assert "training loss" in (tmp_path / "out" / "report.html").read_text()  # the curves are drawn
+    html = (tmp_path / "out" / "report.html").read_text()
+    titles = re.findall(r"<svg[^>]*>\s*<title>([^<]*)</title>", html)  # every chart carries its title
+    assert {"training loss", "held-out cos(pred, image) during training"} <= set(titles), titles
     with pytest.raises(ValueError, match="rows it trained on"):
         evaluate(EvalConfig([run], world["store"], tmp_path / "bad", heldout_fraction=0.5, device="cpu"))
 

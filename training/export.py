@@ -24,6 +24,8 @@ TRAINER_STATE = "trainer_state.pt"
 PRIOR_DIR, EMA_DIR = "prior", "ema"
 TRAINING_INFO = "eclipse_training.json"  # in an exported prior: the encoder and data it was trained on
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LOGS = "logs"
+TRAIN_LOG = f"{LOGS}/train.jsonl"  # one JSON record per logged step, read back by evaluation
 
 
 def checkpoint_step(path: Path) -> int:

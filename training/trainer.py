@@ -41,8 +41,10 @@ from training.export import (
     COMPLETE,
     EMA_DIR,
     LATEST,
+    LOGS,
     PRIOR_DIR,
     STATE,
+    TRAIN_LOG,
     TRAINER_STATE,
     WEIGHTS_NAME,
     complete_checkpoints,
@@ -180,9 +182,9 @@ class Logger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        logs = run_dir / "logs"
+        logs = run_dir / LOGS
         logs.mkdir(parents=True, exist_ok=True)
-        self.path = logs / "train.jsonl"
+        self.path = run_dir / TRAIN_LOG
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -547,8 +549,8 @@ def _wrap_for_training(model: torch.nn.Module, cfg: TrainConfig, world: Dist) ->
 def _open_keys_file(run: _Run):
     if not run.cfg.record_keys:
         return None
-    (run.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    return open(run.run_dir / "logs" / f"keys-rank{run.world.rank}.tsv", "a")
+    (run.run_dir / LOGS).mkdir(parents=True, exist_ok=True)
+    return open(run.run_dir / LOGS / f"keys-rank{run.world.rank}.tsv", "a")
 
 
 def _train_loader(run: _Run, position: tuple[int, int]) -> StoreLoader:
