@@ -51,7 +51,6 @@ from demo.server import (
     image_bytes,
     serve_until_terminated,
 )
-from demo.server import free_port as port_is_closed  # noqa: F401 - the name tests import
 
 DEFAULT_SIZE = (64, 48)
 CORRUPT_BYTES = b"\xff\xd8\xff\xe0 this is not a jpeg, only its first bytes look like one " * 8

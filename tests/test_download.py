@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from imageserver import ImageServer, image_server, port_is_closed  # noqa: F401 - the fixture is used by name
+from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
 from PIL import Image
 
 from cli.main import main as cli_main
+from demo.server import free_port
 from pipeline.download import (
     STATE_PATH,
     SUMMARY_PATH,
@@ -225,7 +226,7 @@ def test_failure_categories(status, message, category):
 @pytest.mark.slow
 def test_a_download_where_every_url_failed_exits_nonzero_and_is_retried(image_server, tmp_path, capsys):  # noqa: F811
     # Nothing listens on the port yet: every url fails like it does on a machine without network.
-    port = port_is_closed()
+    port = free_port()
     csv = tmp_path / "pairs.csv"
     pd.DataFrame({"url": [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(6)],
                   "caption": [f"offline {i}" for i in range(6)]}).to_csv(csv, index=False)
