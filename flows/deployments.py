@@ -10,20 +10,11 @@ from pathlib import Path
 from prefect.deployments.runner import EntrypointType
 
 from flows.evaluate import evaluate
+from flows.params import DATASET_DEPLOYMENTS, DECODER_STORES
 from flows.precompute import precompute
 from flows.retrain import retrain
 from flows.train import train
 
-# deployment name -> (dataset preset, encoder preset): the encoder is the decoder's own.
-DATASET_DEPLOYMENTS = {
-    "laion-highres-5m": ("laion-highres-5m", "kandinsky22"),  # the paper's Kandinsky setting
-    "mscoco": ("mscoco", "kandinsky22"),
-    "cc3m": ("cc3m", "kandinsky22"),
-    "cc12m": ("cc12m", "kandinsky22"),
-    "cc12m-karlo": ("cc12m", "karlo"),  # Karlo's decoder needs ViT-L/14 embeddings
-}
-# decoder preset -> the precompute deployment whose store its train/evaluate/retrain use by default
-DECODER_STORES = {"kandinsky22": "laion-highres-5m", "karlo": "cc12m-karlo"}
 RETRAIN_CRON = "0 3 * * 0"  # Sundays 03:00: pick up the week's new shards
 
 

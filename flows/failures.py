@@ -14,6 +14,7 @@ from prefect import Task, get_run_logger
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.exceptions import MissingContextError
 
+from flows.params import DATASET_DEPLOYMENTS
 from pipeline.errors import is_permanent
 
 
@@ -36,8 +37,6 @@ def store_exists(store: str | Path) -> bool:
 
 def missing_store_message(store: str | Path) -> str:
     """Says that `store` does not exist yet and which precompute writes it."""
-    from flows.deployments import DATASET_DEPLOYMENTS  # here: deployments imports the flows that call this
-
     folder = Path(store).parent
     if Path(store).name == "store" and folder.name in DATASET_DEPLOYMENTS:
         how = f"`prefect deployment run precompute/{folder.name}`"

@@ -1,9 +1,22 @@
 """Typed flow parameters. Pydantic models, so the Prefect server validates a run's
-parameters (`prefect deployment run ... --param/--params`) before the run starts."""
+parameters (`prefect deployment run ... --param/--params`) before the run starts. Also the
+presets each named deployment runs with (read by `deployments.py`, and by `failures.py` to
+name the precompute that writes a missing store)."""
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# deployment name -> (dataset preset, encoder preset): the encoder is the decoder's own.
+DATASET_DEPLOYMENTS = {
+    "laion-highres-5m": ("laion-highres-5m", "kandinsky22"),  # the paper's Kandinsky setting
+    "mscoco": ("mscoco", "kandinsky22"),
+    "cc3m": ("cc3m", "kandinsky22"),
+    "cc12m": ("cc12m", "kandinsky22"),
+    "cc12m-karlo": ("cc12m", "karlo"),  # Karlo's decoder needs ViT-L/14 embeddings
+}
+# decoder preset -> the precompute deployment whose store its train/evaluate/retrain use by default
+DECODER_STORES = {"kandinsky22": "laion-highres-5m", "karlo": "cc12m-karlo"}
 
 
 class _Params(BaseModel):
