@@ -13,7 +13,7 @@ The pair is kandinsky22's: the ViT-bigG/14 image tower (width 1664, 48 layers, 1
 patch 14, 224 px) and the 34M ECLIPSE prior (16 heads x 32, 10 layers, D = 1280). Both are scaled
 down by the same factors (widths and D by --width-scale, depths by --depth-scale; heads, patch,
 image size and the 77 text positions kept), so their FLOPs shrink alike and the CPU ratio stands
-for the real one. The FLOP model (benchmarks/gpu/bench_gpu.py's count: matmuls and attention,
+for the real one. The FLOP model (training/cost.py's count: matmuls and attention,
 2 FLOPs per multiply-add, image tower forward per sample vs prior forward + backward per sample)
 predicts the speed-up for the scaled and for the real pair; the run measures the scaled one.
 
@@ -34,13 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic inputs shared with the tests
 
-from bench_gpu import VISION_TOWERS, prior_train_flops_per_sample, vision_flops_per_image  # noqa: E402
 from storefixtures import write_synthetic_store  # noqa: E402
 
 from storage_schema import EmbeddingStore  # noqa: E402
+from training.cost import VISION_TOWERS, prior_train_flops_per_sample, vision_flops_per_image  # noqa: E402
 from training.data import StoreLoader  # noqa: E402
 from training.objectives import EclipseObjective, PriorBatch  # noqa: E402
 from training.prior import PriorTransformer, count_parameters, preset_config  # noqa: E402
@@ -70,7 +69,7 @@ def seconds(run_one, i: int) -> float:
 
 def scaled_pair(width: float, depth: float) -> tuple[dict, dict]:
     """(CLIPVisionConfig kwargs, prior config) of kandinsky22's pair, widths x `width`, depths x `depth`."""
-    real = VISION_TOWERS["ViT-bigG/14 (kandinsky22)"][0]
+    real = VISION_TOWERS["kandinsky22"]
     vision = real | {"hidden_size": round(real["hidden_size"] * width),
                      "intermediate_size": round(real["intermediate_size"] * width),
                      "num_hidden_layers": max(1, round(real["num_hidden_layers"] * depth)),

@@ -9,7 +9,8 @@ One GPU, under 8 minutes. Needs CUDA: without it, it says so and exits with stat
   2. ViT-L/14 (karlo) and ViT-bigG/14 (kandinsky22) vision towers, random weights built from
      their configs (transformers CLIPVisionModelWithProjection, bf16, SDPA), 224 px:
      images/s and the fraction of the FLOP bound (peak bf16 FLOP/s / FLOPs per image).
-FLOPs are counted analytically (matmuls and attention; 2 per multiply-add; training = 3 x forward).
+FLOPs are counted analytically by training/cost.py (matmuls and attention; 2 per multiply-add; training = 3 x
+forward); the peaks per device kind and their datasheet sources are there too.
 Batches are synthetic tensors already on the GPU: this measures the model, not the input path
 (benchmarks/train.py measures that).
 """
@@ -23,48 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched on the device name.
-PEAK_BF16 = [
-    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A6000", 155e12), ("L4", 121e12),
-]
+from training.cost import (  # noqa: E402  (the FLOP model and the device peaks: one copy, in the library)
+    TOWER_NAMES,
+    VISION_TOWERS,
+    peak_flops,
+    prior_train_flops_per_sample,
+    vision_flops_per_image,
+)
 
-VISION_TOWERS = {
-    # name: (CLIPVisionConfig kwargs, batch)
-    "ViT-L/14 (karlo)": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768,
-                              hidden_act="quick_gelu"), 512),
-    "ViT-bigG/14 (kandinsky22)": (dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
-                                       num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1280,
-                                       hidden_act="gelu"), 256),
-}
-
-
-def peak_flops(name: str, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
-
-
-def prior_train_flops_per_sample(cfg: dict) -> float:
-    """Training FLOPs of one sample through the time-free prior (forward x 3)."""
-    d, inner = cfg["embedding_dim"], cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    text, length, ff = cfg["num_embeddings"], cfg["num_embeddings"] + cfg["additional_embeddings"], 4 * inner
-    fwd = 2 * text * d * inner  # text hidden-state projection
-    fwd += 2 * 2 * d * inner  # text embedding + noise projections
-    fwd += cfg["num_layers"] * (2 * length * (4 * inner * inner + 2 * inner * ff) + 2 * 2 * length * length * inner)
-    fwd += 2 * inner * d  # output projection (prd token only)
-    return 3.0 * fwd
-
-
-def vision_flops_per_image(c: dict) -> float:
-    """Forward FLOPs of one image through a CLIP ViT tower (patch embedding, blocks, projection)."""
-    w, mlp, p = c["hidden_size"], c["intermediate_size"], c["patch_size"]
-    patches = (c["image_size"] // p) ** 2
-    tokens = patches + 1
-    flops = 2 * patches * (3 * p * p) * w
-    flops += c["num_hidden_layers"] * (2 * tokens * (4 * w * w + 2 * w * mlp) + 2 * 2 * tokens * tokens * w)
-    return flops + 2 * w * c["projection_dim"]
+# (the tower's config kwargs, batch) per benchmarked image tower
+BENCH_TOWERS = {f"{TOWER_NAMES[dec]} ({dec})": (VISION_TOWERS[dec], batch)
+                for dec, batch in (("karlo", 512), ("kandinsky22", 256))}
 
 
 def sync_time(fn, n: int) -> float:
@@ -177,7 +147,7 @@ def main() -> int:
         bench_prior(args.batch, warmup=15, steps=args.prior_steps, compile_model=not args.no_compile, peak=peak)
         torch.cuda.empty_cache()  # the prior's memory is freed on return; hand it back before the towers
     if not args.skip_vision:
-        for tower, (kwargs, batch) in VISION_TOWERS.items():
+        for tower, (kwargs, batch) in BENCH_TOWERS.items():
             bench_vision(tower, kwargs, batch, warmup=3, iters=10, peak=peak)
             torch.cuda.empty_cache()
     print(f"total {time.perf_counter() - start:.0f} s")
