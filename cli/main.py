@@ -18,6 +18,7 @@ Stages (each one resumable; rerunning skips finished work):
   demo        all of it on a synthetic world, on a CPU (the README's main command)
   serve       run the Prefect deployments (precompute/<dataset>, train, evaluate, retrain)
   store       look inside an embedding store
+  plan        what a grid of precomputes and trainings will cost (rows, GB, GPU-hours), before it runs
 """
 
 
@@ -406,6 +407,58 @@ def _add_demo_command(sub) -> None:
                     help="eclipse's λ values to sweep (default 0.02 0.2 2 20 200; --quick: 0.2); projection is λ=0")
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from training.plan import PlanConfig, make_plan, paper_config
+
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+    given = {"datasets": names(args.datasets), "decoders": names(args.decoders), "objectives": names(args.objectives),
+             "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size, "device": args.device,
+             "gpus": args.gpus, "prior_mfu": args.prior_mfu, "encoder_mfu": args.encoder_mfu,
+             "tokens_per_caption": args.tokens_per_caption}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.paper and not ({"datasets", "decoders"} & set(given)):
+        cfg = paper_config(**given)
+    else:
+        cfg = paper_config(pairs=None, **given) if args.paper else PlanConfig(**given)
+    plan = make_plan(cfg)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    return 0
+
+
+def _add_plan_command(sub) -> None:
+    from training.cost import DEFAULT_DEVICE, DEVICES
+
+    pl = _subcommand(
+        sub, "plan", _cmd_plan,
+        help="the cost of a grid before it runs: rows, images, download and store GB, encode and train GPU-hours",
+        description="Print what precomputing and training a grid will cost, without running anything: per dataset x "
+        "decoder the rows, distinct images, download and store size and the encode GPU-hours (image tower once per "
+        "image, text tower once per caption); per training cell (dataset x decoder x objective x seed) its GPU-hours "
+        "and what it would cost on the fly (both CLIP towers on every sample of every step); totals and the cache "
+        "speed-up. GPU-hours = analytic FLOPs / (the device's datasheet bf16 peak x an assumed MFU; both printed "
+        "with their sources). --paper is the paper's grid: Karlo on mscoco, cc3m, cc12m and Kandinsky v2.2 on "
+        "mscoco, laion-highres-5m, three objectives, 60,000 steps x 1,024 on 4 x a6000.",
+    )
+    pl.add_argument("--paper", action="store_true", help="the paper's grid and setting (other flags override it)")
+    pl.add_argument("--datasets", help="comma-separated presets (mscoco, cc3m, cc12m, laion-highres-5m) or local url "
+                    "lists (read for rows, images and tokens per caption); default laion-highres-5m")
+    pl.add_argument("--decoders", help="comma-separated: kandinsky22, karlo (default kandinsky22)")
+    pl.add_argument("--objectives", help="comma-separated: eclipse, projection, diffusion (default eclipse)")
+    pl.add_argument("--seeds", type=int, help="seeds per cell (default 1)")
+    pl.add_argument("--steps", type=int, help="training steps per cell (default: train's, 60000)")
+    pl.add_argument("--batch-size", type=int, help="global batch, all GPUs together (default: train's, 256)")
+    pl.add_argument("--device", choices=list(DEVICES), help=f"GPU kind (default {DEFAULT_DEVICE})")
+    pl.add_argument("--gpus", type=int, help="GPUs working together, for wall-clock hours (default 1)")
+    pl.add_argument("--prior-mfu", type=float, help="model FLOP utilisation of prior training (default: assumed 0.30; "
+                    "benchmarks/gpu/bench_gpu.py measures it)")
+    pl.add_argument("--encoder-mfu", type=float, help="of the CLIP towers' inference (default: assumed 0.40)")
+    pl.add_argument("--tokens-per-caption", type=float, help="instead of sampling the url list / the default 20")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (config, device, precompute, train, "
+                    "per_model, totals)")
+
+
 def _add_serve_command(sub) -> None:
     srv = _subcommand(
         sub, "serve", _cmd_serve,
@@ -434,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_command(sub)
     _add_demo_command(sub)
     _add_serve_command(sub)
+    _add_plan_command(sub)
     return parser
 
 

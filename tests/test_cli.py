@@ -6,7 +6,8 @@ import pytest
 
 from cli.main import build_parser, main
 
-COMMANDS = {"store", "download", "precompute", "encode", "train", "export", "evaluate", "generate", "demo", "serve"}
+COMMANDS = {"store", "download", "precompute", "encode", "train", "export", "evaluate", "generate", "demo", "serve",
+            "plan"}
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
