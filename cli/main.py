@@ -91,7 +91,8 @@ def _source_options(args: argparse.Namespace) -> dict | None:
 def _cmd_download(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipeline.download import download_main, format_summary
+    from pipeline.download import download_main
+    from pipeline.download_summary import format_summary
 
     cfg = _download_config(args)
     summary = download_main(args.urls, args.out, retry=args.retry_failed, source_options=_source_options(args),
@@ -102,7 +103,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from pipeline.cluster import ClusterConfig
-    from pipeline.download import format_summary
+    from pipeline.download_summary import format_summary
     from pipeline.encode import EncodeConfig
     from pipeline.precompute import precompute
 

@@ -63,7 +63,8 @@ from demo.world import (
     caption_words,
     split_by_pairs,
 )
-from pipeline.encoders import ClipEncoder, OpenClipEncoder, build_bpe_tokenizer, save_encoder
+from pipeline.bpe import build_bpe_tokenizer
+from pipeline.encoders import ClipEncoder, OpenClipEncoder, save_encoder
 from storage_schema.schema import EncoderInfo
 from training.trainer import param_groups
 

@@ -20,7 +20,8 @@ from prefect.tasks import exponential_backoff
 from flows.failures import retry_unless_permanent
 from flows.params import ClusterParams, DownloadParams, EncodeParams
 from pipeline.cluster import ClusterConfig, dask_task_runner
-from pipeline.download import DownloadConfig, DownloadFailed, download_main, format_summary
+from pipeline.download import DownloadConfig, DownloadFailed, download_main
+from pipeline.download_summary import format_summary
 from pipeline.encode import (
     EncodeConfig,
     EncodeSummary,

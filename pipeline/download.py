@@ -38,17 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +53,20 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.errors import PermanentError
+from pipeline.download_summary import DownloadSummary, failure_category, format_summary, summarize
+from pipeline.errors import DownloadError
+from pipeline.shards import (
+    META_DIR,
+    OOM_SHARD_COUNT,
+    STATE_PATH,
+    completed_shard_ids,
+    load_state,
+    partial_shard_ids,
+    save_state,
+    shard_name,
+)
 from pipeline.sources import prepare_url_list, read_url_list_report, resolve_source, source_spec
+from pipeline.webdataset import materialize_webdataset
 from storage_schema.atomic import atomic_path, atomic_write_text
 
 # albumentations (imported by img2dataset) checks PyPI for updates at import time: a
@@ -67,20 +76,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 log = logging.getLogger(__name__)
 
-META_DIR = "_pipeline"
 SUMMARY_PATH = f"{META_DIR}/download_summary.json"
-STATE_PATH = f"{META_DIR}/download_state.json"
 URL_LIST_PATH = f"{META_DIR}/url_list.parquet"
-OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits (00000.tar)
-_STATS_RE = re.compile(r"^(\d+)_stats\.json$")
-
-
-class DownloadError(PermanentError, RuntimeError):
-    """A download that cannot start or finish as asked; the message says why and what to do.
-
-    Permanent: each cause (wrong or changed url list, every url failed, too many failed)
-    needs a person to look; retrying the same call at once would fail the same way.
-    """
 
 
 class DownloadFailed(DownloadError):
@@ -133,67 +130,7 @@ class DownloadConfig:
             raise ValueError("error_rate_warning and max_error_rate are fractions in [0, 1]")
 
 
-@dataclass
-class ShardSummary:
-    shard_id: int
-    count: int
-    successes: int
-    failed_to_download: int
-    failed_to_resize: int
-    duration_s: float
-    failure_reasons: dict[str, int]
-    tar: str | None
-
-
-@dataclass
-class DownloadSummary:
-    """Machine-readable result of the url list(s) downloaded into one out_dir so far."""
-
-    out_dir: str
-    shards: list[ShardSummary]
-    count: int  # url attempts over all complete shards (a retried url counts twice)
-    successes: int
-    failed_to_download: int
-    failed_to_resize: int
-    error_rate: float  # failed attempts / attempts, over all complete shards
-    unique_urls: int
-    unresolved_failures: int  # urls that failed and never succeeded (what retry_failed re-feeds)
-    effective_error_rate: float  # unresolved_failures / unique_urls: the fraction of the dataset missing
-    failure_reasons: dict[str, int]  # category (http_404, timeout, decode_error, ...) -> failed attempts
-    unresolved_reasons: dict[str, int]  # category of the latest failure of each url still missing
-    error_messages: dict[str, int]  # most common raw messages (addresses stripped)
-    incomplete_shards: list[int]  # shard files without a _stats.json (killed mid-shard)
-    missing_shards: list[int]  # shards of the url list not written at all yet
-    new_shards: list[int] = field(default_factory=list)  # completed by the last run
-    # The last run's shards when none of its urls succeeded: their files were removed instead of
-    # being marked complete with 0 rows, so rerunning the same download fetches them again.
-    unmarked_shards: list[int] = field(default_factory=list)
-    run_seconds: float | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-
 # ---------------------------------------------------------------------------- helpers
-
-
-def _shard_name(shard_id: int) -> str:
-    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
-
-
-def completed_shard_ids(out_dir: str | os.PathLike[str]) -> list[int]:
-    """Shard ids whose ``NNNNN_stats.json`` exists: the only shards safe to read downstream."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in out.iterdir() if (m := _STATS_RE.match(p.name)))
-
-
-def completed_shards(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Tar paths of complete shards (for the encode stage: a tar without stats may be half-written)."""
-    out = Path(out_dir)
-    return [t for i in completed_shard_ids(out) if (t := out / f"{_shard_name(i)}.tar").exists()]
 
 
 def _wipe(path: Path, keep: Path) -> None:
@@ -210,46 +147,6 @@ def _wipe(path: Path, keep: Path) -> None:
             p.unlink()
 
 
-def _partial_shard_ids(out: Path, done: set[int]) -> list[int]:
-    ids = set()
-    for p in out.iterdir():
-        stem, _, ext = p.name.partition(".")
-        if ext in ("tar", "parquet") and stem.isdigit() and int(stem) not in done:
-            ids.add(int(stem))
-    return sorted(ids)
-
-
-_ADDR = re.compile(r"0x[0-9a-fA-F]+")
-_HTTP = re.compile(r"HTTP Error (\d{3})")
-
-
-def failure_category(status: str | None, message: str | None) -> str:
-    """Fold img2dataset's free-text error messages into a few stable categories."""
-    msg = (message or "").lower()
-    if status == "failed_to_resize":
-        if "decoding" in msg or "cannot identify" in msg:
-            return "decode_error"
-        if "too small" in msg or "too large" in msg:
-            return "filtered_size"
-        return "resize_error"
-    if m := _HTTP.search(message or ""):
-        code = int(m.group(1))
-        return f"http_{code}" if code < 500 else "http_5xx"
-    if "timed out" in msg or "timeout" in msg:
-        return "timeout"
-    if "x-robots-tag" in msg:
-        return "disallowed_by_robots"
-    if "hash mismatch" in msg:
-        return "hash_mismatch"
-    if "name or service not known" in msg or "nodename nor servname" in msg or "getaddrinfo" in msg:
-        return "dns_error"
-    if "ssl" in msg or "certificate" in msg:
-        return "ssl_error"
-    if "refused" in msg or "reset" in msg or "unreachable" in msg or "remote end closed" in msg:
-        return "connection_error"
-    return "other"
-
-
 def _fingerprint(url_list: Path) -> tuple[str, int]:
     """sha256 over the url column in order (what shard ids are derived from) and the row count."""
     h = hashlib.sha256()
@@ -261,15 +158,6 @@ def _fingerprint(url_list: Path) -> tuple[str, int]:
         h.update("\n".join(urls).encode())
         h.update(b"\n")
     return h.hexdigest(), rows
-
-
-def _load_state(out: Path) -> dict[str, Any] | None:
-    p = out / STATE_PATH
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def _save_state(out: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(out / STATE_PATH, json.dumps(state, indent=2))
 
 
 def _url_list_columns(url_list: Path) -> tuple[str, str, list[str]]:
@@ -342,107 +230,6 @@ def _run_img2dataset(kwargs: dict[str, Any]) -> None:
         raise RuntimeError(f"img2dataset child process exited with status {proc.exitcode}; rerun to resume")
 
 
-# ---------------------------------------------------------------------------- summary
-
-
-def summarize(out_dir: str | os.PathLike[str], *, expected_shards: int | None = None,
-              error_rate_warning: float = 0.2) -> DownloadSummary:
-    """Read every complete shard's ``_stats.json`` and ``.parquet`` into a :class:`DownloadSummary`."""
-    out = Path(out_dir)
-    if expected_shards is None and (state := _load_state(out)) is not None:
-        expected_shards = state.get("primary_shards")
-    done = completed_shard_ids(out)
-    shards: list[ShardSummary] = []
-    reasons: Counter[str] = Counter()
-    messages: Counter[str] = Counter()
-    ok_urls: set[str] = set()
-    last_failure: dict[str, str] = {}  # url -> category of its latest failure (shards in id order)
-    warnings: list[str] = []
-    for sid in done:
-        name = _shard_name(sid)
-        stats = json.loads((out / f"{name}_stats.json").read_text())
-        shard_reasons: Counter[str] = Counter()
-        pq_path = out / f"{name}.parquet"
-        if pq_path.exists():
-            df = pd.read_parquet(pq_path, columns=["url", "status", "error_message"])
-            ok = df["status"] == "success"
-            ok_urls.update(df.loc[ok, "url"])
-            bad = df[~ok]
-            for url, status, msg in zip(bad["url"], bad["status"], bad["error_message"], strict=True):
-                cat = failure_category(status, msg)
-                last_failure[url] = cat
-                shard_reasons[cat] += 1
-                messages[_ADDR.sub("0x…", str(msg))] += 1
-            if len(df) != stats["count"]:
-                warnings.append(f"shard {name}: parquet has {len(df)} rows, stats say {stats['count']}")
-        else:
-            warnings.append(f"shard {name}: stats without parquet; failure reasons unknown")
-        reasons.update(shard_reasons)
-        tar = out / f"{name}.tar"
-        shards.append(ShardSummary(
-            shard_id=sid, count=int(stats["count"]), successes=int(stats["successes"]),
-            failed_to_download=int(stats["failed_to_download"]), failed_to_resize=int(stats["failed_to_resize"]),
-            duration_s=round(float(stats.get("duration", 0.0)), 3), failure_reasons=dict(shard_reasons),
-            tar=tar.name if tar.exists() else None,
-        ))
-    count = sum(s.count for s in shards)
-    failed = sum(s.failed_to_download + s.failed_to_resize for s in shards)
-    unique = ok_urls | last_failure.keys()
-    unresolved = last_failure.keys() - ok_urls
-    unresolved_reasons = Counter(last_failure[u] for u in unresolved)
-    done_set = set(done)
-    incomplete = _partial_shard_ids(out, done_set) if out.is_dir() else []
-    missing = [i for i in range(expected_shards or 0) if i not in done_set and i not in incomplete]
-    summary = DownloadSummary(
-        out_dir=str(out), shards=shards, count=count, successes=sum(s.successes for s in shards),
-        failed_to_download=sum(s.failed_to_download for s in shards),
-        failed_to_resize=sum(s.failed_to_resize for s in shards),
-        error_rate=round(failed / count, 6) if count else 0.0,
-        unique_urls=len(unique), unresolved_failures=len(unresolved),
-        effective_error_rate=round(len(unresolved) / len(unique), 6) if unique else 0.0,
-        failure_reasons=dict(reasons.most_common()), unresolved_reasons=dict(unresolved_reasons.most_common()),
-        error_messages=dict(messages.most_common(20)),
-        incomplete_shards=incomplete, missing_shards=missing, warnings=warnings,
-    )
-    if summary.effective_error_rate > error_rate_warning:
-        summary.warnings.append(
-            f"error rate {summary.effective_error_rate:.1%} of {summary.unique_urls} urls is above "
-            f"{error_rate_warning:.0%} (top reasons: {dict(unresolved_reasons.most_common(3))})"
-        )
-    if incomplete or missing:
-        summary.warnings.append(
-            f"{len(incomplete) + len(missing)} shard(s) not complete (incomplete: {incomplete[:10]}, missing: "
-            f"{missing[:10]}); rerun the same download to resume"
-        )
-    return summary
-
-
-def format_summary(summary: DownloadSummary, max_rows: int = 20) -> str:
-    """A human table: the last run's shards (or all), totals, and failure reasons."""
-    last = set(summary.new_shards) | set(summary.unmarked_shards)
-    rows = [s for s in summary.shards if s.shard_id in last] or summary.shards
-    lines = [f"download summary for {summary.out_dir}",
-             f"{'shard':>7} {'urls':>7} {'ok':>7} {'failed_dl':>9} {'failed_rs':>9}  top reason"]
-    for s in rows[:max_rows]:
-        top = max(s.failure_reasons.items(), key=lambda kv: kv[1])[0] if s.failure_reasons else "-"
-        lines.append(f"{_shard_name(s.shard_id):>7} {s.count:>7} {s.successes:>7} {s.failed_to_download:>9} "
-                     f"{s.failed_to_resize:>9}  {top}")
-    if len(rows) > max_rows:
-        lines.append(f"    ... {len(rows) - max_rows} more shard(s)")
-    lines.append(f"{'total':>7} {summary.count:>7} {summary.successes:>7} {summary.failed_to_download:>9} "
-                 f"{summary.failed_to_resize:>9}  ({len(summary.shards)} complete shards)")
-    lines.append(f"error rate {summary.error_rate:.1%} of attempts; {summary.unresolved_failures} of "
-                 f"{summary.unique_urls} urls still missing ({summary.effective_error_rate:.1%})")
-    if summary.failure_reasons:
-        lines.append("failure reasons (attempts): "
-                     + ", ".join(f"{k}={v}" for k, v in summary.failure_reasons.items()))
-    if summary.unresolved_reasons:
-        lines.append("still missing by reason: "
-                     + ", ".join(f"{k}={v}" for k, v in summary.unresolved_reasons.items()))
-    lines.extend(f"WARNING: {w}" for w in summary.warnings)
-    return "\n".join(lines)
-
-
 def _reasons_text(reasons: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in reasons.items()) or "none recorded"
 
@@ -459,7 +246,7 @@ def _unmark_failed_run(out: Path, summary: DownloadSummary) -> None:
     if not new or sum(s.count for s in new) == 0 or any(s.successes for s in new):
         return
     for s in new:
-        name = _shard_name(s.shard_id)
+        name = shard_name(s.shard_id)
         (out / f"{name}_stats.json").unlink(missing_ok=True)  # the mark first: a crash here leaves a partial shard
         for ext in (".tar", ".parquet"):
             (out / f"{name}{ext}").unlink(missing_ok=True)
@@ -536,7 +323,7 @@ def download(url_list: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         # run incrementally into the empty folder (equivalent, and the state is written before).
         _wipe(out, keep=url_list)
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out)
+    state = load_state(out)
     n = config.number_sample_per_shard
     if state is not None:
         if state["url_list_fingerprint"] != fingerprint or state["number_sample_per_shard"] != n:
@@ -556,7 +343,7 @@ def download(url_list: str | os.PathLike[str], out_dir: str | os.PathLike[str],
             "oom_shard_count": OOM_SHARD_COUNT, "extra_columns": extras,
             "url_list_report": read_url_list_report(url_list), "retries": [],
         }
-        _save_state(out, state)
+        save_state(out, state)
     before = set(completed_shard_ids(out))
     todo = [i for i in range(state["primary_shards"]) if i not in before]
     log.info("download %s -> %s: %d rows, %d shards, %d to do", url_list, out, rows, state["primary_shards"],
@@ -582,7 +369,7 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
     config = config or DownloadConfig()
     t0 = time.monotonic()
     out = Path(out_dir).resolve()
-    state = _load_state(out)
+    state = load_state(out)
     if state is None:
         raise DownloadError(f"{out}: no {STATE_PATH}; retry_failed works on folders written by download()")
     before = set(completed_shard_ids(out))
@@ -597,7 +384,7 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
     extras = list(state.get("extra_columns", []))
     frames, succeeded = [], set()
     for sid in sorted(before):
-        p = out / f"{_shard_name(sid)}.parquet"
+        p = out / f"{shard_name(sid)}.parquet"
         if not p.exists():
             continue
         cols = [c for c in ["url", "caption", *extras, "status", "error_message"] if c in pq.read_schema(p).names]
@@ -614,30 +401,28 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
         return _finish(out, before, t0, config, check, retry=True)
     # Half-written shards (no stats) can only come from a killed earlier retry here, since the
     # main list is complete; delete them so they are not mistaken for data.
-    for sid in _partial_shard_ids(out, before):
+    for sid in partial_shard_ids(out, before):
         for ext in (".tar", ".parquet"):
-            (out / f"{_shard_name(sid)}{ext}").unlink(missing_ok=True)
+            (out / f"{shard_name(sid)}{ext}").unlink(missing_ok=True)
     attempt = len(state.get("retries", [])) + 1
     retry_list = out / META_DIR / f"retry-{attempt:03d}.parquet"
     failed = failed.drop(columns=[c for c in ("status", "error_message") if c in failed]).reset_index(drop=True)
     with atomic_path(retry_list) as tmp:
         failed.to_parquet(tmp, index=False)
     first_id = max(before) + 1 if before else 0
-    log.info("%s: retrying %d failed url(s) as shards from %s", out, len(failed), _shard_name(first_id))
+    log.info("%s: retrying %d failed url(s) as shards from %s", out, len(failed), shard_name(first_id))
     state.setdefault("retries", []).append({
         "attempt": attempt, "url_list": str(retry_list), "rows": len(failed), "first_shard": first_id,
         "shards": math.ceil(len(failed) / config.number_sample_per_shard), "time": time.time(),
     })
-    _save_state(out, state)
+    save_state(out, state)
     kwargs = _img2dataset_kwargs(retry_list, out, config, [c for c in extras if c in failed.columns], "extend")
     _run_img2dataset(kwargs)
     return _finish(out, before, t0, config, check, retry=True)
 
 
 def _download_webdataset(source: Any, out: Path, cfg: DownloadConfig) -> DownloadSummary:
-    """Image-text tars (pipeline.hub): they become the shards as they are, then the usual summary and checks."""
-    from pipeline.hub import materialize_webdataset
-
+    """Image-text tars (pipeline.webdataset): they become the shards as they are, then the usual summary and checks."""
     t0 = time.monotonic()
     before = set() if cfg.incremental_mode == "overwrite" else set(completed_shard_ids(out))
     materialize_webdataset(source, out, cfg.incremental_mode)
@@ -673,7 +458,7 @@ def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.
         # Prepare beside the current list and swap only if this folder may take it: a refused
         # call must not clobber the list that the existing shards were cut from.
         candidate = prepare_url_list(source, out / META_DIR, filename=f".candidate-{prepared.name}")
-        state = _load_state(out.resolve())
+        state = load_state(out.resolve())
         if state is not None and cfg.incremental_mode != "overwrite" and (
             _fingerprint(candidate)[0] != state["url_list_fingerprint"]
         ):

@@ -71,7 +71,7 @@ def image_shards(image_dir: str | Path) -> list[Path]:
     img2dataset writes NNNNN_stats.json after a shard's tar is closed, so a tar without it
     may be half-written by a download still running (or killed) and is not encoded yet.
     """
-    from pipeline.download import completed_shards
+    from pipeline.shards import completed_shards
 
     return completed_shards(image_dir)
 

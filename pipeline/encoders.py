@@ -15,6 +15,9 @@ Names accepted by `load_encoder` / `get_encoder`:
     `image_encoder/ image_processor/ text_encoder/ tokenizer/`), a flat transformers CLIPModel
     folder (e.g. a snapshot of `openai/clip-vit-large-patch14`), or an open_clip folder
     (`open_clip_config.json` + weights).
+
+Where the transformers parts of a preset or folder live and how one is loaded: `pipeline.hf_parts`;
+the tiny-clip tokenizer's BPE vocabulary: `pipeline.bpe`.
 """
 
 from __future__ import annotations
@@ -32,19 +35,26 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.bpe import build_bpe_tokenizer
+from pipeline.errors import EncoderLoadError
+from pipeline.hf_parts import (
+    HUB_PRESETS,
+    IMAGE_ENCODER,
+    IMAGE_PROCESSOR,
+    TEXT_ENCODER,
+    TOKENIZER,
+    HFLayout,
+    Part,
+    hub_commit,
+    load_part,
+    tower_kwargs,
+)
 from storage_schema.atomic import atomic_path
 from storage_schema.schema import EncoderInfo
 
 ENCODER_JSON = "encoder.json"  # names the backend + the EncoderInfo of a saved encoder folder
 FOLDER_FORMAT = 1
 OPEN_CLIP_PREFIX = "open_clip:"
-# Subfolder names: the Kandinsky 2.2 prior repo's (diffusers) layout, reused for saved encoders.
-IMAGE_ENCODER, IMAGE_PROCESSOR = "image_encoder", "image_processor"
-TEXT_ENCODER, TOKENIZER = "text_encoder", "tokenizer"
-
-
-class EncoderLoadError(RuntimeError):
-    """An encoder name/folder could not be resolved or its weights could not be loaded."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,155 +234,11 @@ class HFClipEncoder(ClipEncoder):
         return self.backend
 
 
-@dataclass(frozen=True)
-class _Part:
-    """Where one component lives: a hub repo id or a local folder, plus an optional subfolder."""
-
-    repo: str
-    subfolder: str | None = None
-    revision: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.repo}/{self.subfolder}" if self.subfolder else self.repo
-
-    def kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
-        if self.subfolder:
-            kw["subfolder"] = self.subfolder
-        if self.revision:
-            kw["revision"] = self.revision
-        return kw
-
-
-@dataclass(frozen=True)
-class _HFLayout:
-    image_encoder: _Part
-    image_processor: _Part
-    text_encoder: _Part
-    tokenizer: _Part
-
-
-# The hub presets: each part comes from where the decoder's official pipelines take it. Revisions
-# are left at `main`; the resolved commit is recorded in EncoderInfo.
-#  - kandinsky22: the image tower + processor of the Kandinsky 2.2 prior repo; the text tower +
-#    tokenizer of LAION's bigG repo, which ECLIPSE's own inference code loads for its Kandinsky prior.
-#  - karlo: the text tower + tokenizer from Karlo's own `text_encoder/` and `tokenizer/` (what
-#    diffusers' UnCLIPPipeline reads; diffusers converted them from openai/clip-vit-large-patch14,
-#    the tokenizer with pad token "!"); the image tower + processor of openai/clip-vit-large-patch14,
-#    which Karlo's image-variation pipeline (karlo-v1-alpha-image-variations) was built with.
-_KANDINSKY_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
-_LAION_BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
-_KARLO = "kakaobrain/karlo-v1-alpha"
-_OPENAI_L14 = "openai/clip-vit-large-patch14"
-HUB_PRESETS: dict[str, _HFLayout] = {
-    "kandinsky22": _HFLayout(
-        image_encoder=_Part(_KANDINSKY_PRIOR, IMAGE_ENCODER),
-        image_processor=_Part(_KANDINSKY_PRIOR, IMAGE_PROCESSOR),
-        text_encoder=_Part(_LAION_BIGG),
-        tokenizer=_Part(_LAION_BIGG),
-    ),
-    "karlo": _HFLayout(
-        image_encoder=_Part(_OPENAI_L14),
-        image_processor=_Part(_OPENAI_L14),
-        text_encoder=_Part(_KARLO, TEXT_ENCODER),
-        tokenizer=_Part(_KARLO, TOKENIZER),
-    ),
-}
 TINY_PRESET = "tiny-clip"
 PRESETS: tuple[str, ...] = (*HUB_PRESETS, TINY_PRESET)
 
 
-def _load_part(cls: Any, part: _Part, what: str, **kw: Any) -> Any:
-    """cls.from_pretrained for one part; every failure becomes an EncoderLoadError that names the
-    model and says what to do."""
-    try:
-        return cls.from_pretrained(part.repo, **part.kwargs(), **kw)
-    except OSError as e:  # hub/cache misses, gated repos and missing files surface as OSError
-        if Path(part.repo).is_dir():
-            hint = "the folder does not hold a loadable checkpoint for it"
-        else:
-            hint = (
-                "it is neither in the local Hugging Face cache nor reachable on the hub (offline?). Run "
-                f"`hf download {part.repo}` where there is internet and copy that Hugging Face cache here "
-                "(or point HF_HOME at it), or pass an encoder folder"
-            )
-        raise EncoderLoadError(f"could not load the {what} from {part.label!r}: {hint}.\n  cause: {e}") from e
-    except ValueError as e:
-        raise EncoderLoadError(
-            f"could not load the {what} from {part.label!r}: its config is not a CLIP {what} config that this "
-            f"transformers version reads.\n  cause: {e}"
-        ) from e
-    except RuntimeError as e:
-        if "mismatch" not in str(e).lower():
-            raise
-        raise EncoderLoadError(
-            f"could not load the {what} from {part.label!r}: its weights do not fit the model that its "
-            f"config.json describes (size mismatch). Check `projection_dim` and `hidden_size` there "
-            f"({_dims_summary(part)}); LAION's CLIP repos set `projection_dim` only at the top level of a "
-            f"joint config (transformers#25622). Fix the config or pass a folder whose config fits its weights."
-            f"\n  cause: {e}"
-        ) from e
-
-
-def _load_config_dict(part: _Part, what: str) -> dict:
-    """The raw config.json of a part (from the folder or the HF cache), with _load_part's errors."""
-    from transformers import PretrainedConfig
-
-    class _Raw:  # from_pretrained-shaped, so _load_part's error handling applies to the config read too
-        @staticmethod
-        def from_pretrained(repo: str, **kw: Any) -> dict:
-            return PretrainedConfig.get_config_dict(repo, **kw)[0]
-
-    return _load_part(_Raw, part, f"{what} config")
-
-
-def _tower_kwargs(part: _Part, what: str) -> dict[str, Any]:
-    """The top-level `projection_dim` of a joint CLIPModel config, passed to a single tower.
-
-    A tower loaded from a joint checkpoint reads only its nested text_config/vision_config. LAION's
-    repos (e.g. CLIP-ViT-bigG-14-laion2B-39B-b160k) set projection_dim (1280) only at the top level and
-    leave the nested default of 512, so the projection would not fit (transformers#25622); the official
-    ECLIPSE inference code passes projection_dim=1280 for the same reason. The top level is what
-    CLIPModel itself builds its projections from, so it is right for every joint config.
-    """
-    cfg = _load_config_dict(part, what)
-    if cfg.get("model_type") == "clip" and "projection_dim" in cfg:
-        return {"projection_dim": int(cfg["projection_dim"])}
-    return {}
-
-
-def _dims_summary(part: _Part) -> str:
-    try:
-        cfg = _load_config_dict(part, "config")
-    except EncoderLoadError:
-        return "config.json unreadable"
-    found = [f"{key}={cfg[key]}" for key in ("projection_dim", "hidden_size") if key in cfg]
-    for sub in ("text_config", "vision_config"):
-        nested = cfg.get(sub) or {}
-        found += [f"{sub}.{key}={nested[key]}" for key in ("projection_dim", "hidden_size") if key in nested]
-    return ", ".join(found) or "neither key is set"
-
-
-def _hub_commit(part: _Part) -> str | None:
-    """The commit a hub part was loaded from (read off the local cache); None for local folders.
-
-    transformers 5 no longer records `_commit_hash` on configs, and a branch name like `main`
-    would not pin the weights: the store needs the immutable commit.
-    """
-    if Path(part.repo).is_dir():
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    filename = f"{part.subfolder}/config.json" if part.subfolder else "config.json"
-    cached = try_to_load_from_cache(part.repo, filename, revision=part.revision)
-    if not isinstance(cached, str):
-        return part.revision
-    parts = Path(cached).parts
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else part.revision
-
-
-def _load_hf(layout: _HFLayout, preset: str, device: torch.device, dtype: torch.dtype,
+def _load_hf(layout: HFLayout, preset: str, device: torch.device, dtype: torch.dtype,
              saved_info: EncoderInfo | None = None) -> HFClipEncoder:
     from transformers import (
         CLIPImageProcessor,
@@ -382,12 +248,12 @@ def _load_hf(layout: _HFLayout, preset: str, device: torch.device, dtype: torch.
     )
 
     # Load straight into the target dtype: a bigG tower in fp32 would need 2x the host memory.
-    vision = _load_part(CLIPVisionModelWithProjection, layout.image_encoder, "image encoder", dtype=dtype,
-                        **_tower_kwargs(layout.image_encoder, "image encoder"))
-    text = _load_part(CLIPTextModelWithProjection, layout.text_encoder, "text encoder", dtype=dtype,
-                      **_tower_kwargs(layout.text_encoder, "text encoder"))
-    tokenizer = _load_part(CLIPTokenizer, layout.tokenizer, "tokenizer")
-    processor = _load_part(CLIPImageProcessor, layout.image_processor, "image processor")
+    vision = load_part(CLIPVisionModelWithProjection, layout.image_encoder, "image encoder", dtype=dtype,
+                        **tower_kwargs(layout.image_encoder, "image encoder"))
+    text = load_part(CLIPTextModelWithProjection, layout.text_encoder, "text encoder", dtype=dtype,
+                      **tower_kwargs(layout.text_encoder, "text encoder"))
+    tokenizer = load_part(CLIPTokenizer, layout.tokenizer, "tokenizer")
+    processor = load_part(CLIPImageProcessor, layout.image_processor, "image processor")
     info = EncoderInfo(
         preset=preset,
         image_model=layout.image_encoder.label,
@@ -397,8 +263,8 @@ def _load_hf(layout: _HFLayout, preset: str, device: torch.device, dtype: torch.
         hidden_dim=int(text.config.hidden_size),
         tokenizer=layout.tokenizer.label,
         context_length=_hf_context_length(text, tokenizer),
-        image_revision=_hub_commit(layout.image_encoder),
-        text_revision=_hub_commit(layout.text_encoder),
+        image_revision=hub_commit(layout.image_encoder),
+        text_revision=hub_commit(layout.text_encoder),
     )
     return HFClipEncoder(vision, text, tokenizer, processor, _reconcile(info, saved_info), device, dtype)
 
@@ -440,56 +306,6 @@ _TINY_WORDS = (
     "street beach sea water sky mountain flower food table room red blue green yellow black white small large "
     "big old young two three standing sitting front background style art digital"
 ).split()
-
-
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one word as the tokenizers library does it: merge the best-ranked
-    adjacent pair (everywhere in the word), repeat until no known pair is left."""
-    while len(symbols) > 1:
-        rank, pair = min((ranks.get(p, float("inf")), p) for p in zip(symbols, symbols[1:], strict=False))
-        if rank == float("inf"):
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
-
-
-def bpe_vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-ordered byte-level BPE vocabulary in which each of `words` is one token: 256 bytes,
-    256 bytes + `</w>` (any text stays encodable), merge results, then BOS and EOS (EOS has the
-    highest id: open_clip's argmax pooling finds it).
-
-    Merges are added per word until BPE, as the tokenizer will run it, ends in one token: a merge
-    appended last has the lowest priority, so it never changes how an earlier word is split.
-    """
-    from open_clip.tokenizer import bytes_to_unicode
-
-    alphabet = list(bytes_to_unicode().values())
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        initial = [*word[:-1], word[-1] + "</w>"]
-        symbols = _bpe(initial, ranks)
-        while len(symbols) > 1:
-            ranks[(symbols[0], symbols[1])] = len(ranks)
-            symbols = _bpe(initial, ranks)
-    merges = sorted(ranks, key=ranks.__getitem__)
-    tokens = list(dict.fromkeys(alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]))
-    return {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}, merges
-
-
-def build_bpe_tokenizer(words: Sequence[str], context_length: int) -> Any:
-    """A transformers CLIPTokenizer over `bpe_vocab_and_merges(words)` (padding is EOS)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = bpe_vocab_and_merges(words)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
 
 
 def build_tiny_tokenizer() -> Any:
@@ -715,16 +531,16 @@ def _load_folder(path: Path, device: torch.device, dtype: torch.dtype) -> ClipEn
     folder = str(path)
     if (path / IMAGE_ENCODER).is_dir() and (path / TEXT_ENCODER).is_dir():
         # Our layout == the Kandinsky 2.2 prior repo's layout (diffusers subfolders).
-        layout = _HFLayout(
-            image_encoder=_Part(folder, IMAGE_ENCODER),
-            image_processor=_Part(folder, IMAGE_PROCESSOR),
-            text_encoder=_Part(folder, TEXT_ENCODER),
-            tokenizer=_Part(folder, TOKENIZER),
+        layout = HFLayout(
+            image_encoder=Part(folder, IMAGE_ENCODER),
+            image_processor=Part(folder, IMAGE_PROCESSOR),
+            text_encoder=Part(folder, TEXT_ENCODER),
+            tokenizer=Part(folder, TOKENIZER),
         )
     elif (path / "config.json").is_file():
         # A flat transformers CLIPModel snapshot (e.g. openai/clip-vit-large-patch14): both towers
         # load from the joint checkpoint.
-        layout = _HFLayout(*(_Part(folder),) * 4)
+        layout = HFLayout(*(Part(folder),) * 4)
     else:
         raise EncoderLoadError(
             f"{path} is not an encoder folder: expected {ENCODER_JSON}, {IMAGE_ENCODER}/ + {TEXT_ENCODER}/ "

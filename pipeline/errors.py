@@ -5,9 +5,14 @@ helps with a flaky host or a worker that died; it only delays the message when t
 is offline, a gated repository refuses the request, a file is not there, or the input is
 wrong. :func:`is_permanent` tells the two apart, so such errors fail at once and the run's
 final message is the error's own (which says what to do).
+
+The error types that several stages raise live here too, at the bottom of the package: every
+module may import this one, and it imports no other module of ``pipeline``.
 """
 
 from __future__ import annotations
+
+from storage_schema.writer import StoreError
 
 #: HTTP statuses that mean "ask again later" (timeouts, rate limits, server errors).
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -17,6 +22,30 @@ PERMANENT_STATUS = frozenset({400, 401, 403, 404, 410})
 
 class PermanentError(Exception):
     """A failure that retrying the same call cannot fix; the message says what to change."""
+
+
+class SourceError(PermanentError, ValueError):
+    """A source that cannot be resolved or read (bad path, no url/caption column, ...)."""
+
+
+class SourceUnavailableError(SourceError):
+    """The source needs the internet (or a local metadata copy) and neither is available."""
+
+
+class SourceAccessError(SourceError):
+    """The host refused (401/403/404): a gated or private repo, a missing token, a wrong name. Not transient."""
+
+
+class DownloadError(PermanentError, RuntimeError):
+    """A download that cannot start or finish as asked; the message says why and what to do.
+
+    Permanent: each cause (wrong or changed url list, every url failed, too many failed)
+    needs a person to look; retrying the same call at once would fail the same way.
+    """
+
+
+class EncoderLoadError(PermanentError, RuntimeError):
+    """An encoder name/folder could not be resolved or its weights could not be loaded."""
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -44,15 +73,10 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__
 
 
-def _permanent_types() -> tuple[type[BaseException], ...]:
-    # Imported here: this module is imported by the stages whose errors it classifies.
-    from pipeline.encoders import EncoderLoadError
-    from pipeline.sources import SourceError
-    from storage_schema.writer import StoreError
-
-    # SourceError: a bad path or columns, or metadata that needs a network the machine lacks.
-    # StoreError: a missing or damaged store. EncoderLoadError: weights not there or refused.
-    return PermanentError, SourceError, StoreError, EncoderLoadError
+# PermanentError's subclasses: SourceError (a bad path or columns, or metadata that needs a network
+# the machine lacks), DownloadError, EncoderLoadError (weights not there or refused), the stages' own.
+# StoreError (a missing or damaged store) comes from storage_schema, which cannot know this module.
+_PERMANENT_TYPES = (PermanentError, StoreError)
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -70,4 +94,4 @@ def is_permanent(exc: BaseException) -> bool:
         return True
     if any(_is_timeout(e) for e in chain[1:]):
         return False  # a timeout underneath a wrapper: the host may answer next time
-    return isinstance(exc, _permanent_types())
+    return isinstance(exc, _PERMANENT_TYPES)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cluster import ClusterConfig
-from pipeline.download import DownloadConfig, DownloadSummary, download_main
+from pipeline.download import DownloadConfig, download_main
+from pipeline.download_summary import DownloadSummary
 from pipeline.encode import EncodeConfig, EncodeSummary, encode
 
 log = logging.getLogger(__name__)

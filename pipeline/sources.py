@@ -38,7 +38,7 @@ files are found on the Hugging Face hub by listing the repo and matching a glob 
 ``cc12m``  Conceptual 12M, likewise (``pixparse/cc12m-wds``, ``cc12m-train-*.tar``, ~11M pairs).
 
 A webdataset source (``kind="webdataset"``) skips the url list and img2dataset: its tars
-are laid out as image shards for the encode stage (:func:`pipeline.hub.materialize_webdataset`).
+are laid out as image shards for the encode stage (:func:`pipeline.webdataset.materialize_webdataset`).
 
 Any local ``.parquet`` / ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` file, or a folder
 of them, is a source too; url and caption columns are auto-detected
@@ -65,8 +65,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -78,6 +76,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import SourceError, SourceUnavailableError
+from pipeline.hub import check_reachable, fetch_files, offline_flag
 from storage_schema.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -91,21 +91,8 @@ RESERVED_COLUMNS = frozenset(
     {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
      "error_message", "exif", "md5", "sha256", "sha512"}
 )
-#: Offline switches honoured before any network call (HF's own, and ours for non-hub hosts).
-OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ECLIPSE_OFFLINE")
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
 URL_LIST_METADATA_KEY = b"eclipse.url_list"
-
-class SourceError(ValueError):
-    """A source that cannot be resolved or read (bad path, no url/caption column, ...)."""
-
-
-class SourceUnavailableError(SourceError):
-    """The source needs the internet (or a local metadata copy) and neither is available."""
-
-
-class SourceAccessError(SourceError):
-    """The host refused (401/403/404): a gated or private repo, a missing token, a wrong name. Not transient."""
 
 
 @dataclass(frozen=True)
@@ -260,41 +247,6 @@ def resolve_source(name_or_path: str | os.PathLike[str], **overrides: object) ->
 # ---------------------------------------------------------------------------- network
 
 
-def offline_flag() -> str | None:
-    """The offline switch that is set (HF's own, or ours), or None."""
-    for var in OFFLINE_ENV_VARS:
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return var
-    return None
-
-
-def check_reachable(url: str, timeout: float = 3.0) -> None:
-    """Raise SourceUnavailableError unless a TCP connection to url's host opens within timeout.
-
-    The probe runs in a daemon thread joined with the timeout because getaddrinfo (DNS)
-    has no timeout of its own: a machine with a dead resolver would otherwise hang here.
-    """
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    result: list[BaseException | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except BaseException as err:  # noqa: BLE001 - reported to the caller below
-            result.append(err)
-
-    t = threading.Thread(target=probe, daemon=True, name=f"probe-{host}")
-    t.start()
-    t.join(timeout)
-    if not result:
-        raise SourceUnavailableError(f"{host}:{port} did not answer within {timeout:g}s (no network?)")
-    if result[0] is not None:
-        raise SourceUnavailableError(f"cannot reach {host}:{port}: {result[0]}")
-
-
 def _cache_dir(src: Source) -> Path:
     if src.metadata_dir:
         return Path(src.metadata_dir).expanduser()
@@ -347,8 +299,6 @@ def local_files(src: Source, probe_timeout: float = 3.0, fetch_timeout: float = 
         log.warning("%s: no file matching %r in metadata_dir %s; fetching instead", src.name, local_glob(src),
                     src.metadata_dir)
     if src.hub_repo:
-        from pipeline.hub import fetch_files
-
         return fetch_files(src.hub_repo, src.hub_pattern or "*", src.hub_revision)
     cache = _cache_dir(src)
     wanted = [(u, cache / Path(urllib.parse.urlsplit(u).path).name) for u in src.files]

@@ -17,20 +17,17 @@ from PIL import Image
 from cli.main import main as cli_main
 from demo.server import free_port
 from pipeline.download import (
-    STATE_PATH,
     SUMMARY_PATH,
     URL_LIST_PATH,
     DownloadConfig,
-    DownloadError,
     DownloadFailed,
-    completed_shard_ids,
-    completed_shards,
     download,
     download_main,
-    failure_category,
     retry_failed,
 )
-from pipeline.errors import is_permanent
+from pipeline.download_summary import DownloadSummary, summarize
+from pipeline.errors import DownloadError, is_permanent
+from pipeline.shards import STATE_PATH, completed_shard_ids, completed_shards
 from pipeline.sources import read_url_list_report
 
 SLOW_S = 5  # the /slow url sleeps this long ...
@@ -209,20 +206,6 @@ def test_config_defaults_and_validation():
         download_main("x.csv", "out", colour="red")
 
 
-@pytest.mark.parametrize(("status", "message", "category"), [
-    ("failed_to_download", "HTTP Error 404: Not Found", "http_404"),
-    ("failed_to_download", "HTTP Error 503: Service Unavailable", "http_5xx"),
-    ("failed_to_download", "timed out", "timeout"),
-    ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection_error"),
-    ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns_error"),
-    ("failed_to_resize", "Image decoding error", "decode_error"),
-    ("failed_to_resize", "image too small", "filtered_size"),
-    ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "disallowed_by_robots"),
-])
-def test_failure_categories(status, message, category):
-    assert failure_category(status, message) == category
-
-
 @pytest.mark.slow
 def test_a_download_where_every_url_failed_exits_nonzero_and_is_retried(image_server, tmp_path, capsys):  # noqa: F811
     # Nothing listens on the port yet: every url fails like it does on a machine without network.
@@ -257,8 +240,6 @@ def test_error_rate_above_the_threshold_fails_with_the_reasons(first_run):
 
 
 def test_download_failures_are_permanent_and_a_crash_is_not():
-    from pipeline.download import DownloadSummary, summarize
-
     empty: DownloadSummary = summarize("/nonexistent")
     assert is_permanent(DownloadFailed("all failed", empty)) and is_permanent(DownloadError("other list"))
     assert not is_permanent(RuntimeError("img2dataset child process exited with status -9"))

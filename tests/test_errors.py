@@ -5,10 +5,15 @@ import urllib.error
 
 import pytest
 
-from pipeline.download import DownloadError
-from pipeline.encoders import EncoderLoadError
-from pipeline.errors import PermanentError, is_permanent
-from pipeline.sources import SourceAccessError, SourceError, SourceUnavailableError
+from pipeline.errors import (
+    DownloadError,
+    EncoderLoadError,
+    PermanentError,
+    SourceAccessError,
+    SourceError,
+    SourceUnavailableError,
+    is_permanent,
+)
 from storage_schema.writer import StoreError
 
 

@@ -14,7 +14,7 @@ from flows.precompute import encode_shards_flow, precompute
 from flows.retrain import retrain
 from flows.train import train
 from pipeline.encode import EncodeConfig
-from pipeline.sources import SourceAccessError, SourceUnavailableError
+from pipeline.errors import SourceAccessError, SourceUnavailableError
 
 ATTEMPTS: list[str] = []
 

@@ -1,31 +1,31 @@
 """Sources: presets, local url lists with various column names, filters, sampling, offline behaviour."""
 
-import io
 import json
 import time
 
 import pandas as pd
 import pytest
+from hubfixtures import (  # noqa: F401 - fake_hub and hf_env are fixtures, used by name
+    TOKEN,
+    downloads,
+    fake_hub,
+    hf_env,
+    laion_like,
+    no_offline_env,
+    tar_bytes,
+)
 
-from pipeline.hub import materialize_webdataset
+from pipeline.errors import SourceAccessError, SourceError, SourceUnavailableError
+from pipeline.hub import check_reachable
 from pipeline.sources import (
-    OFFLINE_ENV_VARS,
     PRESETS,
     Source,
-    SourceAccessError,
-    SourceError,
-    SourceUnavailableError,
-    check_reachable,
     list_presets,
     prepare_url_list,
     read_url_list_report,
     resolve_source,
 )
-
-
-def _no_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in OFFLINE_ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
+from pipeline.webdataset import materialize_webdataset
 
 
 def _closed_port() -> int:
@@ -131,7 +131,7 @@ def test_presets_are_documented():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "ECLIPSE_OFFLINE"])
 def test_internet_preset_fails_fast_when_offline(tmp_path, monkeypatch, name, flag):
-    _no_offline_env(monkeypatch)
+    no_offline_env(monkeypatch)
     monkeypatch.setenv(flag, "1")  # refused before any network call
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
     src = resolve_source(name, metadata_dir=str(tmp_path / "empty"))
@@ -146,7 +146,7 @@ def test_internet_preset_fails_fast_when_offline(tmp_path, monkeypatch, name, fl
 
 
 def test_unreachable_host_fails_fast(tmp_path, monkeypatch):
-    _no_offline_env(monkeypatch)
+    no_offline_env(monkeypatch)
     port = _closed_port()  # loopback, nothing listening: a real probe, no internet involved
     src = Source(name="remote", files=(f"http://127.0.0.1:{port}/meta.parquet",), file_format="parquet",
                  metadata_dir=str(tmp_path / "cache"))
@@ -158,38 +158,11 @@ def test_unreachable_host_fails_fast(tmp_path, monkeypatch):
         check_reachable(f"http://127.0.0.1:{port}/", timeout=1.0)
 
 
-def _laion_like(n: int, offset: int, seed: int) -> pd.DataFrame:
-    """Rows in LAION-HighRes's column layout; every 5th row violates one filter."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    i = np.arange(offset, offset + n)
-    df = pd.DataFrame({
-        "URL": [f"http://laion/{k}.jpg" for k in i],
-        "TEXT": [f"picture number {k}" for k in i],
-        "WIDTH": rng.integers(1024, 4000, n).astype(float),
-        "HEIGHT": rng.integers(1024, 4000, n).astype(float),
-        "similarity": rng.random(n),
-        "hash": rng.integers(-(2**62), 2**62, n),
-        "punsafe": rng.random(n) * 0.3,
-        "pwatermark": rng.random(n) * 0.5,
-        "LANGUAGE": ["en"] * n,
-    })
-    bad = i % 5 == 0
-    kinds = (i // 5) % 5
-    df.loc[bad & (kinds == 0), "LANGUAGE"] = "de"
-    df.loc[bad & (kinds == 1), "punsafe"] = 0.9
-    df.loc[bad & (kinds == 2), "pwatermark"] = 0.95
-    df.loc[bad & (kinds == 3), "WIDTH"] = 512.0
-    df.loc[bad & (kinds == 4), "TEXT"] = "hi"  # shorter than min_caption_chars=5
-    return df
-
-
 def test_laion_preset_filters_and_seeded_nested_sample(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # metadata is local: no network needed or allowed
     meta = tmp_path / "meta"
     meta.mkdir()
-    a, b = _laion_like(200, 0, 1), _laion_like(200, 200, 2)
+    a, b = laion_like(200, 0, 1), laion_like(200, 200, 2)
     b = pd.concat([b, a.iloc[[1, 2, 3]]], ignore_index=True)  # cross-file duplicates
     a.to_parquet(meta / "part-00000.parquet")
     b.to_parquet(meta / "part-00001.parquet")
@@ -236,72 +209,7 @@ def test_prepare_is_deterministic_and_atomic(tmp_path):
 # ---------------------------------------------------------------------------- the hub, with the real client
 
 
-LAION = "laion/laion-high-resolution"
-TOKEN = "hf_granted_reader"
-
-
-@pytest.fixture(scope="module")
-def fake_hub(tmp_path_factory):
-    """A loopback hub (tests/fakehub.py, its own process) with a gated LAION-HighRes and a cc3m webdataset copy."""
-    from fakehub import FakeHub
-    from wdsfixtures import render
-
-    hub = FakeHub(tmp_path_factory.mktemp("hub"), page_size=2)  # 2 entries a page: the listing must paginate
-    for i in range(3):  # names as after the restore; nothing like the old part-000NN-5d6701c4 names
-        buf = io.BytesIO()
-        _laion_like(40, 40 * i, i).to_parquet(buf)
-        hub.add_file(LAION, f"data/train-{i:05d}-of-00003-restored.parquet", buf.getvalue())
-    hub.add_file(LAION, "README.md", b"# LAION-HighRes\n")
-    hub.gate(LAION, [TOKEN])
-    for t in range(2):  # the real copy's layout: KEY.jpg + KEY.txt, no json, keys unique across tars
-        members = {}
-        for j in range(3):
-            key = f"{t * 3 + j:09d}"
-            members[f"{key}.jpg"] = render(10 * t + j)
-            if (t, j) != (1, 2):  # one sample without a caption: counted as failed, never encoded
-                members[f"{key}.txt"] = f"a picture, number {t * 3 + j}".encode()
-        hub.add_file("pixparse/cc3m-wds", f"cc3m-train-{t:04d}.tar", _tar(members))
-    hub.add_file("pixparse/cc3m-wds", "cc3m-validation-0000.tar", _tar({"v.jpg": render(99), "v.txt": b"val"}))
-    with hub:
-        yield hub
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-@pytest.fixture
-def hf_env(fake_hub, tmp_path, monkeypatch):
-    """The client pointed at the fake hub, with an empty cache and no login; returns the login token file."""
-    import huggingface_hub.constants
-
-    _no_offline_env(monkeypatch)
-    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    token_file = tmp_path / "hf-home" / "token"  # where `huggingface-cli login` saves the token
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(token_file))
-    # huggingface_hub reads HF_HUB_OFFLINE once, at its first import (maybe under another test's setting);
-    # our own code reads the variable at each call, which is what these tests set.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    fake_hub.clear_log()
-    return token_file
-
-
-def _downloads(hub) -> list[str]:
-    return [r for r in hub.requests() if "/resolve/" in r or r.startswith("GET /cdn/")]
-
-
-def test_gated_repo_refused_without_token_then_login_or_hf_token(fake_hub, hf_env, tmp_path, monkeypatch):
+def test_gated_repo_refused_without_token_then_login_or_hf_token(fake_hub, hf_env, tmp_path, monkeypatch):  # noqa: F811 - fixtures by name
     src = resolve_source("laion-highres-5m", sample_size=30)
     with pytest.raises(SourceAccessError, match=r"gated.*HTTP 401.*terms.*huggingface-cli login.*HF_TOKEN"):
         prepare_url_list(src, tmp_path / "o")
@@ -323,7 +231,7 @@ def test_gated_repo_refused_without_token_then_login_or_hf_token(fake_hub, hf_en
     assert any(r.endswith(" auth") for r in fake_hub.requests() if "/resolve/" in r)
 
 
-def test_hub_preset_lists_renamed_parts_keeps_filters_and_reuses_cache(fake_hub, hf_env, tmp_path, monkeypatch):
+def test_hub_preset_lists_renamed_parts_keeps_filters_and_reuses_cache(fake_hub, hf_env, tmp_path, monkeypatch):  # noqa: F811 - fixtures by name
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     src = resolve_source("laion-highres-5m", sample_size=1000)  # more than there are: every row that passes
     df = pd.read_parquet(prepare_url_list(src, tmp_path / "o1"))
@@ -333,12 +241,12 @@ def test_hub_preset_lists_renamed_parts_keeps_filters_and_reuses_cache(fake_hub,
     assert (df["LANGUAGE"] == "en").all() and (df["WIDTH"] >= 1024).all() and len(df) == rep["rows_written"] < 120
     tree_pages = [r for r in fake_hub.requests() if "/tree/" in r]
     assert len(tree_pages) == 2  # 4 files, 2 a page: the listing followed the Link header
-    assert len([r for r in _downloads(fake_hub) if r.startswith("GET /cdn/")]) == 3  # README not fetched
+    assert len([r for r in downloads(fake_hub) if r.startswith("GET /cdn/")]) == 3  # README not fetched
 
     fake_hub.clear_log()
     again = pd.read_parquet(prepare_url_list(src, tmp_path / "o2"))
     assert again.equals(df)
-    assert _downloads(fake_hub) == []  # second run: the cache, not one file request
+    assert downloads(fake_hub) == []  # second run: the cache, not one file request
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the cached snapshot, no request at all
     fake_hub.clear_log()
@@ -347,7 +255,7 @@ def test_hub_preset_lists_renamed_parts_keeps_filters_and_reuses_cache(fake_hub,
 
 
 def test_unreachable_hub_says_so_and_suggests_metadata_dir(tmp_path, monkeypatch):
-    _no_offline_env(monkeypatch)
+    no_offline_env(monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     t0 = time.monotonic()
@@ -361,9 +269,9 @@ def test_metadata_dir_files_are_recognised_by_pattern(tmp_path, monkeypatch):
     meta = tmp_path / "meta"
     (meta / "sub").mkdir(parents=True)
     (meta / ".cache" / "huggingface").mkdir(parents=True)  # what `huggingface-cli download --local-dir` leaves
-    _laion_like(20, 0, 1).to_parquet(meta / "whatever-name-1.parquet")
-    _laion_like(20, 20, 2).to_parquet(meta / "sub" / "part-x.snappy.parquet")
-    _laion_like(20, 40, 3).to_parquet(meta / ".cache" / "huggingface" / "stale.parquet")
+    laion_like(20, 0, 1).to_parquet(meta / "whatever-name-1.parquet")
+    laion_like(20, 20, 2).to_parquet(meta / "sub" / "part-x.snappy.parquet")
+    laion_like(20, 40, 3).to_parquet(meta / ".cache" / "huggingface" / "stale.parquet")
     (meta / "notes.txt").write_text("not metadata")
     out = prepare_url_list(resolve_source("laion-highres-5m", metadata_dir=str(meta), sample_size=100), tmp_path)
     assert read_url_list_report(out)["rows_read"] == 40
@@ -376,53 +284,6 @@ def test_cli_and_deployment_take_metadata_dir():
     for cmd in (["download", "cc3m", "--out", "o"], ["precompute", "--urls", "cc3m", "--out", "o", "--encoder", "x"]):
         assert build_parser().parse_args([*cmd, "--metadata-dir", "/data/cc3m"]).metadata_dir == "/data/cc3m"
     assert DownloadParams(metadata_dir="/data/laion").metadata_dir == "/data/laion"
-
-
-def test_webdataset_from_the_hub_encoded_end_to_end(fake_hub, hf_env, tmp_path):
-    from pipeline.download import download_main
-    from pipeline.encode import EncodeConfig, encode_shard, image_shards
-    from storage_schema import EmbeddingStore
-
-    images = tmp_path / "images"
-    summary = download_main("cc3m", images)
-    assert [s.count for s in summary.shards] == [3, 3] and summary.successes == 5 and summary.failed_to_download == 1
-    assert sorted(p.name for p in images.iterdir() if not p.name.startswith("_")) == [
-        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
-    assert not any("validation" in r for r in fake_hub.requests())  # the glob picked the train split only
-    assert pd.read_parquet(images / "00001.parquet")["status"].tolist() == ["success", "success", "failed_to_download"]
-    assert not (images / "_pipeline" / "url_list.parquet").exists()  # no url list, no img2dataset pass
-
-    store = tmp_path / "store"
-    for tar in image_shards(images):
-        encode_shard(tar, store, EncodeConfig(encoder="tiny-clip", batch_size=4))
-    es = EmbeddingStore(store)
-    assert es.num_rows == 5
-    keys = sorted(k for _, ks in es.keys() for k in ks)
-    assert keys == [f"{i:09d}" for i in range(5)]  # 000000005 had no caption
-
-    fake_hub.clear_log()
-    again = download_main("cc3m", images)  # complete: read back from the folder, the hub is not asked
-    assert again.new_shards == [] and again.successes == 5 and fake_hub.requests() == []
-
-
-def test_webdataset_resumes_and_takes_hand_placed_tars(fake_hub, hf_env, tmp_path, monkeypatch):
-    from pipeline.download import download_main
-
-    images = tmp_path / "images"
-    download_main("cc3m", images, source_options={"max_files": 1})
-    assert sorted(p.name for p in images.glob("*.tar")) == ["00000.tar"]
-
-    # Offline, with the tars downloaded by hand under other folders: linked, not fetched.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    manual = tmp_path / "manual" / "nested"
-    manual.mkdir(parents=True)
-    for t in range(2):
-        (manual / f"cc3m-train-{t:04d}.tar").write_bytes(
-            (fake_hub.root / "datasets" / "pixparse" / "cc3m-wds" / f"cc3m-train-{t:04d}.tar").read_bytes())
-    fake_hub.clear_log()
-    s = download_main("cc3m", tmp_path / "images2", source_options={"metadata_dir": str(tmp_path / "manual")})
-    assert s.successes == 5 and fake_hub.requests() == []
-    assert (tmp_path / "images2" / "00001.tar").stat().st_ino == (manual / "cc3m-train-0001.tar").stat().st_ino
 
 
 def test_mscoco_every_caption_becomes_a_pair(tmp_path):
@@ -445,7 +306,7 @@ def test_mscoco_every_caption_becomes_a_pair(tmp_path):
         members[f"{key}.json"] = json.dumps({"url": row["url"], "alt_captions": list(row["alt_captions"])}).encode()
     tar = tmp_path / "img" / "00000.tar"
     tar.parent.mkdir()
-    tar.write_bytes(_tar(members))
+    tar.write_bytes(tar_bytes(members))
     cfg = EncodeConfig(encoder="tiny-clip", batch_size=4)
     assert encode_shard(tar, tmp_path / "all", cfg).rows == 10  # 2 images x 5 captions
     caps = {}
