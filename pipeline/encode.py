@@ -7,6 +7,7 @@ alike: `shards_to_encode` picks the shards, `encode_shard_retrying` retries tran
 `collect_shards` stops the run on a permanent one.
 """
 
+import hashlib
 import io
 import logging
 import queue
@@ -32,12 +33,13 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SHARD_ATTEMPTS = 3  # a shard failing for a transient reason (a timeout, a worker that died) is tried twice more
 RETRY_DELAY_S = 5.0  # the pause before the second attempt; doubled before each later one
+ROWS_PER_ITEM = 8  # rows a producer item may hold, in batches: bounds memory when rows keep reusing images
 
 
 @dataclass
 class EncodeConfig:
     encoder: str  # preset name, `open_clip:<model>[/<tag>]`, or an encoder folder
-    batch_size: int = 64
+    batch_size: int = 64  # images per image-tower batch, captions per text-tower batch
     device: str | None = None  # default: cuda if present, else cpu
     dtype: str | None = None  # default: fp16 on GPU, fp32 on CPU
     decode_threads: int = 2  # image decoding + preprocessing threads, overlapped with the model
@@ -63,6 +65,7 @@ class ShardResult:
     status: str  # "written" | "already-done"
     rows: int = 0
     skipped: list[dict] = field(default_factory=list)  # {"key", "reason"}
+    images: int = 0  # distinct images encoded (fewer than rows where rows share an image)
 
 
 def image_shards(image_dir: str | Path) -> list[Path]:
@@ -116,58 +119,101 @@ def iter_webdataset(tar_path: Path, alt_captions: bool = False) -> Iterator[Samp
     yield from flush()
 
 
-def _decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
+def _row_problem(sample: Sample) -> str | None:
+    """Why a row cannot become a pair before its image is even looked at (None: it can)."""
     if sample.caption is None or not sample.caption.strip():
-        return None, "missing or empty caption"
+        return "missing or empty caption"
     if sample.image is None:
-        return None, "no image in the sample"
+        return "no image in the sample"
+    return None
+
+
+def _decode(data: bytes) -> tuple[Image.Image | None, str | None]:
     try:
-        with Image.open(io.BytesIO(sample.image)) as im:
+        with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB"), None
     except Exception as e:  # PIL raises many types for broken files
         return None, f"corrupt image: {type(e).__name__}: {e}"
 
 
+@dataclass
+class _Work:
+    """One item from the producer: rows whose images are all encoded once this item's are."""
+
+    rows: list[Sample]
+    image_index: list[int]  # per row: its distinct image's position among the shard's images
+    pixels: torch.Tensor | None  # the images first seen in this item, preprocessed, in index order
+
+
 def _batches(tar_path: Path, encoder, cfg: EncodeConfig, skipped: list[dict], out: queue.Queue, stop):
-    """Producer thread: read the tar, decode and preprocess batches, hand them to the model."""
+    """Producer thread: read the tar, decode and preprocess each distinct image once, hand work to the model.
+
+    Rows that carry the same image bytes (MS-COCO's five captions of one image, or one image under
+    two urls) share one decode, one preprocess and one image-tower row: an image is named by a
+    digest of its bytes, and its embedding is a function of those bytes alone. An item closes when
+    it holds `batch_size` new images (so the image tower gets full batches) or `ROWS_PER_ITEM` rows.
+    """
     try:
         with ThreadPoolExecutor(cfg.decode_threads) as pool:
-            pending: list[Sample] = []
+            index_of: dict[bytes, int] = {}  # image digest -> its position among the shard's images
+            broken: dict[bytes, str] = {}  # image digest -> why it cannot be decoded
+            new: dict[bytes, bytes] = {}  # digest -> bytes of the images first seen in this item
+            rows: list[tuple[Sample, bytes | str]] = []  # (row, its image's digest or why the row is skipped)
 
-            def emit(samples: list[Sample]) -> None:
-                good, images = [], []
-                for s, (img, reason) in zip(samples, pool.map(_decode, samples), strict=True):
+            def emit() -> None:
+                images = []
+                for digest, (img, reason) in zip(new, pool.map(_decode, new.values()), strict=True):
                     if reason:
-                        skipped.append({"key": s.key, "reason": reason})
+                        broken[digest] = reason
                     else:
-                        good.append(s)
+                        index_of[digest] = len(index_of)
                         images.append(img)
+                good, index = [], []
+                for sample, ref in rows:
+                    reason = ref if isinstance(ref, str) else broken.get(ref)
+                    if reason:
+                        skipped.append({"key": sample.key, "reason": reason})
+                    else:
+                        good.append(sample)
+                        index.append(index_of[ref])
                 if good:
-                    out.put((good, encoder.preprocess(images)))
+                    out.put(_Work(good, index, encoder.preprocess(images) if images else None))
+                new.clear()
+                rows.clear()
 
             for sample in iter_webdataset(tar_path, cfg.alt_captions):
                 if stop.is_set():
                     return
-                pending.append(sample)
-                if len(pending) == cfg.batch_size:
-                    emit(pending)
-                    pending = []
-            if pending:
-                emit(pending)
+                problem = _row_problem(sample)
+                if problem:
+                    rows.append((sample, problem))
+                else:
+                    digest = hashlib.blake2b(sample.image, digest_size=16).digest()
+                    if digest not in index_of and digest not in broken:
+                        new.setdefault(digest, sample.image)
+                    rows.append((sample, digest))
+                if len(new) == cfg.batch_size or len(rows) >= ROWS_PER_ITEM * cfg.batch_size:
+                    emit()
+            if rows:
+                emit()
         out.put(None)
     except BaseException as e:  # surface producer errors in the consumer
         out.put(e)
 
 
 def encode_shard(tar_path: str | Path, store_dir: str | Path, cfg: EncodeConfig) -> ShardResult:
-    """Encode one image shard into the store (atomic; a finished shard is not redone)."""
+    """Encode one image shard into the store (atomic; a finished shard is not redone).
+
+    The image tower runs once per distinct image of the shard, the text tower once per row.
+    """
     from pipeline.encoders import get_encoder
 
     tar_path = Path(tar_path)
     name = tar_path.name.removesuffix(".tar")
     manifest = read_manifest(Path(store_dir))
     if manifest and f"{name}.parquet" in manifest["shards"]:
-        return ShardResult(name, "already-done", manifest["shards"][f"{name}.parquet"]["rows"])
+        entry = manifest["shards"][f"{name}.parquet"]
+        return ShardResult(name, "already-done", entry["rows"], images=entry.get("images", 0))
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     encoder = get_encoder(cfg.encoder, cfg.device, cfg.dtype)
@@ -178,23 +224,25 @@ def encode_shard(tar_path: str | Path, store_dir: str | Path, cfg: EncodeConfig)
     stop = threading.Event()
     producer = threading.Thread(target=_batches, args=(tar_path, encoder, cfg, skipped, q, stop), daemon=True)
     producer.start()
-    keys, captions, urls, img_parts, txt_parts, hidden, truncated = [], [], [], [], [], [], []
+    keys, captions, urls, img_parts, row_image, txt_parts, hidden, truncated = [], [], [], [], [], [], [], []
     try:
         with torch.inference_mode():
             while (item := q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                samples, pixels = item
-                caps = [s.caption.strip() for s in samples]
-                img = encoder.encode_images(pixels)
-                txt = encoder.encode_texts(caps)
-                img_parts.append(img.to(torch.float16).cpu().numpy())
-                txt_parts.append(txt.text_embeds.to(torch.float16).cpu().numpy())
-                hidden += [h.astype(np.float16, copy=False) for h in txt.hidden]
-                truncated += txt.truncated
-                keys += [s.key for s in samples]
-                captions += caps
-                urls += [s.url for s in samples]
+                if item.pixels is not None:
+                    img_parts.append(encoder.encode_images(item.pixels).to(torch.float16).cpu().numpy())
+                row_image += item.image_index
+                for start in range(0, len(item.rows), cfg.batch_size):
+                    samples = item.rows[start : start + cfg.batch_size]
+                    caps = [s.caption.strip() for s in samples]
+                    txt = encoder.encode_texts(caps)
+                    txt_parts.append(txt.text_embeds.to(torch.float16).cpu().numpy())
+                    hidden += [h.astype(np.float16, copy=False) for h in txt.hidden]
+                    truncated += txt.truncated
+                    keys += [s.key for s in samples]
+                    captions += caps
+                    urls += [s.url for s in samples]
     finally:
         stop.set()
         while producer.is_alive():  # unblock a producer waiting on a full queue
@@ -204,16 +252,17 @@ def encode_shard(tar_path: str | Path, store_dir: str | Path, cfg: EncodeConfig)
                 pass
     producer.join()
     info = encoder.info
+    images = np.concatenate(img_parts) if img_parts else np.zeros((0, info.image_dim), np.float16)
     table = build_table(
         info, keys, captions,
-        np.concatenate(img_parts) if img_parts else np.zeros((0, info.image_dim), np.float16),
+        images[np.asarray(row_image, dtype=np.int64)],
         np.concatenate(txt_parts) if txt_parts else np.zeros((0, info.text_dim), np.float16),
         hidden, truncated, urls,
     )
-    writer.write_shard(name, table, extra={"source": tar_path.name, "skipped": skipped})
+    writer.write_shard(name, table, extra={"source": tar_path.name, "images": len(images), "skipped": skipped})
     if skipped:
         log.warning("shard %s: skipped %d samples (first: %s)", name, len(skipped), skipped[0])
-    return ShardResult(name, "written", table.num_rows, skipped)
+    return ShardResult(name, "written", table.num_rows, skipped, images=len(images))
 
 
 class EncodeFailed(PermanentError, RuntimeError):

@@ -240,3 +240,75 @@ def test_sigkill_mid_encode_then_rerun_gives_the_same_rows(tmp_path):
     assert len(resumed) == n_shards * 24 and resumed.keys() == clean.keys()
     for k in clean:
         assert np.array_equal(resumed[k]["img"], clean[k]["img"]) and np.array_equal(resumed[k]["txt"], clean[k]["txt"])
+
+
+def _shared_image_shard(path: Path) -> Path:
+    """MS-COCO-like rows: each image with alt captions, a broken image with two, one image under a second key."""
+    samples = [{"key": f"img{i}", "jpg": render(100 + i), "txt": f"caption {i}", "url": f"http://h/{i}",
+                "alt_captions": [f"caption {i} again", f"caption {i} once more"]} for i in range(6)]
+    broken = {"key": "broken", "jpg": b"\xff\xd8 not really a jpeg", "txt": "lost", "alt_captions": ["lost too"]}
+    samples.insert(3, broken)
+    samples.append({"key": "copy", "jpg": samples[0]["jpg"], "txt": "the first image under another key"})
+    return write_tar(path, samples)
+
+
+def _count_image_rows(monkeypatch, encoder) -> list[int]:
+    seen: list[int] = []
+    real_encode, real_pre = encoder.encode_images, encoder.preprocess
+    monkeypatch.setattr(encoder, "encode_images", lambda px: seen.append(len(px)) or real_encode(px))
+    monkeypatch.setattr(encoder, "preprocess", lambda ims: (seen.append(-len(ims)), real_pre(ims))[1])
+    return seen
+
+
+def test_the_image_tower_runs_once_per_distinct_image(tmp_path, monkeypatch):
+    from pipeline.encoders import get_encoder
+
+    tar = _shared_image_shard(tmp_path / "00000.tar")
+    calls = _count_image_rows(monkeypatch, get_encoder(CFG.encoder))
+    res = encode_shard(tar, tmp_path / "store", CFG)
+    assert res.rows == 6 * 3 + 1 and res.images == 6
+    assert sum(n for n in calls if n > 0) == 6  # image-tower rows: one per distinct decodable image
+    assert -sum(n for n in calls if n < 0) == 6  # preprocess: the same images, once each
+    assert all(n <= CFG.batch_size for n in calls if n > 0)
+    assert read_manifest(tmp_path / "store")["shards"]["00000.parquet"]["images"] == 6
+    assert sorted(s["key"] for s in res.skipped) == ["broken", "broken#1"]
+    assert {s["reason"] for s in res.skipped} == {next(s["reason"] for s in res.skipped)}
+    assert next(s["reason"] for s in res.skipped).startswith("corrupt image")
+
+
+def test_rows_sharing_an_image_are_the_rows_encoding_each_row_apart_gives(tmp_path):
+    """The reference is the old path: every row's image through the image tower, in row batches.
+
+    Image embeddings must match bit for bit. The text tower's batches now start at other rows (a producer
+    item holds whole images' rows), and a batch padded to another longest caption may move the last fp16
+    bit of a value, as it always could between two batchings: text is compared to within 1e-3.
+    """
+    tar = _shared_image_shard(tmp_path / "00000.tar")
+    encode_shard(tar, tmp_path / "store", CFG)
+    got = _rows(tmp_path / "store")
+    enc = load_encoder(CFG.encoder)
+    samples = [s for s in iter_webdataset(tar, alt_captions=True) if not s.key.startswith("broken")]
+    assert list(got) == [s.key for s in samples]  # the rows, in the tar's order
+    with torch.inference_mode():
+        for start in range(0, len(samples), CFG.batch_size):
+            part = samples[start : start + CFG.batch_size]
+            px = enc.preprocess([Image.open(io.BytesIO(s.image)).convert("RGB") for s in part])
+            img = enc.encode_images(px).to(torch.float16).numpy()
+            txt = enc.encode_texts([s.caption for s in part])
+            for i, s in enumerate(part):
+                np.testing.assert_array_equal(got[s.key]["img"], img[i])
+                np.testing.assert_allclose(got[s.key]["txt"], txt.text_embeds[i].to(torch.float16).numpy(), atol=1e-3)
+                np.testing.assert_allclose(got[s.key]["hid"], txt.hidden[i].astype(np.float16), atol=1e-3)
+                assert got[s.key]["caption"] == s.caption
+
+
+def test_many_rows_of_one_image_are_encoded_in_bounded_items(tmp_path, monkeypatch):
+    from pipeline.encoders import get_encoder
+
+    captions = [f"caption {i}" for i in range(40)]  # more than ROWS_PER_ITEM batches of rows
+    tar = write_tar(tmp_path / "00000.tar", [{"key": "one", "jpg": render(7), "txt": captions[0],
+                                              "alt_captions": captions[1:]}])
+    calls = _count_image_rows(monkeypatch, get_encoder(CFG.encoder))
+    res = encode_shard(tar, tmp_path / "store", CFG)
+    assert (res.rows, res.images, [n for n in calls if n > 0]) == (40, 1, [1])
+    assert [c for c in next(EmbeddingStore(tmp_path / "store").iter_batches(64, pad_to=None))["caption"]] == captions

@@ -18,7 +18,7 @@ def render(seed: int, size: int = 40) -> bytes:
 
 
 def write_tar(path: Path, samples: list[dict], finished: bool = True) -> Path:
-    """samples: dicts with key, and optionally jpg (bytes), txt (str), url.
+    """samples: dicts with key, and optionally jpg (bytes), txt (str), url, alt_captions (list of str).
 
     `finished` writes NNNNN_stats.json beside the tar, as img2dataset does once a shard is done.
     """
@@ -30,7 +30,10 @@ def write_tar(path: Path, samples: list[dict], finished: bool = True) -> Path:
                 files["jpg"] = s["jpg"]
             if s.get("txt") is not None:
                 files["txt"] = s["txt"].encode()
-            files["json"] = json.dumps({"key": s["key"], "url": s.get("url")}).encode()
+            meta = {"key": s["key"], "url": s.get("url")}
+            if s.get("alt_captions"):  # img2dataset saves the url list's extra columns in KEY.json
+                meta["alt_captions"] = s["alt_captions"]
+            files["json"] = json.dumps(meta).encode()
             for ext, data in files.items():
                 info = tarfile.TarInfo(f"{s['key']}.{ext}")
                 info.size = len(data)
