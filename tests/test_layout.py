@@ -1,4 +1,5 @@
-"""The package layering: each package imports only packages below it (function-level imports too)."""
+"""The package layering: each package imports only packages below it, and the modules of one package form no
+import circle (function-level imports count in both)."""
 
 import ast
 from pathlib import Path
@@ -44,6 +45,81 @@ def test_the_check_sees_function_level_imports(tmp_path):
     mod = tmp_path / "m.py"
     mod.write_text("import os\n\ndef f():\n    from flows.demo import demo\n    import cli.main\n")
     assert imported_packages(mod) == {"os", "flows", "cli"}
+
+
+def module_imports(package_dir: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports, wherever the import sits (module, function, branch).
+
+    `from pkg import x` names module pkg/x.py when there is one (else pkg/__init__.py); `from pkg.a import y`
+    names pkg/a.py; relative imports are resolved against the package.
+    """
+    package = package_dir.name
+    modules = {".".join(p.relative_to(package_dir.parent).with_suffix("").parts): p
+               for p in sorted(package_dir.rglob("*.py"))}
+    modules = {name.removesuffix(".__init__"): p for name, p in modules.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join([*parent, *([base] if base else [])])
+                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:  # pkg.mod.func -> pkg.mod
+                    target = target.rpartition(".")[0]
+                if target and target != name and target.split(".")[0] == package:
+                    found.add(target)
+                    break
+        graph[name] = found
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every circle of the graph, once each (as a path a -> b -> ... -> a, starting at its smallest module)."""
+    cycles: set[tuple[str, ...]] = set()
+
+    def walk(start: str, node: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                cycles.add(tuple(path))
+            elif nxt > start and nxt not in path:  # each circle is found from its smallest module only
+                walk(start, nxt, [*path, nxt])
+
+    for start in sorted(graph):
+        walk(start, start, [start])
+    return [[*c, c[0]] for c in sorted(cycles)]
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_no_import_circle_between_modules_of_a_package(package):
+    cycles = import_cycles(module_imports(ROOT / package))
+    assert cycles == [], "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_circle_check_sees_function_level_and_package_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import os\nfrom pkg.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from pkg import c\n")
+    (pkg / "c.py").write_text("def g():\n    import pkg.a\n")
+    (pkg / "d.py").write_text("from .sub.e import h\nfrom pkg import a\n")
+    (pkg / "sub" / "e.py").write_text("def h():\n    from ..d import x\n")
+    graph = module_imports(pkg)
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.c"} and graph["pkg.sub.e"] == {"pkg.d"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"], ["pkg.d", "pkg.sub.e", "pkg.d"]]
+    (pkg / "c.py").write_text("def g():\n    import os\n")
+    (pkg / "sub" / "e.py").write_text("")
+    assert import_cycles(module_imports(pkg)) == []
 
 
 def architecture_paths() -> set[str]:
