@@ -17,6 +17,7 @@ from storage_schema.schema import (
     COLUMNS,
     IMAGE_EMBED,
     KEY,
+    SCHEMA_VERSION,
     TEXT_EMBED,
     TEXT_HIDDEN,
     TEXT_LEN,
@@ -25,6 +26,7 @@ from storage_schema.schema import (
     EncoderInfo,
     arrow_schema,
     read_file_metadata,
+    version_problem,
 )
 from storage_schema.writer import StoreError, file_sha256, read_manifest
 
@@ -99,6 +101,8 @@ class EmbeddingStore:
             self.encoder = EncoderInfo.from_dict(manifest["encoder"])
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{self.dir}: manifest has no valid encoder description ({e})") from e
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{self.dir}: {version_problem(manifest.get('schema_version'))}")
         self.manifest = manifest
         self.schema = arrow_schema(self.encoder)
         self.shards: list[str] = sorted(manifest["shards"])
@@ -141,14 +145,17 @@ class EmbeddingStore:
         drop_last: bool = False,
         shards: Sequence[str] | None = None,
         row_filter=None,
+        packed: bool = False,
     ) -> Iterator[dict[str, np.ndarray]]:
         """One pass over this rank's part of the store, as dicts of numpy arrays.
 
         Ranks take disjoint shards (shard order is shuffled with seed+epoch, the same on
         every rank). Shuffling mixes rows within a buffer of `buffer_size` rows.
         `text_hidden` comes back padded to `pad_to` (default: the longest row of the
-        batch) as [B, L, H] fp16 with `text_mask` [B, L]. `row_filter(keys) -> bool mask`
-        keeps a subset of rows (e.g. a held-out split).
+        batch) as [B, L, H] fp16 with `text_mask` [B, L]; with `packed=True` it is the
+        batch's real tokens one row after another, [sum(text_len), H] fp16, with `text_len`
+        [B] and no mask or padding (one copy of the payload; `pad_to` only bounds text_len).
+        `row_filter(keys) -> bool mask` keeps a subset of rows (e.g. a held-out split).
         """
         cols = list(columns) if columns else list(COLUMNS)
         unknown = set(cols) - set(COLUMNS)
@@ -168,31 +175,40 @@ class EmbeddingStore:
                     f"{len(order)} shards cannot be split over {world_size} ranks; write more, smaller shards"
                 )
             order = order[rank::world_size]
-        pending: list[dict[str, np.ndarray]] = []
-        pending_rows = 0
+        # The buffer holds references (chunk, row) to rows of the chunks read so far; a batch gathers
+        # its rows straight from the chunks (one copy per batch, none when its rows are one slice).
+        chunks: dict[int, dict[str, np.ndarray]] = {}
+        ref_chunk, ref_row = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         target = max(buffer_size, batch_size) if shuffle else batch_size
-        for chunk in self._iter_chunks(order, read_cols, row_filter):
-            pending.append(chunk)
-            pending_rows += len(chunk[read_cols[0]])
-            if pending_rows < target:
+
+        def emit(start: int, stop: int) -> dict[str, np.ndarray]:
+            part = _gather(chunks, ref_chunk[start:stop], ref_row[start:stop])
+            return self._finish(part, cols, pad_to, packed)
+
+        for n_chunk, chunk in enumerate(self._iter_chunks(order, read_cols, row_filter)):
+            rows = len(chunk[read_cols[0]])
+            chunks[n_chunk] = chunk
+            ref_chunk = np.concatenate([ref_chunk, np.full(rows, n_chunk, dtype=np.int64)])
+            ref_row = np.concatenate([ref_row, np.arange(rows, dtype=np.int64)])
+            if len(ref_row) < target:
                 continue
-            merged = _concat(pending)
             if shuffle:
-                merged = _take(merged, rng.permutation(pending_rows))
-            n_full = (pending_rows // batch_size) * batch_size
+                perm = rng.permutation(len(ref_row))
+                ref_chunk, ref_row = ref_chunk[perm], ref_row[perm]
+            n_full = (len(ref_row) // batch_size) * batch_size
             for start in range(0, n_full, batch_size):
-                yield self._finish(_slice(merged, start, start + batch_size), cols, pad_to)
-            pending = [_slice(merged, n_full, pending_rows)] if n_full < pending_rows else []
-            pending_rows -= n_full
-        if pending_rows:
-            merged = _concat(pending)
+                yield emit(start, start + batch_size)
+            ref_chunk, ref_row = ref_chunk[n_full:], ref_row[n_full:]
+            chunks = {c: chunks[c] for c in np.unique(ref_chunk).tolist()}  # release fully used chunks
+        if len(ref_row):
             if shuffle:
-                merged = _take(merged, rng.permutation(pending_rows))
-            for start in range(0, pending_rows, batch_size):
-                part = _slice(merged, start, min(start + batch_size, pending_rows))
-                if drop_last and len(part[read_cols[0]]) < batch_size:
+                perm = rng.permutation(len(ref_row))
+                ref_chunk, ref_row = ref_chunk[perm], ref_row[perm]
+            for start in range(0, len(ref_row), batch_size):
+                stop = min(start + batch_size, len(ref_row))
+                if drop_last and stop - start < batch_size:
                     break
-                yield self._finish(part, cols, pad_to)
+                yield emit(start, stop)
 
     def _iter_chunks(self, order, read_cols, row_filter) -> Iterator[dict[str, np.ndarray]]:
         for name in order:
@@ -209,13 +225,19 @@ class EmbeddingStore:
                         continue
                 yield chunk
 
-    def _finish(self, part: dict, cols: list[str], pad_to: int | None) -> dict[str, np.ndarray]:
+    def _finish(self, part: dict, cols: list[str], pad_to: int | None, packed: bool) -> dict[str, np.ndarray]:
         out = {c: part[c] for c in cols if c != TEXT_HIDDEN}
         if TEXT_HIDDEN in cols:
-            out[TEXT_HIDDEN], out[TEXT_MASK] = _pad_hidden(
-                part[TEXT_HIDDEN], part[TEXT_LEN], self.encoder.hidden_dim, pad_to
-            )
-            out.setdefault(TEXT_LEN, part[TEXT_LEN])
+            lengths = part[TEXT_LEN]
+            if packed:
+                longest = int(lengths.max()) if len(lengths) else 0
+                if pad_to is not None and longest > pad_to:
+                    raise StoreError(f"a caption has {longest} tokens, more than pad_to={pad_to}")
+                out[TEXT_HIDDEN] = _pack_hidden(part[TEXT_HIDDEN], self.encoder.hidden_dim)
+            else:
+                out[TEXT_HIDDEN], out[TEXT_MASK] = _pad_hidden(part[TEXT_HIDDEN], lengths, self.encoder.hidden_dim,
+                                                               pad_to)
+            out.setdefault(TEXT_LEN, lengths)
         return out
 
 
@@ -260,10 +282,30 @@ def _pad_hidden(cells: np.ndarray, lengths: np.ndarray, hidden_dim: int, pad_to:
     return out, mask
 
 
-def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(chunks) == 1:
-        return chunks[0]
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+def _pack_hidden(cells: np.ndarray, hidden_dim: int) -> np.ndarray:
+    """The rows' real tokens one after another: [sum(text_len), H] fp16, one copy of the payload."""
+    if len(cells) == 1:
+        return cells[0].reshape(-1, hidden_dim)
+    return np.concatenate(list(cells)).reshape(-1, hidden_dim)
+
+
+def _gather(chunks: dict[int, dict[str, np.ndarray]], ref_chunk: np.ndarray, ref_row: np.ndarray) -> dict:
+    """Rows (chunk, row) of the buffered chunks as one part: a view if they are one slice of one chunk."""
+    first = int(ref_chunk[0])
+    if (ref_chunk == first).all() and (np.diff(ref_row) == 1).all():
+        return _slice(chunks[first], int(ref_row[0]), int(ref_row[-1]) + 1)
+    used = np.unique(ref_chunk)
+    if len(used) == 1:
+        return _take(chunks[first], ref_row)
+    out = {}
+    for k, v in chunks[first].items():
+        out[k] = np.empty((len(ref_row), *v.shape[1:]), dtype=v.dtype)
+    for c in used.tolist():
+        sel = np.flatnonzero(ref_chunk == c)
+        rows = ref_row[sel]
+        for k, v in chunks[c].items():
+            out[k][sel] = v[rows]
+    return out
 
 
 def _take(chunk: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -24,6 +24,8 @@ from storage_schema.schema import (
     EncoderInfo,
     arrow_schema,
     code_version,
+    embedding_type,
+    version_problem,
 )
 
 ROW_GROUP_ROWS = 512
@@ -63,7 +65,7 @@ def read_manifest(store_dir: Path) -> dict | None:
 
 
 @contextmanager
-def _manifest_lock(store_dir: Path):
+def manifest_lock(store_dir: Path):
     with open(store_dir / _LOCK_NAME, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # Dask workers on one host write shards concurrently
         try:
@@ -76,7 +78,7 @@ def _fixed_list(values: np.ndarray, dim: int, name: str) -> pa.Array:
     values = np.ascontiguousarray(values, dtype=np.float16)
     if values.ndim != 2 or values.shape[1] != dim:
         raise ValueError(f"{name}: expected shape (rows, {dim}), got {values.shape}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=embedding_type(dim))
 
 
 def build_table(
@@ -126,6 +128,21 @@ def build_table(
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write one shard's table as the store lays it out (embeddings uncompressed, strings zstd), fsynced."""
+    pq.write_table(
+        table,
+        path,
+        row_group_size=ROW_GROUP_ROWS,
+        compression={"key": "zstd", "caption": "zstd", "url": "zstd", "image_embed": "none",
+                     "text_embed": "none", "text_hidden": "none", "text_len": "zstd", "truncated": "zstd"},
+        use_dictionary=False,
+        write_statistics=["key"],  # min/max of 50 kB binary cells would bloat the footer
+    )
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 class StoreWriter:
     """Writes shards of one store. Safe to use from several processes on one host."""
 
@@ -147,6 +164,8 @@ class StoreWriter:
     def _check_encoder(self, manifest: dict | None) -> None:
         if manifest is None:
             return
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{self.dir}: refusing to add shards: {version_problem(manifest.get('schema_version'))}")
         existing = EncoderInfo.from_dict(manifest["encoder"])
         if existing != self.info:
             raise StoreError(
@@ -172,17 +191,7 @@ class StoreWriter:
         table = table.replace_schema_metadata(arrow_schema(self.info).metadata)
         file_name = f"{name}.parquet"
         tmp = temp_path(self.dir / file_name)  # hidden from readers; moved into place under the lock
-        pq.write_table(
-            table,
-            tmp,
-            row_group_size=ROW_GROUP_ROWS,
-            compression={"key": "zstd", "caption": "zstd", "url": "zstd", "image_embed": "none",
-                         "text_embed": "none", "text_hidden": "none", "text_len": "zstd", "truncated": "zstd"},
-            use_dictionary=False,
-            write_statistics=["key"],  # min/max of 50 kB binary cells would bloat the footer
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        write_parquet(table, tmp)
         entry = {"rows": table.num_rows, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), **(extra or {})}
         try:
             self._record(file_name, entry, tmp)
@@ -193,7 +202,7 @@ class StoreWriter:
     def _record(self, file_name: str, entry: dict, tmp: Path | None = None) -> None:
         """Under the lock: re-check the encoder (another writer may have started the store since),
         move the finished file into place, then list it in the manifest."""
-        with _manifest_lock(self.dir):
+        with manifest_lock(self.dir):
             manifest = read_manifest(self.dir)
             self._check_encoder(manifest)
             if tmp is not None:

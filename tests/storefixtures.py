@@ -75,3 +75,27 @@ def write_synthetic_store(
                             text.astype(np.float16), hidden, [False] * n)
         writer.write_shard(f"shard-{s:05d}", table)
     return info
+
+
+def downgrade_to_v1(path: Path) -> None:
+    """Rewrite a store as schema version 1 wrote it (nullable list items, version 1 in the metadata and
+    the manifest), so tests can see a v1 store refused and migrated. The values stay the same."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage_schema.schema import MANIFEST_NAME, METADATA_KEY
+    from storage_schema.writer import file_sha256, read_manifest, write_parquet
+
+    manifest = read_manifest(path)
+    for name, entry in manifest["shards"].items():
+        table = pq.read_table(path / name)
+        meta = json.loads(table.schema.metadata[METADATA_KEY])
+        fields = [pa.field(f.name, pa.list_(pa.float16(), f.type.list_size), nullable=False)
+                  if pa.types.is_fixed_size_list(f.type) else f for f in table.schema]
+        v1 = pa.schema(fields, metadata={METADATA_KEY: json.dumps({**meta, "schema_version": 1}).encode()})
+        write_parquet(table.cast(v1).replace_schema_metadata(v1.metadata), path / name)
+        entry.update(bytes=(path / name).stat().st_size, sha256=file_sha256(path / name))
+    manifest["schema_version"] = 1
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))

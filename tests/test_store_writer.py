@@ -39,7 +39,7 @@ def test_round_trip_is_bit_exact_fp16(tmp_path):
 def test_file_metadata_describes_the_encoder(tmp_path):
     info, _ = write_store(tmp_path / "s", shards=1)
     meta = json.loads(pq.read_metadata(tmp_path / "s" / "00000.parquet").metadata[METADATA_KEY])
-    assert meta["schema_version"] == 1
+    assert meta["schema_version"] == 2
     assert meta["encoder"]["image_dim"] == info.image_dim
     assert meta["encoder"]["tokenizer"] == info.tokenizer
     assert "not L2-normalised" in meta["encoder"]["columns"]["image_embed"]
