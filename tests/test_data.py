@@ -151,12 +151,13 @@ def _reference_batch(rows, keys: list[str], width: int) -> tuple[np.ndarray, ...
     return image, text, hidden, mask
 
 
-@pytest.mark.parametrize("mode", ["host-77", "host-longest", "device-77"])
+@pytest.mark.parametrize("mode", ["host-77", "host-longest", "device-77", "device-longest"])
 def test_batches_equal_a_straightforward_reference(store, mode):
     """The batch path (shuffle buffer, padding into pooled memory, zero-copy tensors, padding on the device)
     gives exactly the tensors of plain per-row padding of what pandas reads, in the same order in every mode."""
     rows = _reference_rows(store)
-    kw = {"host-77": {}, "host-longest": {"pad_to": None}, "device-77": {"pad_on_device": True}}[mode]
+    kw = {"host-77": {}, "host-longest": {"pad_to": None}, "device-77": {"pad_on_device": True},
+          "device-longest": {"pad_on_device": True, "pad_to": None}}[mode]
     loader = StoreLoader(store, 48, seed=5, buffer_size=100, infinite=False, drop_last=False, prefetch=0, **kw)
     host_77 = StoreLoader(store, 48, seed=5, buffer_size=100, infinite=False, drop_last=False, prefetch=0)
     seen = []
@@ -166,11 +167,17 @@ def test_batches_equal_a_straightforward_reference(store, mode):
         longest = max(len(rows[k][2]) for k in batch.keys)
         host_width = longest if mode != "host-77" else 77
         image, text, hidden, mask = _reference_batch(rows, batch.keys, host_width)
-        assert batch.text_hidden.dtype == torch.float16 and batch.text_hidden.shape == hidden.shape
+        assert batch.text_hidden.dtype == torch.float16
         assert np.array_equal(batch.image_embed.numpy(), image) and np.array_equal(batch.text_embed.numpy(), text)
-        assert np.array_equal(batch.text_hidden.numpy(), hidden) and np.array_equal(batch.text_mask.numpy(), mask)
+        if mode.startswith("device"):  # packed on the host: the real tokens one row after another, no padding
+            assert batch.text_mask is None
+            assert np.array_equal(batch.text_len.numpy(), [len(rows[k][2]) for k in batch.keys])
+            assert np.array_equal(batch.text_hidden.numpy(), np.concatenate([rows[k][2] for k in batch.keys]))
+        else:
+            assert batch.text_len is None and batch.text_hidden.shape == hidden.shape
+            assert np.array_equal(batch.text_hidden.numpy(), hidden) and np.array_equal(batch.text_mask.numpy(), mask)
         dev = batch.to("cpu")
-        want_width = 77 if mode != "host-longest" else longest
+        want_width = longest if mode.endswith("longest") else 77
         image, text, hidden, mask = _reference_batch(rows, batch.keys, want_width)
         assert dev.text_hidden.dtype == torch.float32 and dev.text_hidden.shape == hidden.shape
         assert torch.equal(dev.text_hidden, torch.from_numpy(hidden).float())
@@ -184,3 +191,17 @@ def test_batches_equal_a_straightforward_reference(store, mode):
 def test_a_caption_longer_than_pad_to_is_refused(store, on_device):
     with pytest.raises(StoreError, match="more than pad_to=10"):
         next(iter(StoreLoader(store, 32, pad_to=10, pad_on_device=on_device, prefetch=0)))
+
+
+def test_packed_batches_give_the_host_padded_prior_batch_bit_for_bit(store):
+    """What the objectives see does not depend on where the padding happens (with and without shuffling)."""
+    for shuffle in (True, False):
+        kw = dict(seed=3, buffer_size=200, shuffle=shuffle, infinite=False, drop_last=False, prefetch=0)
+        for packed, padded in zip(StoreLoader(store, 64, pad_on_device=True, **kw), StoreLoader(store, 64, **kw),
+                                  strict=True):
+            assert packed.text_hidden.ndim == 2 and padded.text_hidden.ndim == 3
+            a, b = packed.to("cpu"), padded.to("cpu")
+            assert a.keys == b.keys
+            for name in ("image_embed", "text_embed", "text_hidden", "text_mask"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), name
