@@ -138,6 +138,7 @@ def write_parquet(table: pa.Table, path: Path) -> None:
                      "text_embed": "none", "text_hidden": "none", "text_len": "zstd", "truncated": "zstd"},
         use_dictionary=False,
         write_statistics=["key"],  # min/max of 50 kB binary cells would bloat the footer
+        data_page_version="1.0",  # the layout storage_schema.pages reads text_hidden from without a copy
     )
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
