@@ -1,15 +1,22 @@
 """Store read speed and size overhead for a realistic store (D=1280, ~20 tokens per caption).
 
-Prints the raw numbers for the two hidden-state layouts considered (nested fp16 lists vs one
-fp16 byte string), then the trainer's batch path against the raw Parquet read of the same
-columns, one core each (fp16 payload bytes per second: both embeddings plus the real tokens
-of text_hidden):
+Prints the raw numbers for the layouts considered, then the trainer's batch path against the raw
+Parquet read of the same columns, one core each (fp16 payload bytes per second: both embeddings
+plus the real tokens of text_hidden):
+  layouts      text_hidden as nested fp16 lists vs one fp16 byte string per row (ours); the pooled
+               embeddings as fixed_size_list<float16> with nullable items (schema v1), with
+               non-nullable items (v2, ours) and as fixed_size_binary (fastest, but pandas, polars,
+               DuckDB and embedding-reader would see bytes); each read row group by row group
   raw read     pyarrow reads every shard's columns that the loader reads (training.data.TRAIN_COLUMNS
                and text_len), memory-mapped as the loader does
-  batch path   training.data.StoreLoader without its read-ahead thread: the same read, then
-               shuffle (seeded row buffer), pad, mask and wrap as torch tensors (StoreBatch).
-               As the trainer runs it (pad_on_device): the host pads to the batch's longest
-               caption, the device to 77. Also: padded to 77 on the host.
+  batch path   training.data.StoreLoader without its read-ahead thread: the same columns (pyarrow
+               decodes all but text_hidden, whose cells are fp16 views into the mapped pages,
+               storage_schema.pages), then shuffle (seeded buffer of row references), gather each
+               batch's rows (the one copy of the payload) and wrap them as
+               torch tensors (StoreBatch). As the trainer runs it (pad_on_device): the host packs
+               the real tokens without padding and StoreBatch.to() pads to 77 on the device, so that
+               padding is not in this number; the `.to("cpu")` line prints what it costs when the
+               "device" is this CPU. Also: padded to 77 on the host (pad_on_device=False).
 Last lines: batch_path_vs_raw_read=<x> (the trainer's setting; goal >= 0.7),
 store_read_gbps_per_core=<x> (the same batch path) and store_bytes_ratio=<x> (bytes on
 disk / fp16 payload).
@@ -66,17 +73,43 @@ def nested_layout_gbps(store: EmbeddingStore, tmp: Path) -> float:
     return _best_read(p, flat.nbytes)
 
 
+def embedding_layouts_gbps(store: EmbeddingStore, tmp: Path) -> dict[str, float]:
+    """image_embed + text_embed of one shard rewritten in each candidate layout, read row group by row group."""
+    t = store.read_shard(store.shards[0], ["image_embed", "text_embed"])
+    n, dim = t.num_rows, store.encoder.image_dim
+    values = {c: t.column(c).combine_chunks().flatten() for c in t.column_names}
+    layouts = {
+        "fixed_size_list<float16>[D], nullable items (schema v1)": lambda v: pa.FixedSizeListArray.from_arrays(v, dim),
+        "fixed_size_list<float16 not null>[D] (v2, ours)": lambda v: pa.FixedSizeListArray.from_arrays(
+            v, type=pa.list_(pa.field("item", pa.float16(), nullable=False), dim)),
+        "fixed_size_binary[2D] (tools see bytes)": lambda v: pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(2 * dim), n, [None, pa.py_buffer(v.to_numpy().tobytes())]),
+    }
+    out = {}
+    for i, (name, make) in enumerate(layouts.items()):
+        p = tmp / f"embeddings-{i}.parquet"
+        pq.write_table(pa.table({c: make(v) for c, v in values.items()}), p, compression="none",
+                       use_dictionary=False, write_statistics=False, row_group_size=512)
+        out[name] = _best_read(p, 2 * n * dim * 2, by_row_group=True)
+    return out
+
+
 def binary_layout_gbps(store: EmbeddingStore) -> float:
     p = store.dir / store.shards[0]
     payload = int(pq.read_table(p, columns=["text_len"]).column("text_len").to_numpy().astype(np.int64).sum())
     return _best_read(p, payload * store.encoder.hidden_dim * 2, columns=["text_hidden"])
 
 
-def _best_read(path: Path, payload_bytes: int, columns=None) -> float:
+def _best_read(path: Path, payload_bytes: int, columns=None, by_row_group: bool = False) -> float:
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        pq.read_table(path, columns=columns, use_threads=False)
+        if by_row_group:
+            pf = pq.ParquetFile(path, memory_map=True)
+            for rg in range(pf.num_row_groups):
+                pf.read_row_group(rg, columns=columns, use_threads=False)
+        else:
+            pq.read_table(path, columns=columns, use_threads=False)
         best = min(best, time.perf_counter() - t0)
     return payload_bytes / best / 1e9
 
@@ -107,8 +140,24 @@ def batch_path_seconds(store: EmbeddingStore, pad_on_device: bool) -> tuple[floa
     loader = StoreLoader(store, 256, shuffle=True, seed=0, infinite=False, drop_last=False, buffer_size=2048,
                          pad_to=77, pad_on_device=pad_on_device, prefetch=0)
     for b in loader:
-        payload += b.image_embed.nbytes + b.text_embed.nbytes + int(b.text_mask.sum()) * hidden * 2
+        tokens = int(b.text_len.sum()) if b.text_len is not None else int(b.text_mask.sum())
+        payload += b.image_embed.nbytes + b.text_embed.nbytes + tokens * hidden * 2
     return time.perf_counter() - t0, payload
+
+
+def to_cpu_seconds(store: EmbeddingStore, pad_on_device: bool, rounds: int = 3) -> float:
+    """Median over passes of the summed StoreBatch.to("cpu") calls of one pass (fp16 -> fp32, and the
+    padding to 77 for packed batches): the device's side of the batch path, here on the CPU."""
+    passes = []
+    for _ in range(rounds):
+        total = 0.0
+        for b in StoreLoader(store, 256, shuffle=True, seed=0, infinite=False, drop_last=False, buffer_size=2048,
+                             pad_to=77, pad_on_device=pad_on_device, prefetch=0):
+            t0 = time.perf_counter()
+            b.to("cpu")
+            total += time.perf_counter() - t0
+        passes.append(total)
+    return statistics.median(passes)
 
 
 def batch_path_vs_raw(store: EmbeddingStore, rounds: int) -> dict[str, tuple[float, float]]:
@@ -146,12 +195,16 @@ def main() -> None:
         report = inspect_store(tmp / "store", verify=False)
         print(f"layout nested list<fixed_size_list<f16>> text_hidden: {nested_layout_gbps(store, tmp):.2f} GB/s")
         print(f"layout large_binary text_hidden (ours):              {binary_layout_gbps(store):.2f} GB/s")
+        for name, gbps in embedding_layouts_gbps(store, tmp).items():
+            print(f"layout embeddings {name}: {gbps:.2f} GB/s")
         res = batch_path_vs_raw(store, args.rounds)
         (raw, _), (trainer, ratio), (host_77, ratio_77) = res["raw"], res["trainer"], res["host_77"]
         print(f"medians of {args.rounds} alternating rounds:")
         print(f"raw read of the trainer's columns:                   {raw:.2f} GB/s")
-        print(f"batch path as the trainer runs it (77 on the device): {trainer:.2f} GB/s ({ratio:.2f}x raw)")
+        print(f"batch path as the trainer runs it (packed; .to() pads): {trainer:.2f} GB/s ({ratio:.2f}x raw)")
         print(f"batch path padded to 77 on the host:                 {host_77:.2f} GB/s ({ratio_77:.2f}x raw)")
+        for name, on_device in (("packed, padded to 77 in .to()", True), ("padded to 77 on the host", False)):
+            print(f'StoreBatch.to("cpu") per pass, {name}: {to_cpu_seconds(store, on_device) * 1e3:.0f} ms')
         print(f"bytes per sample {report['bytes_per_sample']:.0f}, avg tokens {report['tokens'] / report['rows']:.1f}")
         print(f"batch_path_vs_raw_read={ratio:.2f}")
         print(f"store_read_gbps_per_core={trainer:.2f}")
