@@ -55,6 +55,8 @@ class EvalConfig:
     seeds: noise seeds per prior (>= 3). max_rows: about this many held-out rows are evaluated (also the
     retrieval gallery), a key-hash subsample of the split when it is larger; max_train_rows: likewise, the
     training rows for the baselines; probe_rows: likewise, the training rows the probe is fitted on.
+    probe_families: family -> words, the probe's figure per family too (metrics.json probe.families); None:
+    color, shape, texture (T2I-CompBench's words) and spatial positions, the overall figure over the first three.
     n_boot_fd: bootstrap draws for the Fréchet distance (each factorises a D x D covariance; default 200
     for D <= 256, else 20).
     encoder: the store's text encoder for the prompt suites (default: the store's preset).
@@ -92,6 +94,7 @@ class EvalConfig:
     prompt_categories: Sequence[str] = CATEGORIES
     max_prompts: int | None = None
     probe: bool = True
+    probe_families: dict[str, list[str]] | None = None
     image_source: str | os.PathLike | None = None
     n_examples: int = 6
     neighbours: int = 3
@@ -117,6 +120,10 @@ class EvalConfig:
             raise ValueError("no priors to evaluate")
         if self.generate_from != "heldout" and self.generate_from not in CATEGORIES:
             raise ValueError(f"generate_from must be 'heldout' or one of {list(CATEGORIES)}")
+        for family, words in (self.probe_families or {}).items():
+            if not family or isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"probe_families maps family names to lists of words (non-empty strings); "
+                                 f"got {family!r}: {words!r}")
         if self.decoder is not None and self.decoder not in DECODERS:
             raise ValueError(f"unknown decoder {self.decoder!r}; choose one of {list(DECODERS)}")
 
@@ -156,8 +163,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     result["models"] = _model_entries(handles, base, summaries, cfg.seeds)
     result["comparisons"] = comparisons(rows, prior_names, cfg.n_boot, cfg.ci, cfg.boot_seed)
     if cfg.probe:
-        result["probe"] = caption_probe(stats, held, models, cfg.n_boot, cfg.ci, cfg.boot_seed)
-        _log("attribute probe: " + (result["probe"].get("skipped") or f"{len(result['probe']['words'])} words"))
+        result["probe"] = caption_probe(stats, held, models, cfg.n_boot, cfg.ci, cfg.boot_seed,
+                                        families=cfg.probe_families)
+        _log("attribute probe: " + (result["probe"].get("skipped") or f"{len(result['probe']['words'])} words")
+             + "; families: " + ", ".join(f"{f} ({len(e['words'])} words)" if "words" in e else f"{f} skipped"
+                                          for f, e in result["probe"]["families"].items()))
     result["training"] = {h.name: ({"log": str(h.log_path), "curves": read_training_log(h.log_path)}
                                    if h.log_path else {"log": None}) | {"config": h.train_config}
                           for h in handles}
@@ -280,7 +290,8 @@ def _header(cfg: EvalConfig, store: EmbeddingStore, split: Split, held: Heldout,
                   "heldout_rows_in_store": n_held, "heldout_rows": len(held.keys), "gallery_size": len(held.keys),
                   "train_rows_in_store": n_train, "train_rows_used": stats.rows},
         "settings": {"seeds": cfg.seeds, "n_boot": cfg.n_boot, "n_boot_fd": n_boot_fd, "ci": float(cfg.ci),
-                     "bootstrap_seed": cfg.boot_seed, "max_rows": cfg.max_rows, "device": str(dev)},
+                     "bootstrap_seed": cfg.boot_seed, "max_rows": cfg.max_rows, "device": str(dev),
+                     "probe_families": cfg.probe_families},
         "metric_info": {k: {"what": w, "better": b} for k, (w, b) in METRIC_INFO.items()},
         "dataset": {"cos_text_image": summarize(rowwise_cosine(held.text, held.image), cfg.n_boot, cfg.ci,
                                                 cfg.boot_seed).to_dict()},

@@ -43,6 +43,14 @@ SHAPE_WORDS = frozenset(
 )
 TEXTURE_WORDS = frozenset("metallic wooden fluffy glass leather fabric rubber plastic".split())
 ATTRIBUTE_WORDS: dict[str, frozenset[str]] = {"color": COLOR_WORDS, "shape": SHAPE_WORDS, "texture": TEXTURE_WORDS}
+# Position words of the spatial probe family: the single words of T2I-CompBench's relations that say where
+# in the image an object is ("on the left of", "on the right of", "on the top of", "on the bottom of"), plus
+# "above"/"below", the way captions mostly say top/bottom. "next to", "near" and "on side of" are left out:
+# they relate two objects without placing either, so an image embedding has no position to carry for them
+# (and "next", "near", "side" mostly mean something else in captions).
+SPATIAL_WORDS = frozenset("left right top bottom above below".split())
+# The attribute probe's families (T2I-CompBench categories that can be probed on an image embedding).
+PROBE_FAMILIES: dict[str, frozenset[str]] = {**ATTRIBUTE_WORDS, "spatial": SPATIAL_WORDS}
 SPATIAL_RELATIONS = ("on the top of", "on the bottom of", "on the left of", "on the right of", "on side of",
                      "next to", "near")
 
@@ -135,6 +143,11 @@ def swap_prompt(prompt: str, category: str) -> str | None:
 def probe_vocabulary() -> list[str]:
     """Attribute words for the caption probe (colors, textures, shapes), sorted."""
     return sorted(COLOR_WORDS | TEXTURE_WORDS | SHAPE_WORDS)
+
+
+def probe_families() -> dict[str, list[str]]:
+    """The caption probe's default families: color, shape, texture, spatial, each its words sorted."""
+    return {name: sorted(words) for name, words in PROBE_FAMILIES.items()}
 
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ models: name -> [S, N, D] predictions (S noise seeds; 1 for a deterministic base
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -18,7 +18,7 @@ from evaluation import metrics as M
 from evaluation.baselines import TrainStats
 from evaluation.images import ImageSource
 from evaluation.predict import Heldout
-from evaluation.prompts import probe_vocabulary
+from evaluation.prompts import probe_families, probe_vocabulary
 
 # What each row-level figure is, and which direction is better (report and metrics.json).
 METRIC_INFO: dict[str, tuple[str, str]] = {
@@ -93,32 +93,88 @@ def word_labels(captions: Sequence[str], words: Sequence[str]) -> np.ndarray:
 
 
 def caption_probe(stats: TrainStats, held: Heldout, models: dict[str, np.ndarray], n_boot: int, level: float,
-                  boot_seed: int, min_pos: int = PROBE_MIN_POSITIVES) -> dict:
+                  boot_seed: int, min_pos: int = PROBE_MIN_POSITIVES,
+                  families: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Attribute probe: logistic classifiers for attribute words in the caption, trained on real image
     embeddings of the training split only (a stand-in for a decoder, which only sees image embeddings),
-    applied to each model's predictions on the held-out rows; mean ROC AUC over words."""
-    vocab = probe_vocabulary()
+    applied to each model's predictions on the held-out rows; mean ROC AUC over words.
+
+    families: family -> words; each family gets the same figure over its own words (from the same fitted
+    classifiers and the same bootstrap draws), under "families"; one without a usable word is
+    {"skipped": why}. None: `probe_families()` (color, shape, texture, spatial), the overall figure then over
+    the color/shape/texture words as always (the spatial words get classifiers of their own). Given: the
+    overall figure is over all their words.
+    """
+    fams = {name: _unique_lower(words) for name, words in (probe_families() if families is None
+                                                            else families).items()}
+    vocab = probe_vocabulary() if families is None else sorted({w for ws in fams.values() for w in ws})
+    extra = sorted({w for ws in fams.values() for w in ws} - set(vocab))  # family words outside the overall figure
     if len(stats.probe_captions) == 0:
-        return {"skipped": "no training rows for the probe"}
-    y_train = word_labels(stats.probe_captions, vocab)
-    y_held = word_labels(held.captions, vocab)
-    keep = [i for i in range(len(vocab))
-            if min_pos <= y_train[:, i].sum() <= len(y_train) - min_pos and 2 <= y_held[:, i].sum() <= len(y_held) - 2]
-    if not keep:
-        return {"skipped": f"no attribute word ({len(vocab)} color/shape/texture words) occurs in at least "
-                           f"{min_pos} training captions and 2 held-out captions (and is absent from as many)"}
-    words = [vocab[i] for i in keep]
-    probe = M.fit_probe(stats.probe_images, y_train[:, keep], words, seed=boot_seed)
-    labels = y_held[:, keep]
+        why = "no training rows for the probe"
+        return {"skipped": why, "families": {f: {"skipped": why} for f in fams}}
+    everything = vocab + extra
+    y_train = word_labels(stats.probe_captions, everything)
+    y_held = word_labels(held.captions, everything)
+    n_train, n_held = len(y_train), len(y_held)
+    usable = {w for i, w in enumerate(everything)
+              if min_pos <= y_train[:, i].sum() <= n_train - min_pos and 2 <= y_held[:, i].sum() <= n_held - 2}
+    rule = f"occurs in at least {min_pos} training captions and 2 held-out captions (and is absent from as many)"
+    # One probe on the overall words (fitted exactly as it always was), one on the words only families use.
+    groups = [[w for w in vocab if w in usable], [w for w in extra if w in usable]]
+    probes = [M.fit_probe(stats.probe_images, y_train[:, [everything.index(w) for w in g]], g, seed=boot_seed)
+              for g in groups if g]
+    scored = [w for g in groups for w in g]  # the probes' columns, in order
+    labels = y_held[:, [everything.index(w) for w in scored]]
+    col = {w: j for j, w in enumerate(scored)}
+    fam_cols = {f: [col[w] for w in ws if w in col] for f, ws in fams.items()}
     idx_draws = M.bootstrap_indices(len(labels), min(n_boot, PROBE_MAX_DRAWS), boot_seed)
-    out_models = {}
-    for name, preds in {"real images (ceiling)": held.image[None], **models}.items():
-        scores = [probe.scores(p) for p in preds]
-        point = [M.mean_auc(s, labels) for s in scores]
-        draws = [float(np.mean([M.mean_auc(s[idx], labels[idx]) for s in scores])) for idx in idx_draws]
-        out_models[name] = M.set_summary(point, draws, len(labels), level)
-    return {"words": words, "train_rows": int(len(y_train)), "positives_heldout": labels.sum(0).tolist(),
-            "models": out_models}
+
+    def summary(aucs: list[np.ndarray], draw_aucs: list[list[np.ndarray]], cols: list[int]) -> dict:
+        point = [_mean_auc(a[cols]) for a in aucs]
+        draws = [float(np.mean([_mean_auc(a[cols]) for a in per_seed])) for per_seed in draw_aucs]
+        return M.set_summary(point, draws, len(labels), level)
+
+    out_models: dict[str, dict] = {}
+    fam_models: dict[str, dict[str, dict]] = {f: {} for f in fams}
+    if scored:
+        for name, preds in {"real images (ceiling)": held.image[None], **models}.items():
+            scores = [np.hstack([p.scores(x) for p in probes]) for x in preds]  # per seed: [N, words]
+            aucs = [M.auc_per_column(s, labels) for s in scores]
+            draw_aucs = [[M.auc_per_column(s[idx], labels[idx]) for s in scores] for idx in idx_draws]
+            if groups[0]:
+                out_models[name] = summary(aucs, draw_aucs, list(range(len(groups[0]))))
+            for f, cols in fam_cols.items():
+                if cols:
+                    fam_models[f][name] = summary(aucs, draw_aucs, cols)
+    out_fams = {}
+    for f, ws in fams.items():
+        if fam_cols[f]:
+            words = [scored[j] for j in fam_cols[f]]
+            out_fams[f] = {"words": words, "positives_heldout": labels[:, fam_cols[f]].sum(0).tolist(),
+                           "models": fam_models[f]}
+        else:
+            out_fams[f] = {"skipped": f"no {f} word ({len(ws)}: {_listing(ws)}) {rule}" if ws else
+                           f"no {f} words given"}
+    if not groups[0]:
+        what = "color/shape/texture words" if families is None else f"words of {', '.join(fams)}"
+        return {"skipped": f"no attribute word ({len(vocab)} {what}) {rule}", "families": out_fams}
+    main = labels[:, : len(groups[0])]
+    return {"words": groups[0], "train_rows": int(n_train), "positives_heldout": main.sum(0).tolist(),
+            "models": out_models, "families": out_fams}
+
+
+def _mean_auc(aucs: np.ndarray) -> float:
+    """`metrics.mean_auc` of AUCs already computed: the mean over the words that have both classes."""
+    return float(np.nanmean(aucs)) if np.any(~np.isnan(aucs)) else float("nan")
+
+
+def _unique_lower(words: Sequence[str]) -> list[str]:
+    """The words lowercased (captions are matched lowercased), first occurrence kept."""
+    return list(dict.fromkeys(w.lower() for w in words))
+
+
+def _listing(words: Sequence[str], n: int = 8) -> str:
+    return ", ".join(words[:n]) + (", ..." if len(words) > n else "")
 
 
 def spread_rows(n_total: int, n: int) -> list[int]:

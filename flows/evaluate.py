@@ -47,16 +47,19 @@ def evaluate(
     device: str | None = None,
     heldout_shards: list[str] | None = None,
     image_source: str | None = None,
+    probe_families: dict[str, list[str]] | None = None,
 ) -> dict:
     """Evaluate `priors` (prior, run or checkpoint folders) on the store's held-out split into `out`.
 
     heldout_shards: evaluate every row of these shards (a composition hold-out the priors never read).
     image_source: folder of the webdataset image shards, for the report's nearest-real-image examples.
+    probe_families: the attribute probe's word families (None: color, shape, texture, spatial).
     """
     require_store(store)  # names the precompute to run first, instead of a FileNotFoundError
     settings = {"seeds": seeds, "max_rows": max_rows, "heldout_fraction": heldout_fraction,
                 "prompt_suite": prompt_suite, "decoder": decoder, "decoder_path": decoder_path, "device": device,
-                "heldout_shards": heldout_shards, "image_source": image_source}
+                "heldout_shards": heldout_shards, "image_source": image_source,
+                "probe_families": probe_families}
     fingerprint = _inputs_fingerprint(priors, store, settings)
     out_dir = Path(out)
     if (out_dir / "metrics.json").exists() and (out_dir / INPUTS).exists() \

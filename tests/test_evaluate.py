@@ -123,6 +123,12 @@ def test_probe_prompts_examples_and_images(full, world):
     probe = res["probe"]
     assert set(probe["words"]) <= {"red", "blue", "green", "yellow", "square", "circle"} and probe["words"]
     assert probe["models"]["real images (ceiling)"]["value"] > 0.9  # colors are visible in the images
+    fams = probe["families"]  # default families: T2I-CompBench's words ("circle" is not among its shapes)
+    assert list(fams) == ["color", "shape", "texture", "spatial"] and fams["shape"]["words"] == ["square"]
+    assert set(fams["color"]["words"]) <= set(COLORS) and fams["color"]["models"]["eclipse-a"]["seeds"] == 3
+    assert fams["color"]["models"]["real images (ceiling)"]["value"] > 0.9
+    assert set(fams["texture"]) == set(fams["spatial"]) == {"skipped"}  # "a red square on a table"
+    assert json.loads((out / "metrics.json").read_text())["probe"]["families"] == fams
     prompts = res["prompts"]
     assert set(prompts["categories"]) == {"color", "spatial"}
     assert prompts["categories"]["color"]["models"]["TextEmb"]["swap_acc"]["value"] == 1.0
@@ -165,6 +171,21 @@ def test_rerun_gives_the_same_numbers(full, world, tmp_path):
             assert again["models"][name]["metrics"][key] == res["models"][name]["metrics"][key], (name, key)
 
 
+def test_probe_families_of_the_callers_vocabulary(world, tmp_path):
+    families = {"hue": list(COLORS), "form": list(SHAPES), "where": ["left", "right"]}
+    res = evaluate(EvalConfig(world["priors"][:1], world["store"], tmp_path, heldout_fraction=FRACTION, n_boot=50,
+                              prompt_suite=False, n_examples=0, probe_families=families, device="cpu"))
+    probe = res["probe"]
+    assert probe["words"] == sorted({*COLORS, *SHAPES}) and list(probe["families"]) == ["hue", "form", "where"]
+    hue, form = probe["families"]["hue"], probe["families"]["form"]
+    assert hue["words"] == list(COLORS) and form["words"] == ["square", "circle"]
+    assert hue["models"]["real images (ceiling)"]["value"] > 0.9
+    assert set(hue["models"]) == set(form["models"]) == {"real images (ceiling)", *res["models"]}
+    assert "no where word (2: left, right)" in probe["families"]["where"]["skipped"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["settings"]["probe_families"] == families
+    assert "Per family" in (tmp_path / "report.html").read_text()
+
+
 def test_max_rows_subsamples_every_shard(world, tmp_path):
     res = evaluate(EvalConfig(world["priors"][:1], world["store"], tmp_path, heldout_fraction=FRACTION, max_rows=12,
                               max_train_rows=30, n_boot=50, prompt_suite=False, probe=False, n_examples=12,
@@ -184,6 +205,10 @@ def test_max_rows_subsamples_every_shard(world, tmp_path):
 def test_refusals(world, tmp_path):
     with pytest.raises(ValueError, match="at least 3 noise seeds"):
         EvalConfig(world["priors"], world["store"], tmp_path, heldout_fraction=FRACTION, seeds=2)
+    with pytest.raises(ValueError, match="probe_families maps family names to lists of words"):
+        EvalConfig(world["priors"], world["store"], tmp_path, probe_families={"hue": "red"})
+    with pytest.raises(ValueError, match="probe_families maps family names to lists of words"):
+        EvalConfig(world["priors"], world["store"], tmp_path, probe_families={"hue": ["red", " "]})
     with pytest.raises(ValueError, match="generate_from must be"):
         EvalConfig(world["priors"], world["store"], tmp_path, generate_from="colour")
     with pytest.raises(WeightsMissingError, match="Kandinsky 2.2 decoder"):

@@ -24,3 +24,8 @@ def test_evaluate_flow_writes_metrics_and_skips_a_repeat(prefect_harness, tmp_pa
     again = evaluate(**kwargs)
     assert again == result
     assert (tmp_path / "eval" / "metrics.json").stat().st_mtime_ns == mtime
+    # other probe families are other settings: evaluated again, with them
+    families = {"hue": ["red", "blue"]}
+    other = evaluate(**kwargs, probe_families=families)
+    assert (tmp_path / "eval" / "metrics.json").stat().st_mtime_ns != mtime
+    assert other["settings"]["probe_families"] == families and list(other["probe"]["families"]) == ["hue"]

@@ -9,10 +9,13 @@ import pytest
 from evaluation import metrics as M
 from evaluation.prompts import (
     CATEGORIES,
+    SPATIAL_RELATIONS,
     attribute_swap,
     encode_prompts,
     load_prompts,
     object_swap,
+    probe_families,
+    probe_vocabulary,
     run_prompt_suite,
     swap_prompt,
 )
@@ -117,3 +120,13 @@ def test_prompt_suite_scores(encoder):
     # pooled over categories: every model, every figure
     assert set(res["overall"]) == {"TextEmb", "constant", "noisy"}
     assert res["overall"]["TextEmb"]["cos_text"]["n"] == 36
+
+
+def test_probe_families_are_the_compbench_vocabularies_plus_positions():
+    fams = probe_families()
+    assert list(fams) == ["color", "shape", "texture", "spatial"]
+    assert sorted(fams["color"] + fams["shape"] + fams["texture"]) == probe_vocabulary()  # the overall probe's words
+    assert fams["spatial"] == ["above", "below", "bottom", "left", "right", "top"]
+    # the position words of T2I-CompBench's own relations are among them
+    relation_words = {w for r in SPATIAL_RELATIONS for w in r.split()}
+    assert relation_words & set(fams["spatial"]) == {"left", "right", "top", "bottom"}

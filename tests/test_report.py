@@ -88,7 +88,12 @@ def synthetic_result() -> dict:
                    for n, (kind, v) in models.items()},
         "comparisons": [{"a": "TextEmb", "b": "ridge", "metric": "cos_image", **summary(-0.5, -0.6, -0.4)}],
         "probe": {"words": ["red", "blue"], "train_rows": 50,
-                  "models": {n: summary(0.6, 0.5, 0.7) for n in models}},
+                  "models": {n: summary(0.6, 0.5, 0.7) for n in models},
+                  "families": {"color": {"words": ["red", "blue"],
+                                         "models": {n: summary(0.6, 0.5, 0.7) for n in models}},
+                               "shape": {"words": ["square"],
+                                         "models": {n: summary(0.543, 0.5, 0.7) for n in models}},
+                               "spatial": {"skipped": "no spatial word (6: left, right) occurs"}}},
         "training": {n: {"curves": {"train": {"step": [0, 100, 200, 300], "loss": [2.0 + i, 1.5, 1.2, 1.0 + i / 10]},
                                     "eval": {"step": [800], "loss": [1.1], "cos_to_image": [0.7 + i / 50]}}}
                      for i, n in enumerate(list(models)[:6])},
@@ -191,6 +196,18 @@ def test_every_section_renders_and_the_page_is_deterministic(tmp_path):
     assert len(titles) == len(CHART_METRICS) + 1 + 3 + 3  # metric bars, probe, prompt charts with data, curves
     assert html.count("data:image/png;base64,") == 1 + 3 * 10  # the example's image + 3 neighbours x 10 models
     assert "a red cube → a blue cube" in html
+
+
+def test_the_probe_families_table():
+    res = synthetic_result()
+    html = render_report(res)
+    table = html.split("<h3>Per family</h3>", 1)[1].split("</table>", 1)[0]
+    assert "spatial skipped: no spatial word (6: left, right) occurs." in table
+    assert "<th>color</th><th>shape</th></tr>" in table  # the skipped family has no column
+    assert table.count("<tr><td") == len(res["models"]) and table.count("0.543") == len(res["models"])
+    res["probe"] = {"skipped": "no attribute word", "families": {"color": {"skipped": "none"}}}
+    html = render_report(res)
+    assert "color skipped: none." in html and "<th>color</th>" not in html  # every family skipped: no table
 
 
 def test_images_come_back_from_the_evaluation_folder(evaluated, tmp_path):

@@ -1,10 +1,24 @@
 """Scoring held-out predictions: figures with intervals, paired comparisons, probe labels, example rows."""
 
+import re
+
 import numpy as np
 import pytest
 
 from evaluation import metrics as M
-from evaluation.scoring import comparisons, embedding_metrics, frechet_summaries, spread_rows, word_labels
+from evaluation.baselines import TrainStats
+from evaluation.predict import Heldout
+from evaluation.prompts import probe_vocabulary
+from evaluation.scoring import (
+    PROBE_MAX_DRAWS,
+    PROBE_MIN_POSITIVES,
+    caption_probe,
+    comparisons,
+    embedding_metrics,
+    frechet_summaries,
+    spread_rows,
+    word_labels,
+)
 
 
 def _models(n: int = 60, d: int = 6):
@@ -59,3 +73,120 @@ def test_word_labels_match_whole_words_in_any_case():
 def test_spread_rows():
     assert spread_rows(10, 3) == [0, 4, 9]
     assert spread_rows(2, 5) == [0, 1]
+
+
+# -- the attribute probe and its families --------------------------------------------------------
+
+
+def _probe_data(n_train: int = 400, n_held: int = 300, d: int = 8, seed: int = 0, shapes: bool = False):
+    """Captions whose color (red/blue) is the sign of image dim 0, whose position (left/right) is a coin
+    flip independent of the image, and (shapes) whose shape is the sign of dim 1 plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def rows(n):
+        x = rng.standard_normal((n, d))
+        caps = []
+        for row in x:
+            shape = (" square" if row[1] + 0.8 * rng.standard_normal() > 0 else " round") if shapes else ""
+            caps.append(f"A {'red' if row[0] > 0 else 'blue'}{shape} thing on the {rng.choice(['left', 'right'])}")
+        return x, caps
+
+    (xt, ct), (xh, ch) = rows(n_train), rows(n_held)
+    stats = TrainStats(fit=None, val=None, probe_images=xt, probe_captions=ct, rows=n_train)
+    held = Heldout(keys=[str(i) for i in range(n_held)], captions=ch, urls=[None] * n_held, image=xh, text=xh)
+    real = np.stack([xh + 0.01 * rng.standard_normal(xh.shape) for _ in range(3)])  # 3 noise seeds
+    const = np.broadcast_to(xt.mean(0), xh.shape)[None]
+    return stats, held, {"real": real, "constant": const}
+
+
+def _old_caption_probe(stats, held, models, n_boot, level, boot_seed, min_pos=PROBE_MIN_POSITIVES):
+    """caption_probe as it was before families (one mean AUC over color/shape/texture words), verbatim."""
+    vocab = probe_vocabulary()
+    y_train = word_labels(stats.probe_captions, vocab)
+    y_held = word_labels(held.captions, vocab)
+    keep = [i for i in range(len(vocab))
+            if min_pos <= y_train[:, i].sum() <= len(y_train) - min_pos and 2 <= y_held[:, i].sum() <= len(y_held) - 2]
+    words = [vocab[i] for i in keep]
+    probe = M.fit_probe(stats.probe_images, y_train[:, keep], words, seed=boot_seed)
+    labels = y_held[:, keep]
+    idx_draws = M.bootstrap_indices(len(labels), min(n_boot, PROBE_MAX_DRAWS), boot_seed)
+    out_models = {}
+    for name, preds in {"real images (ceiling)": held.image[None], **models}.items():
+        scores = [probe.scores(p) for p in preds]
+        point = [M.mean_auc(s, labels) for s in scores]
+        draws = [float(np.mean([M.mean_auc(s[idx], labels[idx]) for s in scores])) for idx in idx_draws]
+        out_models[name] = M.set_summary(point, draws, len(labels), level)
+    return {"words": words, "train_rows": int(len(y_train)), "positives_heldout": labels.sum(0).tolist(),
+            "models": out_models}
+
+
+def test_probe_families_separate_a_visible_family_from_a_noise_family():
+    stats, held, models = _probe_data()
+    res = caption_probe(stats, held, models, n_boot=120, level=0.9, boot_seed=3)
+    fams = res["families"]
+    assert list(fams) == ["color", "shape", "texture", "spatial"]
+    color, spatial = fams["color"], fams["spatial"]
+    assert color["words"] == ["blue", "red"] and spatial["words"] == ["left", "right"]
+    assert color["models"]["real"]["value"] > 0.97 and color["models"]["real images (ceiling)"]["value"] > 0.97
+    assert abs(spatial["models"]["real"]["value"] - 0.5) < 0.1  # the position is invisible in the image
+    for fam in (color, spatial):
+        assert fam["models"]["constant"]["value"] == 0.5  # every score tied
+        s = fam["models"]["real"]
+        assert s["seeds"] == 3 and len(s["seed_values"]) == 3 and s["bootstrap_draws"] == 120
+        assert s["ci"][0] <= s["value"] <= s["ci"][1]
+    # the overall figure is over color/shape/texture words only: here color alone, so the two are the same
+    # numbers (same classifiers, same bootstrap draws)
+    assert res["words"] == ["blue", "red"] and res["models"] == color["models"]
+    assert color["positives_heldout"] == res["positives_heldout"]
+    # families without a usable word are reported, with why
+    for name in ("shape", "texture"):
+        assert set(fams[name]) == {"skipped"}
+        assert f"no {name} word (" in fams[name]["skipped"] and "at least 10 training captions" in fams[name]["skipped"]
+
+
+def test_probe_families_leave_the_overall_figure_as_it_was():
+    stats, held, models = _probe_data(shapes=True, seed=1)
+    res = caption_probe(stats, held, models, n_boot=60, level=0.95, boot_seed=2)
+    old = _old_caption_probe(stats, held, models, n_boot=60, level=0.95, boot_seed=2)
+    assert old["words"] == ["blue", "red", "round", "square"]
+    assert {k: v for k, v in res.items() if k != "families"} == old
+    assert 0.6 < res["families"]["shape"]["models"]["real"]["value"] < 0.97  # noisy shapes: in between
+    assert res["families"]["spatial"]["words"] == ["left", "right"]  # fitted too, outside the overall figure
+
+
+def test_probe_families_take_a_custom_vocabulary():
+    stats, held, models = _probe_data()
+    families = {"hue": ["Red", "blue", "red"], "where": ["left", "right", "top"], "pattern": ["striped"]}
+    res = caption_probe(stats, held, models, n_boot=50, level=0.9, boot_seed=0, families=families)
+    assert res["words"] == ["blue", "left", "red", "right"]  # overall: every family's usable words
+    fams = res["families"]
+    assert list(fams) == ["hue", "where", "pattern"]
+    assert fams["hue"]["words"] == ["red", "blue"] and fams["where"]["words"] == ["left", "right"]
+    assert fams["hue"]["models"]["real"]["value"] > 0.97 and abs(fams["where"]["models"]["real"]["value"] - 0.5) < 0.1
+    assert fams["hue"]["models"]["constant"]["value"] == fams["where"]["models"]["constant"]["value"] == 0.5
+    assert fams["pattern"] == {"skipped": "no pattern word (1: striped) occurs in at least 10 training captions "
+                                          "and 2 held-out captions (and is absent from as many)"}
+    # the family figure is the mean over its own words of one probe fitted on all of them
+    probe = M.fit_probe(stats.probe_images, word_labels(stats.probe_captions, res["words"]), res["words"], seed=0)
+    labels = word_labels(held.captions, res["words"])
+    aucs = [M.auc_per_column(probe.scores(p), labels) for p in models["real"]]
+    assert fams["hue"]["models"]["real"]["seed_values"] == pytest.approx([a[[2, 0]].mean() for a in aucs])
+    assert fams["where"]["models"]["real"]["seed_values"] == pytest.approx([a[[1, 3]].mean() for a in aucs])
+
+
+def test_probe_without_usable_words_reports_every_family_skipped():
+    stats, held, models = _probe_data()
+    empty = TrainStats(None, None, stats.probe_images[:0], [], 0)
+    res = caption_probe(empty, held, models, 50, 0.9, 0)
+    assert res == {"skipped": "no training rows for the probe",
+                   "families": {f: {"skipped": "no training rows for the probe"}
+                                for f in ("color", "shape", "texture", "spatial")}}
+    # no color/shape/texture word in the captions: no overall figure, but the spatial family stands
+    stats.probe_captions = [re.sub("red|blue", "green", c) for c in stats.probe_captions]
+    held.captions = [re.sub("red|blue", "green", c) for c in held.captions]
+    res = caption_probe(stats, held, models, 50, 0.9, 0)
+    assert res["skipped"].startswith("no attribute word (46 color/shape/texture words) occurs in at least 10")
+    assert "models" not in res and res["families"]["spatial"]["models"]["real"]["value"] is not None
+    assert set(res["families"]["color"]) == {"skipped"}  # green everywhere: no negatives
+    res = caption_probe(stats, held, models, 50, 0.9, 0, families={"where": ["left"], "nothing": []})
+    assert res["words"] == ["left"] and res["families"]["nothing"] == {"skipped": "no nothing words given"}
