@@ -19,6 +19,7 @@ from scipy import stats
 
 from evaluation import figures as F
 from evaluation import metrics as M
+from evaluation.metrics import verdict
 from evaluation.report import environment, load_images, report_context
 from storage_schema import CAPTION, IMAGE_EMBED, TEXT_EMBED, EmbeddingStore
 from storage_schema.atomic import atomic_write_text
@@ -234,17 +235,6 @@ def format_table(table: dict, splits: Sequence[str] = ("heldin", "heldout")) -> 
         lines.append(f"  {p['a']} - {p['b']:<13} {p['split']:<8} {p['metric']:<10} {p['mean']:+.3f} {ci_s}  "
                      f"worst seed {p['worst_seed']:+.3f}  {verdict(ci)}")
     return "\n".join(lines)
-
-
-def verdict(ci: Sequence[float] | None) -> str:
-    """What a paired interval lets one say: an effect only where it excludes 0."""
-    if not ci:
-        return "no interval"
-    if ci[0] > 0:
-        return "a > b"
-    if ci[1] < 0:
-        return "a < b"
-    return "no clear difference"
 
 
 def format_testbed(tb: dict) -> str:

@@ -15,6 +15,7 @@ ratio and attribute probes trained on real image embeddings only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -205,6 +206,17 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float] | None:
         return None
     lo, hi = stats.t.interval(level, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
     return float(lo), float(hi)
+
+
+def verdict(ci: Sequence[float] | None) -> str:
+    """What a paired interval lets one say: an effect only where it excludes 0."""
+    if not ci:
+        return "no interval"
+    if ci[0] > 0:
+        return "a > b"
+    if ci[1] < 0:
+        return "a < b"
+    return "no clear difference"
 
 
 @dataclass

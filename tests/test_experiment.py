@@ -20,7 +20,6 @@ from demo.experiment import (
     summarize_testbed,
     tradeoff,
     tradeoff_charts,
-    verdict,
     write_demo_report,
 )
 from storage_schema import EmbeddingStore, StoreWriter, build_table
@@ -114,11 +113,6 @@ def test_tradeoff_points_follow_lambda_with_seed_intervals():
     paired = [p for p in table["paired"] if p["metric"] == "cos_image"]
     assert [(p["a"], p["b"]) for p in paired] == [("eclipse-0.2", "projection")]
     assert paired[0]["mean"] == pytest.approx(-0.1)
-
-
-def test_a_difference_is_claimed_only_where_its_interval_excludes_zero():
-    assert verdict([0.01, 0.2]) == "a > b" and verdict([-0.3, -0.02]) == "a < b"
-    assert verdict([-0.01, 0.2]) == "no clear difference" and verdict(None) == "no interval"
 
 
 def _demo_table() -> tuple[dict, list[dict]]:

@@ -233,3 +233,8 @@ def test_auc_and_probe():
     assert M.mean_auc(probe.scores(x[400:]), attr[400:]) > 0.9
     # ... and a prediction shifted off the manifold (a constant gap) loses it
     assert M.mean_auc(probe.scores(x[400:] * 0 + x.mean(0)), attr[400:]) == 0.5
+
+
+def test_a_difference_is_claimed_only_where_its_interval_excludes_zero():
+    assert M.verdict([0.01, 0.2]) == "a > b" and M.verdict([-0.3, -0.02]) == "a < b"
+    assert M.verdict([-0.01, 0.2]) == "no clear difference" and M.verdict(None) == "no interval"
