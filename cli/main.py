@@ -16,6 +16,7 @@ Stages (each one resumable; rerunning skips finished work):
   evaluate    priors + store -> metrics.json and report.html
   generate    prompt -> image through a prior and a decoder
   demo        all of it on a synthetic world, on a CPU (the README's main command)
+  reproduce   the paper's Table 2: every objective x seed on every dataset x decoder, one table
   serve       run the Prefect deployments (precompute/<dataset>, train, evaluate, retrain)
   store       look inside an embedding store
   plan        what a grid of precomputes and trainings will cost (rows, GB, GPU-hours), before it runs
@@ -261,6 +262,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce_params(args: argparse.Namespace):
+    """The reproduce flow's ReproduceParams from `eclipse-prior reproduce`'s flags (a named grid, then overrides)."""
+    from flows.reproduce import ReproduceParams
+
+    base = {"quick": ReproduceParams.quick, "rehearsal": ReproduceParams.rehearsal,
+            "paper": ReproduceParams.paper}[args.grid]()
+    given = {"datasets": args.datasets, "decoders": args.decoders, "objectives": args.objectives,
+             "lambdas": args.lambdas, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
+             "workers": args.workers}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("datasets") or given.get("decoders"):
+        given["pairs"] = None  # the grid is datasets x decoders again
+    return ReproduceParams.model_validate({**base.model_dump(), **given})
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    out = os.path.abspath(args.out)
+    os.environ.setdefault("PREFECT_HOME", os.path.join(out, ".prefect"))  # as `demo`: state beside the run
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from flows.reproduce import reproduce
+
+    result = reproduce(out=out, params=reproduce_params(args))
+    print(f"table:  {result['table']}\ncsv:    {result['csv']}\nreport: {result['report']}")
+    if result["failed_cells"]:
+        print(f"{result['failed_cells']} cells failed (reasons in the table); rerun the same command to retry them")
+    return 0
+
+
 def _subcommand(sub, name: str, handler, **kw) -> argparse.ArgumentParser:
     """A subcommand whose `handler(args) -> exit status` runs when it is chosen."""
     parser = sub.add_parser(name, **kw)
@@ -408,6 +439,36 @@ def _add_demo_command(sub) -> None:
                     help="eclipse's λ values to sweep (default 0.02 0.2 2 20 200; --quick: 0.2); projection is λ=0")
 
 
+def _add_reproduce_command(sub) -> None:
+    rp = _subcommand(
+        sub, "reproduce", _cmd_reproduce,
+        help="the paper's Table 2 as one resumable run: precompute, train every cell, evaluate, one table",
+        description="Train the same prior with every objective (projection, eclipse at each λ, diffusion) and seed "
+        "on every dataset x decoder row, with one training budget, evaluate each cell, and write OUT/table.json, "
+        "OUT/table.csv and OUT/report.html (means over seeds with t-intervals, paired differences eclipse - "
+        "projection and eclipse - diffusion). A cost plan comes first (OUT/plan.json). Datasets: presets, url "
+        "lists, store folders, or world:N (the demo's synthetic world with N held-in rows, on a CPU). Cells run "
+        "in parallel, one per GPU or core; rerunning skips finished cells and retries failed ones.",
+    )
+    rp.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    grid = rp.add_mutually_exclusive_group()
+    grid.add_argument("--quick", dest="grid", action="store_const", const="quick",
+                      help="two small world sizes, one seed (CI; a few minutes)")
+    grid.add_argument("--rehearsal", dest="grid", action="store_const", const="rehearsal",
+                      help="the default: world:1500 and world:12000, three seeds, on 2 cores (see BENCHMARKS.md)")
+    grid.add_argument("--paper", dest="grid", action="store_const", const="paper",
+                      help="the paper's grid: its datasets and decoders, 60k steps x 1024 (needs GPUs and the hub)")
+    rp.set_defaults(grid="rehearsal")
+    rp.add_argument("--datasets", nargs="+", help="override: presets, url lists, store folders or world:N")
+    rp.add_argument("--decoders", nargs="+", choices=["kandinsky22", "karlo"], help="override the decoders")
+    rp.add_argument("--objectives", nargs="+", choices=["projection", "eclipse", "diffusion"])
+    rp.add_argument("--lambdas", type=float, nargs="+", metavar="L", help="eclipse's λ values (one column each)")
+    rp.add_argument("--seeds", type=int, help="training seeds per cell")
+    rp.add_argument("--steps", type=int, help="training steps of every cell")
+    rp.add_argument("--batch-size", type=int, help="batch per worker")
+    rp.add_argument("--workers", type=int, help="cells in parallel (default: one per GPU, else one per core)")
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from training.plan import PlanConfig, make_plan, paper_config
 
@@ -487,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_command(sub)
     _add_generate_command(sub)
     _add_demo_command(sub)
+    _add_reproduce_command(sub)
     _add_serve_command(sub)
     _add_plan_command(sub)
     return parser

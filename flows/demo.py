@@ -101,12 +101,12 @@ def gap_task(world: World, held_pairs: list[tuple[str, str]], n_captions: int, t
     return gap
 
 
-def _load_state(root: Path, p: DemoParams) -> dict:
+def load_state(root: Path, params: dict) -> dict:
     """What an earlier run in `root` recorded (its world server's port); refuses other settings."""
     state_file = root / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state.get("params", p.model_dump()) != p.model_dump():
-        raise ValueError(f"{root} holds a demo run with other settings ({state['params']}); resume it with the same "
+    if state.get("params", params) != params:
+        raise ValueError(f"{root} holds a run with other settings ({state['params']}); resume it with the same "
                          f"flags, or use another --out")
     return state
 
@@ -123,18 +123,21 @@ def _split(world: World, held_pairs: set[tuple[str, str]], p: DemoParams) -> tup
     return kept, held
 
 
-def _precompute(world: World, specs: list, p: DemoParams, root: Path, state: dict) -> dict:
-    """Serve the world on loopback and run the real precompute flow over its url list."""
+def serve_and_precompute(world: World, specs: list, shard_size: int, root: Path, state: dict, params: dict) -> dict:
+    """Serve the world on loopback and run the real precompute flow over its url list (ROOT/data).
+
+    `state` and `params` are what `load_state` read and checked: the port of an earlier run in `root`
+    is reused, so its url list (which names the port) and its download resume."""
     port = state.get("port", 0)
     overwrite = bool(port) and not _port_free(port)  # urls of an unfinished earlier run cannot be resumed
     with WorldServer(world, port=0 if overwrite else port) as server:
-        atomic_write_text(root / STATE_FILE, json.dumps({"port": server.port, "params": p.model_dump()}))
+        atomic_write_text(root / STATE_FILE, json.dumps({"port": server.port, "params": params}))
         write_url_list(specs, server.base_url, root / "urls.parquet", fmt="png")
         return precompute(
             urls=str(root / "urls.parquet"), encoder=str(root / "teacher"), out=str(root / "data"),
             # png: the teacher sees exactly the pixels it was trained on
             download=DownloadParams(image_size=32, encode_format="png", encode_quality=1, processes_count=1,
-                                    thread_count=16, number_sample_per_shard=p.shard_size, timeout=20,
+                                    thread_count=16, number_sample_per_shard=shard_size, timeout=20,
                                     overwrite=overwrite),
             encode=EncodeParams(batch_size=256), cluster=ClusterParams(n_workers=1),
         )
@@ -209,7 +212,7 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     root = Path(out).absolute()
     root.mkdir(parents=True, exist_ok=True)
     p = params
-    state = _load_state(root, p)
+    state = load_state(root, p.model_dump())
     world = demo_world(seed=p.seed, image_size=32)
     held_pairs = world.holdout_pairs(p.heldout_pair_fraction, seed=p.seed)
 
@@ -221,7 +224,7 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
 
     kept, held = _split(world, held_pairs, p)
     print(f"2/5 precompute: {len(kept)} held-in + {len(held)} held-out-composition images, served on loopback")
-    pre = _precompute(world, kept + held, p, root, state)
+    pre = serve_and_precompute(world, kept + held, p.shard_size, root, state, p.model_dump())
     st = EmbeddingStore(pre["store"])
     n_in_shards = len(kept) // p.shard_size
     heldin_shards, heldout_shards = st.shards[:n_in_shards], st.shards[n_in_shards:]

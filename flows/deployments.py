@@ -12,6 +12,7 @@ from prefect.deployments.runner import EntrypointType
 from flows.evaluate import evaluate
 from flows.params import DATASET_DEPLOYMENTS, DECODER_STORES
 from flows.precompute import precompute
+from flows.reproduce import ReproduceParams, reproduce
 from flows.retrain import retrain
 from flows.train import train
 
@@ -60,6 +61,22 @@ def build_deployments(data_dir: str | Path = "runs", dask_address: str | None = 
                 tags=["retrain", decoder], **common,
             ),
         ]
+    paper = ReproduceParams.paper().model_dump() | ({"cluster": cluster} if cluster else {})
+    deployments += [
+        reproduce.to_deployment(
+            "paper", parameters={"out": str(data / "reproduce" / "paper"), "params": paper},
+            description="The paper's Table 2 grid: its datasets x decoders x projection/eclipse/diffusion, 60k steps "
+                        "x 1024, with a cost plan first (needs GPUs and the Hugging Face hub).",
+            tags=["reproduce", "paper"], **common,
+        ),
+        reproduce.to_deployment(
+            "world", parameters={"out": str(data / "reproduce" / "world"),
+                                 "params": ReproduceParams.rehearsal().model_dump()},
+            description="The CPU rehearsal of the grid on the demo's synthetic world: 1.5k and 12k held-in rows, "
+                        "three objectives, three seeds (BENCHMARKS.md has its time and results).",
+            tags=["reproduce", "world"], **common,
+        ),
+    ]
     return deployments
 
 
