@@ -116,3 +116,30 @@ def test_the_csv_is_one_line_per_row_column_and_metric(tmp_path):
     assert any(r["objective"] == "eclipse-2 - projection" and r["status"] == "a > b" for r in rows)
     page = write_grid_report(tmp_path / "report.html", table, notes="two rows").read_text()
     assert "world-300 × teacher" in page and "world-600 × teacher" in page and "eclipse-2 − projection" in page
+
+
+@pytest.mark.slow
+def test_the_grid_page_fits_a_1400px_browser_window(tmp_path):
+    import json
+
+    from test_report import MEASURE, WIDTH, browse, chromium
+
+    exe = chromium()
+    records = []
+    for row in ("world-1500", "world-12000"):
+        for obj, lam in (("projection", None), ("eclipse", 0.2), ("eclipse", 20.0), ("diffusion", None)):
+            for s in range(3):
+                rec = _rec(obj, s, 0.9 + s / 1000, 0.7 - s / 1000, lam=lam, row=row)
+                rec.values.update({"probe_shape": 0.61, "probe_texture": 0.55, "probe_spatial": 0.52, "r1": 0.4})
+                rec.baselines = {b: dict.fromkeys(METRICS, 0.5) for b in ("TextEmb", "text-shift", "ridge",
+                                                                          "mean-image")}
+                records.append(rec)
+    long = "StoreError: " + "a long reason that names the store, the shard and what to do about it " * 5
+    records[-1] = CellRecord(records[-1].cell, "failed", reason=long)
+    page = write_grid_report(tmp_path / "report.html", build_table(records), notes="a rehearsal")
+    html = page.read_text(encoding="utf-8")
+    page.write_text(html.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    dom = browse(exe, page, "--dump-dom").stdout
+    m = json.loads(dom.split('<pre id="measure">', 1)[1].split("</pre>", 1)[0].replace("&amp;", "&"))
+    assert m["scrollWidth"] <= WIDTH and m["scrolls"] == []  # nothing clipped or scrolled sideways
+    assert len(m["tables"]) == html.count("<table") == 4 and max(m["tables"]) <= WIDTH
