@@ -36,8 +36,17 @@ PROMPT_CHARTS = (("swap_acc", "swap-pair accuracy (own prompt closer than the sw
                  ("cos_text", "cos(pred, prompt text embedding)"),
                  ("text_r1", "own prompt retrieved first among the category's prompts"))
 PROMPT_COLUMNS = tuple(m for m, _ in PROMPT_CHARTS) + ("swap_margin", "norm_ratio")
-CURVES = (("train", "loss", "training loss"), ("eval", "cos_to_image", "held-out cos(pred, image) during training"),
-          ("eval", "loss", "held-out loss during training"))
+# (record type, key, title, line_chart options): a chart is drawn for each key some run logged.
+# The last three are the terms of Eq. 5 and their gradient balance, as the trainer logs them
+# (training/trainer.py; log scale: they span decades over a run and across a lambda sweep).
+CURVES = (("train", "loss", "training loss", {}),
+          ("eval", "cos_to_image", "held-out cos(pred, image) during training", {}),
+          ("eval", "loss", "held-out loss during training", {}),
+          ("train", "loss_proj", "L_proj (Eq. 3) during training (log scale)", {"log_y": True}),
+          ("train", "loss_cls_weighted", "λ·L_CLS (Eq. 4 times λ) during training (log scale)", {"log_y": True}),
+          ("train", "grad_ratio_cls_proj", "gradient balance ‖∇ λ·L_CLS‖ / ‖∇ L_proj‖ at the prior's output "
+           "layer (log scale)", {"log_y": True, "hline": (0.01, "0.01: below it the contrastive term does "
+                                                             "next to nothing")}))
 
 
 def fmt(v, digits: int = 4) -> str:
@@ -189,10 +198,10 @@ def _prompt_charts(result: dict, st: Mapping[str, F.Style]) -> list[str]:
 def _curve_charts(result: dict, st: Mapping[str, F.Style]) -> list[str]:
     training = result.get("training") or {}
     charts = []
-    for kind, key, title in CURVES:
+    for kind, key, title, options in CURVES:
         series = [(n, s["step"], s[key]) for n, t in training.items()
                   if key in (s := (t.get("curves") or {}).get(kind, {})) and "step" in s]
-        charts.append(F.to_svg(F.line_chart(title, series, st)))
+        charts.append(F.to_svg(F.line_chart(title, series, st, **options)))
     return charts
 
 

@@ -105,10 +105,29 @@ def test_eclipse_loss_is_projection_plus_lambda_infonce():
     total, parts = eclipse_loss(torch.tensor(PRED), torch.tensor(IMAGE), torch.tensor(TEXT))
     expected = 10 / 3 + 0.2 * _hand_infonce(PRED, TEXT, 0.07)
     assert total.item() == pytest.approx(expected, rel=1e-5)
-    assert parts["proj"].item() == pytest.approx(_hand_sq_norm(PRED, IMAGE), rel=1e-6)
-    assert parts["cls"].item() == pytest.approx(_hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
+    assert parts["loss_proj"].item() == pytest.approx(_hand_sq_norm(PRED, IMAGE), rel=1e-6)
+    assert parts["loss_cls"].item() == pytest.approx(_hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
+    assert parts["loss_cls_weighted"].item() == pytest.approx(0.2 * _hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
     mean_total, _ = eclipse_loss(torch.tensor(PRED), torch.tensor(IMAGE), torch.tensor(TEXT), reduction="mean")
     assert mean_total.item() == pytest.approx(10 / 6 + 0.2 * _hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
+
+
+def test_the_parts_are_the_two_terms_of_eq5_on_the_graph():
+    """The trainer logs the parts and takes each term's gradient: they must add up to the loss, bit
+    for bit, and stay attached to the prediction's graph."""
+    pred = torch.tensor(PRED, requires_grad=True)
+    total, parts = eclipse_loss(pred, torch.tensor(IMAGE), torch.tensor(TEXT), lam=3.0)
+    assert torch.equal(total, parts["loss_proj"] + parts["loss_cls_weighted"])
+    assert torch.equal(parts["loss_cls_weighted"], 3.0 * parts["loss_cls"])
+    (g_cls,) = torch.autograd.grad(parts["loss_cls_weighted"], pred, retain_graph=True)
+    (g_proj,) = torch.autograd.grad(parts["loss_proj"], pred, retain_graph=True)
+    (g_total,) = torch.autograd.grad(total, pred)
+    assert torch.allclose(g_cls + g_proj, g_total)
+    assert EclipseObjective.balance == ("loss_cls_weighted", "loss_proj")
+    assert ProjectionObjective.balance is None and DiffusionObjective.balance is None
+    torch.manual_seed(0)
+    loss, parts = ProjectionObjective().loss(build_prior("tiny"), _batch(), torch.Generator().manual_seed(5))
+    assert set(parts) == {"loss_proj"} and torch.equal(parts["loss_proj"], loss) and parts["loss_proj"].requires_grad
 
 
 def _batch(d: int = 32, b: int = 4, seed: int = 0) -> PriorBatch:

@@ -19,8 +19,8 @@ from storage_schema import StoreError
 from training.config import TrainConfig, cli_config, load_config
 from training.data import is_heldout
 from training.export import COMPLETE, latest_checkpoint
-from training.prior import PriorTransformer, load_prior
-from training.trainer import param_groups, train
+from training.prior import PriorTransformer, build_prior, load_prior
+from training.trainer import grad_ratio, output_layer_params, param_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,13 +64,100 @@ def test_eclipse_objective_trains_and_logs_both_terms(tmp_path, store):
                eval_batches=2, eclipse_lambda=2.0))
     recs = [json.loads(line) for line in (tmp_path / "run" / "logs" / "train.jsonl").read_text().splitlines()]
     first, last = recs[0], [r for r in recs if r["type"] == "train"][-1]
-    assert {"proj", "cls", "lr", "grad_norm", "samples_per_s"} <= set(first)
-    assert last["cls"] < first["cls"] and last["proj"] < first["proj"] and last["loss"] < first["loss"]
+    terms = {"loss_proj", "loss_cls", "loss_cls_weighted", "grad_ratio_cls_proj"}
+    assert terms | {"lr", "grad_norm", "samples_per_s"} <= set(first)
+    assert last["loss_cls"] < first["loss_cls"] and last["loss_proj"] < first["loss_proj"]
+    assert last["loss"] < first["loss"]
+    for r in (first, last):  # window means: the loss is the sum of the two terms of Eq. 5
+        assert r["loss"] == pytest.approx(r["loss_proj"] + r["loss_cls_weighted"], rel=1e-5)
+        assert r["loss_cls_weighted"] == pytest.approx(2.0 * r["loss_cls"], rel=1e-5)
+        assert 0 < r["grad_ratio_cls_proj"] < math.inf
     evals = [r for r in recs if r["type"] == "eval"]
     heldout = sum(int(is_heldout(list(pd.read_parquet(p, columns=["key"])["key"]), 0.1, 0).sum())
                   for p in store.glob("shard-*.parquet"))
     assert [(e["step"], e["rows"]) for e in evals] == [(40, min(heldout, 2 * 32))]  # at the end, 2 batches at most
     assert list((tmp_path / "run" / "logs" / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "run" / "logs" / "tb")).Reload()
+    assert {f"train/{k}" for k in terms} <= set(tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars("train/grad_ratio_cls_proj")] == [20, 40]
+    assert tb.Scalars("train/grad_ratio_cls_proj")[0].value == pytest.approx(first["grad_ratio_cls_proj"], rel=1e-6)
+
+
+def records(run: Path, kind: str = "train") -> list[dict]:
+    recs = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["type"] == kind]
+
+
+def test_grad_ratio_is_the_ratio_of_each_terms_gradient_at_the_output_layer():
+    """Against .grad from one backward per term; the other parameters' .grad and the graph are left alone."""
+    torch.manual_seed(0)
+    model = build_prior("tiny")
+    params = output_layer_params(model)
+    assert params == [model.proj_to_clip_embeddings.weight, model.proj_to_clip_embeddings.bias]
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(8, 32, generator=g), torch.randn(8, 32, generator=g)
+    hidden, mask = torch.randn(8, 77, 32, generator=g), torch.ones(8, 77, dtype=torch.bool)
+    pred = model(x, text, hidden, mask).predicted_image_embedding
+    a, b = pred.pow(2).sum() * 0.3, (pred - text).abs().sum()
+    ratio = grad_ratio(a, b, params)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated
+
+    def norm(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
+
+    assert float(ratio) == pytest.approx(norm(a) / norm(b), rel=1e-5)
+
+
+def test_measuring_the_grad_ratio_leaves_the_update_bit_identical(tmp_path, store, monkeypatch):
+    """The measurement runs at every step here (log_every 1): the weights after 8 steps, and every
+    logged loss, are exactly those of a run that does not measure."""
+    cfg = dict(objective="eclipse", steps=8, eclipse_lambda=2.0, ckpt_every=100)
+    train(tiny(store, tmp_path / "measured", **cfg))
+    assert len([r for r in records(tmp_path / "measured") if "grad_ratio_cls_proj" in r]) == 8
+    monkeypatch.setattr("training.trainer._measure_balance", lambda run, parts: None)
+    train(tiny(store, tmp_path / "plain", **cfg))
+    assert not any("grad_ratio_cls_proj" in r for r in records(tmp_path / "plain"))
+    a = load_prior(tmp_path / "measured" / "prior").state_dict()
+    b = load_prior(tmp_path / "plain" / "prior").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "measured") == losses(tmp_path / "plain")
+
+
+def test_a_run_whose_contrastive_term_does_nothing_is_warned_about_once(tmp_path, store, capsys):
+    """D = 32, Eq. 3 summed: at lambda 0.02 the ratio is ~0.003 from the start (warned, once, at the
+    end of the first 10 % of the steps); at lambda 2 it is 100x that, the same batch and weights at
+    step 1 (the ratio is linear in lambda), and nothing is said. The second run uses bf16 autocast."""
+    low, high = tmp_path / "low", tmp_path / "high"
+    train(tiny(store, low, objective="eclipse", steps=20, eclipse_lambda=0.02, ckpt_every=100))
+    err = capsys.readouterr().err
+    warned = records(low, "warning")
+    assert [w["step"] for w in warned] == [2]  # ceil(10 % of 20): measured at steps 1 and 2, then once
+    ratios = [r["grad_ratio_cls_proj"] for r in records(low)]
+    assert max(ratios[:2]) < 0.01
+    text = warned[0]["message"]
+    assert "lambda = 0.02" in text and "D = 32" in text and f"last {ratios[1]:.2g}" in text
+    assert "eclipse_lambda ~" in text and "summed over D" in text
+    assert err.count("warning: the contrastive term is doing next to nothing") == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(low / "logs" / "tb"), size_guidance={"tensors": 0}).Reload()
+    assert "warning/text_summary" in tb.Tags()["tensors"]
+
+    train(tiny(store, high, objective="eclipse", steps=20, eclipse_lambda=2.0, ckpt_every=100, precision="bf16"))
+    assert "warning:" not in capsys.readouterr().err and not records(high, "warning")
+    first_high = records(high)[0]["grad_ratio_cls_proj"]
+    assert first_high == pytest.approx(100 * ratios[0], rel=0.1)  # bf16 vs fp32
+    assert first_high > 0.01
+
+
+def test_projection_logs_its_one_term_and_no_ratio(tmp_path, store):
+    train(tiny(store, tmp_path / "run", steps=3))
+    first = records(tmp_path / "run")[0]
+    assert first["loss_proj"] == first["loss"] and "grad_ratio_cls_proj" not in first
 
 
 def test_lr_follows_one_cosine_cycle_over_the_run(tmp_path, store):

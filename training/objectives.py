@@ -14,6 +14,12 @@ scripts), divides L_proj by D, which is the same as multiplying lambda by D (x12
 kandinsky22, x768 for karlo). It is kept as `reduction="mean"` (config key
 `proj_reduction: mean`) for comparison only: on the old demo store it pulled eclipse's
 held-out cosine to the real image from 0.93 (sum) down to 0.65.
+
+An objective's `loss` returns (total, parts): the parts are the terms the trainer logs, as
+tensors still attached to the graph (the trainer detaches what it keeps, and takes the gradient
+of each term named by `Objective.balance`): eclipse's `loss_proj` (L_proj) and
+`loss_cls_weighted` (lambda * L_CLS; their sum is the total) and `loss_cls` (L_CLS alone, the
+InfoNCE: ln B at chance); projection's `loss_proj`; diffusion's `mse_x0`.
 """
 
 from dataclasses import dataclass, field
@@ -37,6 +43,10 @@ OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 # the demo's lambda sweep (BENCHMARKS.md) ran at tau 0.07, and no tau sweep has been run.
 DEFAULT_TAU = 0.07
 DEFAULT_LAMBDA = 0.2
+# The names of the loss terms in `parts` (and in logs/train.jsonl and TensorBoard's train/...).
+PROJ = "loss_proj"  # L_proj, Eq. 3
+CLS = "loss_cls"  # L_CLS;y->x, Eq. 4, unweighted
+CLS_WEIGHTED = "loss_cls_weighted"  # lambda * L_CLS: with PROJ, the two terms of Eq. 5
 REDUCTIONS = ("sum", "mean")  # Eq. 3's reduction over D: "sum" is the paper's, "mean" divides it by D
 DEFAULT_REDUCTION = "sum"
 
@@ -81,10 +91,12 @@ def eclipse_loss(
     pred: torch.Tensor, image_embed: torch.Tensor, text_embed: torch.Tensor,
     lam: float = DEFAULT_LAMBDA, tau: float = DEFAULT_TAU, reduction: str = DEFAULT_REDUCTION,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 5: L_proj + lambda * L_CLS;y->x. Returns the total and its parts (detached)."""
+    """Eq. 5: L_proj + lambda * L_CLS;y->x. Returns the total and its parts, still attached to the
+    graph: `loss_proj`, `loss_cls_weighted` (lambda * L_CLS; the total is their sum) and `loss_cls`."""
     proj = projection_loss(pred, image_embed, reduction)
     cls = contrastive_loss(pred, text_embed, tau)
-    return proj + lam * cls, {"proj": proj.detach(), "cls": cls.detach()}
+    weighted = lam * cls
+    return proj + weighted, {PROJ: proj, CLS_WEIGHTED: weighted, CLS: cls}
 
 
 def null_text(batch: PriorBatch, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,7 +167,7 @@ def diffusion_loss(
         x_t, timesteps, proj_embedding=text_embed, encoder_hidden_states=text_hidden, attention_mask=text_mask
     ).predicted_image_embedding
     loss = F.mse_loss(pred.float(), x0)
-    return loss, {"mse_x0": loss.detach()}
+    return loss, {"mse_x0": loss}
 
 
 @torch.no_grad()
@@ -202,11 +214,15 @@ class Objective:
     """Builds its model, computes the training loss, and predicts image embeddings for evaluation."""
 
     name: str = ""
+    #: (numerator, denominator): the two parts whose gradient norms the trainer compares at its
+    #: logging steps (`training.trainer.grad_ratio`); None for a loss of one term.
+    balance: tuple[str, str] | None = None
 
     def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> nn.Module:
         return PriorTransformer(**preset_config(preset, embedding_dim, text_length))
 
     def loss(self, model: nn.Module, batch: PriorBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """(the loss, its parts): the parts are tensors attached to the graph; detach what you keep."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -228,11 +244,12 @@ class ProjectionObjective(Objective):
 
     def loss(self, model, batch, generator):
         loss = projection_loss(self._forward(model, batch, generator), batch.image_embed, self.reduction)
-        return loss, {"proj": loss.detach()}
+        return loss, {PROJ: loss}
 
 
 class EclipseObjective(Objective):
     name = "eclipse"
+    balance = (CLS_WEIGHTED, PROJ)  # the trainer logs ||grad lambda*L_CLS|| / ||grad L_proj||
 
     def __init__(self, lam: float = DEFAULT_LAMBDA, tau: float = DEFAULT_TAU, reduction: str = DEFAULT_REDUCTION):
         self.lam, self.tau, self.reduction = lam, tau, reduction

@@ -11,6 +11,16 @@ checkpoint if asked; stream batches from the store; AdamW + CosineAnnealingWarmR
 torch.compile; JSONL + TensorBoard logs and a tqdm bar on rank 0; atomic checkpoints every
 `ckpt_every` steps; evaluation on the held-out split; finally export RUN/prior.
 
+What a logging step records (logs/train.jsonl, type "train", and TensorBoard's train/KEY): the
+loss and the objective's parts averaged over the steps since the last record (eclipse:
+`loss_proj`, `loss_cls_weighted` = lambda * L_CLS, `loss_cls`; projection: `loss_proj`;
+diffusion: `mse_x0`), lr, grad_norm, samples_per_s, and for eclipse `grad_ratio_cls_proj`:
+||grad lambda*L_CLS|| / ||grad L_proj|| on this step's batch, w.r.t. the prior's output layer
+(`grad_ratio`; not under torch.compile). When that ratio stayed below 0.01 at every logging
+step of the first 10 % of the run, a "warning" record says so once (also on stderr and as
+TensorBoard text): the contrastive term is then doing next to nothing (README, "The
+objectives, as the paper writes them").
+
 Exact resume: a checkpoint holds the weights, optimizer and scheduler state, every rank's
 noise-generator state and data position (epoch, batch index). A resumed run on the same
 machine and world size reproduces the uninterrupted loss curve.
@@ -55,6 +65,8 @@ from training.objectives import Objective, make_objective, unwrap
 from training.prior import count_parameters, load_prior, preset_config
 
 EVAL_SEED = 1234  # evaluation draws its noise from its own generator: it never shifts training randomness
+GRAD_RATIO = "grad_ratio_cls_proj"  # the log key of ||grad lambda*L_CLS|| / ||grad L_proj||
+RATIO_FLOOR, RATIO_WINDOW = 0.01, 0.1  # warn when the ratio stays below 0.01 over the first 10 % of the steps
 
 
 # -- distributed setup ----------------------------------------------------------------------
@@ -204,6 +216,14 @@ class Logger:
             if isinstance(v, (int, float)) and k not in ("epoch", "time"):
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def warn(self, step: int, message: str) -> None:
+        """A warning: on stderr, as a "warning" record in train.jsonl and as TensorBoard text."""
+        if not self.enabled:
+            return
+        print(f"warning: {message}", file=sys.stderr)
+        self.log("warning", step, {"message": message})
+        self.tb.add_text("warning", message, step)
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()
@@ -327,6 +347,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     gen: torch.Generator  # this rank's noise
     n_params: int
+    balance_params: list[torch.nn.Parameter] | None = None  # where `grad_ratio` is taken; None: not measured
 
     @property
     def device(self) -> torch.device:
@@ -362,8 +383,67 @@ class _Window:
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         self.loss += loss.detach()
         for k, v in parts.items():
-            self.parts[k] = self.parts.get(k, 0) + v
+            self.parts[k] = self.parts.get(k, 0) + v.detach()  # the objective's parts are still on the graph
         self.steps += 1
+
+
+def output_layer_params(model: torch.nn.Module) -> list[torch.nn.Parameter] | None:
+    """The parameters of the last layer that every term of the loss shares: the prior's output
+    projection `proj_to_clip_embeddings` (weight [D, inner] and bias [D]); None for a model without it.
+
+    Every term is a function of the prediction, which is this layer's output, so its gradient is
+    where each term's gradient enters the network (every other parameter's gradient is
+    backpropagated from it), and the cheapest to reach: one [D, B] x [B, inner] product per term.
+    """
+    layer = getattr(unwrap(model), "proj_to_clip_embeddings", None)
+    return [p for p in layer.parameters() if p.requires_grad] if layer is not None else None
+
+
+def grad_ratio(numerator: torch.Tensor, denominator: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """||d numerator / d params|| / ||d denominator / d params|| (L2 over all of `params`), a 0-dim
+    tensor on the device (no host sync). The graph is kept for the step's own backward, and no
+    .grad is touched: the update is the same with or without it."""
+
+    def norm(term: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads
+                                                     if g is not None]))
+
+    return norm(numerator) / norm(denominator).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class _BalanceWatch:
+    """Warns once when `grad_ratio` stayed below RATIO_FLOOR at every measurement up to the first
+    logging step at or past RATIO_WINDOW of the run's steps (a resumed run judges what it measures)."""
+
+    def __init__(self, steps: int, start: int):
+        self.until = max(1, math.ceil(RATIO_WINDOW * steps))
+        self.ratios: list[float] = []
+        self.done = start >= self.until
+
+    def add(self, step: int, ratio: float) -> bool:
+        """Record a measurement; True once, when the warning is due."""
+        if self.done:
+            return False
+        self.ratios.append(ratio)
+        if step < self.until:
+            return False
+        self.done = True
+        return max(self.ratios) < RATIO_FLOOR
+
+
+def balance_warning(cfg: TrainConfig, dim: int, ratios: list[float], step: int) -> str:
+    """The warning's text: the setting, the measured ratio and what to do about it."""
+    best = max(ratios)
+    how = "summed over" if cfg.proj_reduction == "sum" else "averaged over"
+    return (f"the contrastive term is doing next to nothing: {GRAD_RATIO} = ||grad lambda*L_CLS|| / ||grad L_proj|| "
+            f"(at the output layer) stayed below {RATIO_FLOOR:g} over the first {step} of {cfg.steps} steps "
+            f"(max {best:.2g}, last {ratios[-1]:.2g}; measured {len(ratios)}x) at lambda = {cfg.eclipse_lambda:g}, "
+            f"D = {dim}, Eq. 3 {how} D. The update follows L_proj almost alone until the projection error has "
+            f"shrunk. The ratio grows in proportion to lambda: for the contrastive term to act from the start, train "
+            f"with eclipse_lambda ~ {cfg.eclipse_lambda * 0.1 / best:.3g} (ratio ~0.1) to "
+            f"{cfg.eclipse_lambda / best:.3g} (ratio ~1); lambda = 0.2 with Eq. 3 summed over D is the paper's "
+            f"setting (README: 'The objectives, as the paper writes them').")
 
 
 def _train(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path, world: Dist) -> Path:
@@ -392,12 +472,15 @@ def _loop(run: _Run, progress: _Progress, log: Logger) -> None:
     bar = tqdm(total=cfg.steps, initial=progress.step, disable=not (run.world.main and cfg.progress), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     window = _Window(device)
+    watch = _BalanceWatch(cfg.steps, progress.step)
     try:
         nxt = next(batches) if progress.step < cfg.steps else None
         batch = nxt.to(device, non_blocking=True) if nxt is not None else None
         while progress.step < cfg.steps:
             raw = nxt
+            logging = (progress.step + 1) % cfg.log_every == 0 or progress.step + 1 == cfg.steps
             loss, parts = _forward(run, batch, progress.step)
+            ratio = _measure_balance(run, parts) if logging else None  # before backward frees the graph
             # Read the next batch while backward runs (the copy is asynchronous from pinned memory).
             nxt = next(batches) if progress.step + 1 < cfg.steps else None
             batch = nxt.to(device, non_blocking=True) if nxt is not None else None
@@ -411,8 +494,9 @@ def _loop(run: _Run, progress: _Progress, log: Logger) -> None:
             bar.update(1)
 
             last = progress.step == cfg.steps
-            if progress.step % cfg.log_every == 0 or last:
-                _log_train(run, progress, window, log, bar, lr=lr, grad_norm=grad_norm, epoch=raw.epoch)
+            if logging:
+                _log_train(run, progress, window, log, bar, lr=lr, grad_norm=grad_norm, epoch=raw.epoch, ratio=ratio,
+                           watch=watch)
             if last or (cfg.eval_every and progress.step % cfg.eval_every == 0):
                 _log_eval(run, progress, log)
             if last or progress.step % cfg.ckpt_every == 0:
@@ -453,9 +537,15 @@ def _set_up(cfg: TrainConfig, store: EmbeddingStore, dim: int, run_dir: Path,
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None and resume_from is not None:
         ema.model.load_state_dict(load_file(resume_from / EMA_DIR / WEIGHTS_NAME, device=str(device)))
+    balance_params = output_layer_params(model) if objective.balance else None
+    if balance_params and cfg.compile:
+        # The compiled graph's backward is one node: a gradient w.r.t. the output layer alone would run all of it.
+        balance_params = None
+        if world.main:
+            print(f"{GRAD_RATIO} is not measured under torch.compile (compile=false measures it)", file=sys.stderr)
     run = _Run(cfg=cfg, store=store, world=world, run_dir=run_dir, dim=dim, autocast=autocast, objective=objective,
                model=model, train_model=_wrap_for_training(model, cfg, world), ema=ema, optimizer=optimizer,
-               scheduler=scheduler, gen=gen, n_params=count_parameters(model))
+               scheduler=scheduler, gen=gen, n_params=count_parameters(model), balance_params=balance_params or None)
     return run, progress, resume_from is not None
 
 
@@ -578,6 +668,14 @@ def _forward(run: _Run, batch, step: int) -> tuple[torch.Tensor, dict[str, torch
     return loss, parts
 
 
+def _measure_balance(run: _Run, parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """`grad_ratio` of the objective's `balance` terms on this rank's batch; None when not measured."""
+    if run.balance_params is None:
+        return None
+    numerator, denominator = run.objective.balance
+    return grad_ratio(parts[numerator], parts[denominator], run.balance_params)
+
+
 def _update(run: _Run, loss: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Backward, clip, optimizer and scheduler step, EMA; returns (the lr this step used, the gradient norm)."""
     loss.backward()
@@ -592,16 +690,20 @@ def _update(run: _Run, loss: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def _log_train(run: _Run, progress: _Progress, window: _Window, log: Logger, bar, *, lr: float,
-               grad_norm: torch.Tensor, epoch: int) -> None:
+               grad_norm: torch.Tensor, epoch: int, ratio: torch.Tensor | None, watch: _BalanceWatch) -> None:
     # Mean over the window and over ranks; the only host sync outside checkpoints.
     world = run.world
     values = {"loss": world.mean(window.loss / window.steps).item()}
     values |= {k: world.mean(v / window.steps).item() for k, v in window.parts.items()}
+    if ratio is not None:  # this step's, not a window mean; the mean over ranks of each rank's ratio
+        values[GRAD_RATIO] = world.mean(ratio).item()
     elapsed = time.perf_counter() - window.start
     values |= {"lr": lr, "grad_norm": float(grad_norm),
                "samples_per_s": window.steps * run.global_batch / max(elapsed, 1e-9), "epoch": epoch}
     log.log("train", progress.step, values)
-    progress.metrics |= {f"train/{k}": values[k] for k in ("loss", *window.parts)}
+    progress.metrics |= {f"train/{k}": values[k] for k in ("loss", *window.parts, GRAD_RATIO) if k in values}
+    if ratio is not None and watch.add(progress.step, values[GRAD_RATIO]):
+        log.warn(progress.step, balance_warning(run.cfg, run.dim, watch.ratios, progress.step))
     bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.0f}")
     window.reset()
 
