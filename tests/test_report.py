@@ -19,6 +19,7 @@ from storefixtures import random_rows, tiny_info
 from evaluation.evaluate import EvalConfig, evaluate
 from evaluation.report import (
     CHART_METRICS,
+    CURVES,
     SUMMARY_METRICS,
     fmt,
     image_data_uri,
@@ -198,6 +199,51 @@ def test_every_section_renders_and_the_page_is_deterministic(tmp_path):
     assert "a red cube → a blue cube" in html
 
 
+BALANCE_TITLES = ["L_proj (Eq. 3) during training (log scale)",
+                  "λ·L_CLS (Eq. 4 times λ) during training (log scale)",
+                  "gradient balance ‖∇ λ·L_CLS‖ / ‖∇ L_proj‖ at the prior's output layer (log scale)"]
+
+
+def balance_result() -> dict:
+    """synthetic_result with training curves that hold the trainer's terms of Eq. 5 and their
+    gradient ratio, for runs at three λ (and a projection run, which logs L_proj only)."""
+    res = synthetic_result()
+    steps = [10, 20, 30, 40]
+    res["training"] = {f"eclipse-λ{lam}-a-rather-long-run-name": {"curves": {"train": {
+        "step": steps, "loss": [900.0, 500.0, 300.0, 200.0], "loss_proj": [899.0, 499.0, 299.0, 199.0],
+        "loss_cls_weighted": [lam * 5.5, lam * 5.0, None, lam * 4.0],
+        "grad_ratio_cls_proj": [lam * 0.006, lam * 0.01, lam * 0.02, lam * 0.05]}}} for lam in (0.2, 2, 20)}
+    res["training"]["projection"] = {"curves": {"train": {"step": steps, "loss": [9.0, 5.0, 3.0, 2.0],
+                                                          "loss_proj": [9.0, 5.0, 3.0, 2.0]}}}
+    return res
+
+
+def test_the_terms_of_eq5_and_their_gradient_ratio_are_plotted_for_the_runs_that_logged_them():
+    res = balance_result()
+    html = render_report(res)
+    assert svg_titles(html)[-4:] == ["training loss", *BALANCE_TITLES]  # no eval records: no held-out curves
+    assert len(report_context(res)["curve_charts"]) == len(CURVES)
+    # which runs each chart draws, and on which scale: the matplotlib figures the report draws
+    from evaluation import figures as F
+
+    st = F.styles(res["training"])
+    drawn = {}
+    for kind, key, title, options in CURVES[3:]:
+        series = [(n, t["curves"][kind]["step"], t["curves"][kind][key]) for n, t in res["training"].items()
+                  if key in t["curves"][kind]]
+        ax = F.line_chart(title, series, st, **options).axes[0]
+        drawn[key] = (ax.get_yscale(), [line.get_label() for line in ax.lines])
+    names = [f"eclipse-λ{lam}-a-rather-long-run-name" for lam in (0.2, 2, 20)]
+    wrapped = [F.wrap(n, F.LABEL_CHARS) for n in names]
+    assert drawn["loss_proj"] == ("log", [*wrapped, "projection"])
+    assert drawn["loss_cls_weighted"] == ("log", wrapped)
+    assert drawn["grad_ratio_cls_proj"][0] == "log" and drawn["grad_ratio_cls_proj"][1][:3] == wrapped
+    assert drawn["grad_ratio_cls_proj"][1][3].startswith("0.01:")  # the warning's floor
+    # a run from before these keys existed: no such chart, and the page still renders
+    old = synthetic_result()
+    assert not set(BALANCE_TITLES) & set(svg_titles(render_report(old)))
+
+
 def test_the_probe_families_table():
     res = synthetic_result()
     html = render_report(res)
@@ -293,6 +339,22 @@ def test_the_report_fits_a_1400px_browser_window(tmp_path):
     browse(exe, page, f"--screenshot={shot}")
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape[1] == WIDTH and pixels.std() > 10  # drawn, not a blank page
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("chromium")  # one headless Chromium at a time (one profile)
+def test_the_training_balance_charts_fit_a_1400px_browser_window(tmp_path):
+    exe = chromium()
+    page = write_report(balance_result(), tmp_path / "r.html")
+    html = page.read_text(encoding="utf-8")
+    page.write_text(html.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    dom = browse(exe, page, "--dump-dom").stdout
+    m = json.loads(dom.split('<pre id="measure">', 1)[1].split("</pre>", 1)[0].replace("&amp;", "&"))
+    assert m["scrollWidth"] <= WIDTH
+    titles = [s["title"] for s in m["svgs"]]
+    assert titles == svg_titles(html) and set(BALANCE_TITLES) <= set(titles)
+    assert all(0 <= s["left"] and s["right"] <= WIDTH and s["width"] >= 500 for s in m["svgs"]), m["svgs"]
+    assert m["outside"] == []  # no title, label, line or legend past its chart's edge
 
 
 def test_a_missing_section_is_skipped_but_printing_a_missing_value_raises():
