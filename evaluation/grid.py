@@ -29,9 +29,12 @@ from storage_schema.atomic import atomic_write_text
 FAMILIES = ("color", "shape", "texture", "spatial")
 METRICS = tuple(f"probe_{f}" for f in FAMILIES) + ("cos_image", "r1")
 METRIC_LABELS = {**{f"probe_{f}": f"{f} probe AUC" for f in FAMILIES}, "cos_image": "cos to real image",
-                 "r1": "R@1 (image retrieval)"}
+                 "r1": "R@1 (image retrieval)", "caption_r1": "caption R@1 (prototypes)"}
 BASELINES = ("TextEmb", "text-shift", "ridge", "mean-image")
 OBJECTIVES = ("projection", "eclipse", "diffusion")
+# The smallest paired difference the table calls an effect: every figure here lies in [0, 1] (AUC, cosine,
+# R@1), and a gain under 0.01 would change no decoder's image; smaller ones are reported as negligible.
+MIN_EFFECT = 0.01
 
 
 def objective_label(objective: str, lam: float | None = None) -> str:
@@ -162,7 +165,7 @@ def build_table(records: Iterable[CellRecord], metrics: Sequence[str] = METRICS)
                     continue
                 ci = _interval(diffs)
                 paired.append({"a": a, "b": b, "metric": m, "seeds": common, "per_seed": diffs,
-                               "mean": float(np.mean(diffs)), "ci": ci, "verdict": M.verdict(ci)})
+                               "mean": float(np.mean(diffs)), "ci": ci, "verdict": M.verdict(ci, MIN_EFFECT)})
         out_rows.append({"dataset": dataset, "decoder": decoder, "cells": out_cells, "baselines": baselines,
                          "paired": paired, "failed": failed})
     return {"metrics": list(metrics), "metric_labels": {m: METRIC_LABELS.get(m, m) for m in metrics},
@@ -230,7 +233,7 @@ def format_table(table: Mapping) -> str:
 def grid_context(table: Mapping, notes: str = "") -> dict:
     """What the grid's page (evaluation/templates/grid.html) shows."""
     return {"rows": table["rows"], "columns": table["columns"], "metrics": table["metrics"],
-            "labels": table["metric_labels"], "notes": notes, "f": _f, "ci": _ci}
+            "labels": table["metric_labels"], "notes": notes, "f": _f, "ci": _ci, "min_effect": MIN_EFFECT}
 
 
 def write_grid_report(path: str | os.PathLike, table: Mapping, notes: str = "") -> Path:

@@ -208,14 +208,15 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-def verdict(ci: Sequence[float] | None) -> str:
-    """What a paired interval lets one say: an effect only where it excludes 0."""
+def verdict(ci: Sequence[float] | None, min_effect: float = 0.0) -> str:
+    """What a paired interval lets one say: an effect only where it excludes 0, and (with `min_effect`)
+    only where the whole interval is at least that far from 0; a smaller one is called negligible."""
     if not ci:
         return "no interval"
-    if ci[0] > 0:
-        return "a > b"
-    if ci[1] < 0:
-        return "a < b"
+    if ci[0] > 0 or ci[1] < 0:
+        if min(abs(ci[0]), abs(ci[1])) < min_effect:
+            return f"negligible (< {min_effect:g})"
+        return "a > b" if ci[0] > 0 else "a < b"
     return "no clear difference"
 
 

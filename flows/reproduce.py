@@ -29,7 +29,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from evaluation.grid import Cell, CellRecord, build_table, cell_record, format_table, table_csv, write_grid_report
+from evaluation.grid import (
+    METRICS,
+    Cell,
+    CellRecord,
+    build_table,
+    cell_record,
+    format_table,
+    table_csv,
+    write_grid_report,
+)
 from flows.demo import load_state, serve_and_precompute, teacher_task
 from flows.evaluate import evaluate
 from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams, _Params
@@ -81,9 +90,10 @@ class ReproduceParams(_Params):
 
     @classmethod
     def quick(cls) -> ReproduceParams:
-        """The whole path, small (CI): two world sizes, every objective, one seed."""
+        """The whole path, small (CI): two world sizes, every objective, one seed; the teacher of `demo --quick`
+        (same world, steps and seed: CI's tests train it once, tests/demofixtures.py)."""
         return cls(datasets=["world:300", "world:600"], seeds=1, steps=60, batch_size=32, lr=1e-3, eval_rows=300,
-                   workers=2, world=WorldParams(teacher_steps=150, heldout_rows=300, shard_size=150))
+                   workers=2, world=WorldParams(teacher_steps=250, heldout_rows=300, shard_size=150))
 
     @classmethod
     def rehearsal(cls) -> ReproduceParams:
@@ -232,11 +242,11 @@ def _world_rows(p: ReproduceParams, root: Path) -> list[Row]:
     world = demo_world(seed=w.seed, image_size=32)
     held_pairs = world.holdout_pairs(w.heldout_pair_fraction, seed=w.seed)
     teacher_task(world, w.teacher_steps, w.seed, str(folder / "teacher"))
-    kept, held, n = [], [], sizes[-1] + w.heldout_rows
-    while len(kept) < sizes[-1] or len(held) < w.heldout_rows:  # the world's split is ~1:3 kept:held
+    held_rows = -(-w.heldout_rows // shard) * shard  # whole shards
+    kept, held, n = [], [], sizes[-1] + held_rows
+    while len(kept) < sizes[-1] or len(held) < held_rows:  # the world's split is ~1:3 kept:held
         n *= 2
         kept, held = split_by_pairs(world.sample_specs(n, seed=w.seed), held_pairs)
-    held_rows = -(-w.heldout_rows // shard) * shard
     kept, held = kept[: sizes[-1]], held[:held_rows]
     pre = serve_and_precompute(world, kept + held, shard, folder, state, settings)
     st = EmbeddingStore(pre["store"])
@@ -367,11 +377,48 @@ def reproduce(out: str = "runs/reproduce", params: ReproduceParams = ReproducePa
         records += [read_record(Path(j.record)) or CellRecord(j.cell, "failed", reason=d["reason"])
                     for j, d in zip(jobs, done, strict=True)]
     print("4/4 table")
-    return write_outputs(root, records, p)
+    worlds = [r for r in rows if r.heldout_shards]
+    if worlds:
+        records = [*_with_caption_r1(worlds, [r for r in records if r.cell.decoder == TEACHER], root, p),
+                   *(r for r in records if r.cell.decoder != TEACHER)]
+    return write_outputs(root, records, p, METRICS + ("caption_r1",) if worlds else METRICS)
 
 
-def write_outputs(root: Path, records: list[CellRecord], p: ReproduceParams) -> dict:
-    table = build_table(records)
+def _with_caption_r1(rows: list[Row], records: list[CellRecord], root: Path, p: ReproduceParams) -> list[CellRecord]:
+    """World rows: caption R@1 among caption prototypes (demo.experiment.caption_retrieval, the demo's figure),
+    every finished prior of a row and its TextEmb/text-shift/ridge baselines at once. Kept in
+    OUT/cells/ROW/_caption_r1.json for the priors it was computed for, so a rerun does not redo it."""
+    from demo.experiment import caption_retrieval
+    from demo.world import description
+
+    out = []
+    for row in rows:
+        mine = [r for r in records if r.cell.dataset == row.dataset]
+        done = sorted(r.cell.name for r in mine if r.status == "done")
+        folder = root / "cells" / mine[0].cell.row if mine else None
+        cache = folder / "_caption_r1.json" if folder else None
+        models: dict = {}
+        if cache is not None and done:
+            cached = json.loads(cache.read_text()) if cache.exists() else {}
+            if cached.get("priors") == done:
+                models = cached["models"]
+            else:
+                st = EmbeddingStore(row.store)
+                rows_held = sum(st.shard_rows[s] for s in row.heldout_shards)
+                res = caption_retrieval(st, [str(folder / n) for n in done], row.train_shards, row.heldout_shards,
+                                        seeds=p.eval_seeds, keep=min(1.0, p.eval_rows / rows_held), group=description)
+                models = {k: v["value"] for k, v in res["models"].items()}
+                atomic_write_text(cache, json.dumps({"priors": done, "models": models}, indent=1))
+        for r in mine:
+            if r.status == "done":
+                r = CellRecord(r.cell, r.status, {**r.values, "caption_r1": models.get(r.cell.name)},
+                               {b: {**v, "caption_r1": models.get(b)} for b, v in r.baselines.items()})
+            out.append(r)
+    return out
+
+
+def write_outputs(root: Path, records: list[CellRecord], p: ReproduceParams, metrics=METRICS) -> dict:
+    table = build_table(records, metrics)
     table["params"] = p.model_dump()
     atomic_write_text(root / "table.json", json.dumps(table, indent=1))
     atomic_write_text(root / "table.csv", table_csv(table))

@@ -238,3 +238,6 @@ def test_auc_and_probe():
 def test_a_difference_is_claimed_only_where_its_interval_excludes_zero():
     assert M.verdict([0.01, 0.2]) == "a > b" and M.verdict([-0.3, -0.02]) == "a < b"
     assert M.verdict([-0.01, 0.2]) == "no clear difference" and M.verdict(None) == "no interval"
+    assert M.verdict([0.0001, 0.0003], min_effect=0.01) == "negligible (< 0.01)"  # excludes 0, but says nothing
+    assert M.verdict([0.004, 0.03], min_effect=0.01) == "negligible (< 0.01)"  # could be as small as 0.004
+    assert M.verdict([-0.05, -0.02], min_effect=0.01) == "a < b" and M.verdict([0.02, 0.05], 0.01) == "a > b"
