@@ -20,12 +20,16 @@ setup: $(BIN)/eclipse-prior
 demo: setup
 	$(BIN)/eclipse-prior demo --out runs/demo
 
+# pytest-xdist: TEST_WORKERS processes (0: none), one group of tests at a time each, longest first (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc
+	$(PYTEST); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Headless Chromium for the report's browser test (tests/test_report.py), from apt: Debian or Ubuntu, as root.
 browser:

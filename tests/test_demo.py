@@ -1,18 +1,14 @@
 """`eclipse-prior demo --quick` end to end, as the README's first command runs it (smaller)."""
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from demofixtures import GROUP, demo_quick_run  # noqa: F401 - the fixture is used by name
 
 from pipeline.encoders import load_encoder
 from storage_schema.inspect import inspect_store
 from training.prior import load_prior
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_flags_choose_the_lambda_sweep():
@@ -28,12 +24,9 @@ def test_demo_flags_choose_the_lambda_sweep():
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_every_stage_and_resumes(tmp_path):
-    out = tmp_path / "demo"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PREFECT_HOME", None)  # the demo keeps its own Prefect state under OUT/.prefect
-    cmd = [sys.executable, "-m", "cli.main", "demo", "--quick", "--out", str(out)]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+@pytest.mark.xdist_group(GROUP)  # tests/test_reproduce.py reuses this run's teacher (tests/demofixtures.py)
+def test_demo_quick_runs_every_stage_and_resumes(demo_quick_run):  # noqa: F811 - the fixture by name
+    out, cmd, env, first = demo_quick_run.out, demo_quick_run.cmd, demo_quick_run.env, demo_quick_run.first
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "paired differences" in first.stdout + first.stderr and str(out / "report.html") in first.stdout
 

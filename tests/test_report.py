@@ -319,6 +319,7 @@ def browse(exe: str, page, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("chromium")  # one headless Chromium at a time (one profile)
 def test_the_report_fits_a_1400px_browser_window(tmp_path):
     exe = chromium()
     res = synthetic_result()

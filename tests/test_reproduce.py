@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from demofixtures import GROUP, demo_quick_run, quick_teacher  # noqa: F401 - fixtures by name (quick_teacher's too)
 from storefixtures import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +56,13 @@ def _done(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_reproduce_quick_resumes_after_sigkill_and_reports_a_failed_row(tmp_path):
+@pytest.mark.xdist_group(GROUP)  # after tests/test_demo.py's quick demo, on its teacher (tests/demofixtures.py)
+def test_reproduce_quick_resumes_after_sigkill_and_reports_a_failed_row(tmp_path, quick_teacher):  # noqa: F811
     other = tmp_path / "tiny-store"  # a store made by another encoder: its row fails, the others go on
     write_store(other, shards=1, rows=20)
     out = tmp_path / "grid"
+    if quick_teacher is not None:  # the same teacher the grid would train first (the demo's, same world and steps)
+        shutil.copytree(quick_teacher, out / "world" / "teacher")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PREFECT_HOME", None)  # the command keeps its Prefect state under OUT/.prefect
     cmd = [sys.executable, "-m", "cli.main", "reproduce", "--quick", "--out", str(out),
