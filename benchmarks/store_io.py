@@ -13,11 +13,12 @@ plus the real tokens of text_hidden):
                decodes all but text_hidden, whose cells are fp16 views into the mapped pages,
                storage_schema.pages), then shuffle (seeded buffer of row references), gather each
                batch's rows (the one copy of the payload) and wrap them as
-               torch tensors (StoreBatch). As the trainer runs it (pad_on_device): the host packs
+               torch tensors (StoreBatch). As the trainer runs it on a GPU (pad_on_device): the host packs
                the real tokens without padding and StoreBatch.to() pads to 77 on the device, so that
                padding is not in this number; the `.to("cpu")` line prints what it costs when the
-               "device" is this CPU. Also: padded to 77 on the host (pad_on_device=False).
-Last lines: batch_path_vs_raw_read=<x> (the trainer's setting; goal >= 0.7),
+               "device" is this CPU. Also: padded to 77 on the host (pad_on_device=False, what the
+               trainer does on a CPU, where host and device are one).
+Last lines: batch_path_vs_raw_read=<x> (the trainer's GPU setting; goal >= 0.7),
 store_read_gbps_per_core=<x> (the same batch path) and store_bytes_ratio=<x> (bytes on
 disk / fp16 payload).
 """
