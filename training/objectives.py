@@ -215,7 +215,7 @@ class Objective:
 
     name: str = ""
     #: (numerator, denominator): the two parts whose gradient norms the trainer compares at its
-    #: logging steps (`training.trainer.grad_ratio`); None for a loss of one term.
+    #: logging steps (`training.monitor.grad_ratio`); None for a loss of one term.
     balance: tuple[str, str] | None = None
 
     def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> nn.Module:

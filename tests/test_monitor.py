@@ -1,0 +1,54 @@
+"""training.monitor: the balance of Eq. 5 (grad_ratio at the output layer), its warning, the loss window."""
+
+import math
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.monitor import RATIO_FLOOR, BalanceWatch, LossWindow, balance_warning, grad_ratio, output_layer_params
+from training.prior import build_prior
+
+
+def test_grad_ratio_is_the_ratio_of_each_terms_gradient_at_the_output_layer():
+    """Against .grad from one backward per term; the other parameters' .grad and the graph are left alone."""
+    torch.manual_seed(0)
+    model = build_prior("tiny")
+    params = output_layer_params(model)
+    assert params == [model.proj_to_clip_embeddings.weight, model.proj_to_clip_embeddings.bias]
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(8, 32, generator=g), torch.randn(8, 32, generator=g)
+    hidden, mask = torch.randn(8, 77, 32, generator=g), torch.ones(8, 77, dtype=torch.bool)
+    pred = model(x, text, hidden, mask).predicted_image_embedding
+    a, b = pred.pow(2).sum() * 0.3, (pred - text).abs().sum()
+    ratio = grad_ratio(a, b, params)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated
+
+    def norm(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
+
+    assert float(ratio) == pytest.approx(norm(a) / norm(b), rel=1e-5)
+
+
+def test_the_watch_warns_once_only_when_every_early_ratio_stayed_below_the_floor():
+    low = BalanceWatch(steps=100, start=0)  # the first 10 % = steps 1..10
+    assert [low.add(s, RATIO_FLOOR / 10) for s in (5, 10, 15)] == [False, True, False]
+    high = BalanceWatch(steps=100, start=0)
+    assert [high.add(s, r) for s, r in ((5, RATIO_FLOOR * 2), (10, RATIO_FLOOR / 10))] == [False, False]
+    assert BalanceWatch(steps=100, start=50).add(60, 0.0) is False  # resumed past the window: nothing to judge
+    cfg = TrainConfig(store="s", out="o", eclipse_lambda=0.2, steps=100)
+    text = balance_warning(cfg, 1280, [0.001, 0.002], 10)
+    assert "lambda = 0.2, D = 1280" in text and "max 0.002" in text and "eclipse_lambda ~ 10" in text
+
+
+def test_the_loss_window_sums_on_the_device_and_drops_the_graph():
+    w = LossWindow(torch.device("cpu"))
+    x = torch.tensor(2.0, requires_grad=True)
+    for _ in range(3):
+        w.add(x * 1.5, {"loss_proj": x * 1.0})
+    assert (w.steps, float(w.loss), float(w.parts["loss_proj"])) == (3, 9.0, 6.0)
+    assert not w.parts["loss_proj"].requires_grad and not w.loss.requires_grad
+    w.reset()
+    assert (w.steps, float(w.loss), w.parts) == (0, 0.0, {})
