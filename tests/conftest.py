@@ -19,32 +19,51 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import pytest  # noqa: E402
 
 # Under `make test` (pytest-xdist, `--dist loadgroup --no-loadscope-reorder`) a worker takes one group at a
-# time, in collection order. Every test module is one group (its module-scoped fixtures are made once), unless a
-# test names its own with @pytest.mark.xdist_group; and the longest groups come first, so that the short ones
-# fill in at the end and both workers finish together (durations: BENCHMARKS.md, "The test suite").
+# time, in collection order. Every test module is one group (its module-scoped fixtures are made once), and the
+# tests in SAME_WORKER share one; the longest groups come first, so that the short ones fill in at the end and
+# both workers finish together. xdist's own @pytest.mark.xdist_group does nothing under pytest 9 (it renames
+# `item._nodeid`, which pytest 9 no longer reads), hence the scheduler below.
+SAME_WORKER = {
+    # the quick demo, then reproduce --quick on the demo's teacher (tests/demofixtures.py)
+    "demo-world": ["tests/test_demo.py::test_demo_quick_runs_every_stage_and_resumes",
+                   "tests/test_reproduce.py::test_reproduce_quick_resumes_after_sigkill_and_reports_a_failed_row"],
+    # one headless Chromium at a time (one profile)
+    "chromium": ["tests/test_report.py::test_the_report_fits_a_1400px_browser_window",
+                 "tests/test_report.py::test_the_training_balance_charts_fit_a_1400px_browser_window",
+                 "tests/test_grid.py::test_the_grid_page_fits_a_1400px_browser_window"],
+}
 LONGEST_FIRST = [
-    "demo-world",  # tests/test_demo.py's quick demo, then tests/test_reproduce.py's grid on the demo's teacher
-    "test_atomic",  # short: the unit a worker queues behind demo-world (a worker takes a second unit at once)
-    "test_multinode", "test_flows_server", "test_encode", "test_download", "test_trainer", "test_teacher",
-    "test_evaluate", "test_precompute", "test_flows_evaluate", "test_encoders", "test_report",
-    "test_flows_precompute", "test_flows_retrain", "test_install",
+    "demo-world",
+    "tests/test_atomic.py",  # short: the unit a worker queues behind demo-world (a worker takes a second at once)
+    *(f"tests/{m}.py" for m in ("test_multinode", "test_flows_server", "test_encode", "test_download", "test_trainer",
+                                "test_teacher", "test_evaluate", "test_precompute", "test_flows_evaluate",
+                                "test_encoders", "test_report", "test_flows_precompute", "test_flows_retrain",
+                                "test_install")),
 ]
+_GROUP_OF = {nodeid: group for group, ids in SAME_WORKER.items() for nodeid in ids}
 
 
-def _group(item: pytest.Item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")) if mark else item.module.__name__
+def _group(nodeid: str) -> str:
+    return _GROUP_OF.get(nodeid, nodeid.split("::", 1)[0])
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("dist", "no") != "loadgroup":
+    if not hasattr(config, "workerinput"):  # an xdist worker: its collection order is the scheduler's
         return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda it: rank.get(_group(it), len(rank)))  # stable: the rest keep their order
+    items.sort(key=lambda it: rank.get(_group(it.nodeid), len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True, scope="module")
