@@ -3,8 +3,9 @@
 `eclipse-prior demo --quick` trains the teacher CLIP of the demo world (seed 0, 250 steps) before anything
 else; `reproduce --quick` trains the same teacher for its `world:N` rows (flows.demo.teacher_task: its output
 depends only on the world, the steps and the seed) and skips it when OUT/world/teacher holds one. So when one
-session runs both tests (one xdist group: one worker, one after the other), the grid starts from a copy of
-the demo's teacher instead of training it again; alone, it trains its own.
+process has run the demo test first (one xdist group: one worker, the demo first, tests/conftest.py), the grid
+starts from a copy of the demo's teacher instead of training it again; else it trains its own (never a second
+demo just for its teacher).
 """
 
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_TEST = "test_demo.py::test_demo_quick_runs_every_stage_and_resumes"
 GROUP = "demo-world"  # the xdist group of the tests that share the run (tests/conftest.py runs it first)
 
 
@@ -36,19 +36,23 @@ def demo_quick_run(tmp_path_factory) -> DemoRun:
     env.pop("PREFECT_HOME", None)  # the demo keeps its own Prefect state under OUT/.prefect
     cmd = [sys.executable, "-m", "cli.main", "demo", "--quick", "--out", str(out)]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    return DemoRun(out, cmd, env, first)
+    _RUNS.append(DemoRun(out, cmd, env, first))
+    return _RUNS[-1]
+
+
+_RUNS: list[DemoRun] = []  # the demo run of this process, once made
 
 
 @pytest.fixture(scope="session")
-def quick_teacher(request) -> Path | None:
-    """The quick demo's teacher folder, if this session runs the demo test and the demo trained it; else None."""
+def quick_teacher() -> Path | None:
+    """The quick demo's teacher folder, if this process has run the demo and it trained one; else None."""
     from flows.demo import DemoParams
     from flows.reproduce import ReproduceParams
 
     demo, world = DemoParams.quick(), ReproduceParams.quick().world
     if (demo.teacher_steps, demo.seed) != (world.teacher_steps, world.seed):
         return None  # not the same teacher
-    if not any(item.nodeid.split("@")[0].endswith(DEMO_TEST) for item in request.session.items):
+    if not _RUNS:  # this process has not run the demo (yet): reproduce trains its teacher itself
         return None
-    folder = request.getfixturevalue("demo_quick_run").out / "teacher"
+    folder = _RUNS[-1].out / "teacher"
     return folder if (folder / "teacher_report.json").exists() else None

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from demofixtures import GROUP, demo_quick_run, quick_teacher  # noqa: F401 - fixtures by name (quick_teacher's too)
+from demofixtures import GROUP, quick_teacher  # noqa: F401 - the fixture is used by name
 from storefixtures import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
