@@ -101,12 +101,12 @@ def gap_task(world: World, held_pairs: list[tuple[str, str]], n_captions: int, t
     return gap
 
 
-def load_state(root: Path, params: dict) -> dict:
+def load_state(root: Path, params: dict, what: str = "demo run") -> dict:
     """What an earlier run in `root` recorded (its world server's port); refuses other settings."""
     state_file = root / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state.get("params", params) != params:
-        raise ValueError(f"{root} holds a run with other settings ({state['params']}); resume it with the same "
+        raise ValueError(f"{root} holds a {what} with other settings ({state['params']}); resume it with the same "
                          f"flags, or use another --out")
     return state
 

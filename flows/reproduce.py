@@ -238,7 +238,7 @@ def _world_rows(p: ReproduceParams, root: Path) -> list[Row]:
     folder = root / "world"
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"sizes_max": sizes[-1], **w.model_dump()}
-    state = load_state(folder, settings)
+    state = load_state(folder, settings, "reproduce world")
     world = demo_world(seed=w.seed, image_size=32)
     held_pairs = world.holdout_pairs(w.heldout_pair_fraction, seed=w.seed)
     teacher_task(world, w.teacher_steps, w.seed, str(folder / "teacher"))

@@ -7,7 +7,7 @@ import pytest
 from cli.main import build_parser, main
 
 COMMANDS = {"store", "download", "precompute", "encode", "train", "export", "evaluate", "generate", "demo", "serve",
-            "plan"}
+            "plan", "reproduce"}
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
