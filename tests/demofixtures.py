@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUP = "demo-world"  # the xdist group of the tests that share the run (tests/conftest.py runs it first)
 
 
 @dataclass

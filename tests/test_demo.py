@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from demofixtures import GROUP, demo_quick_run  # noqa: F401 - the fixture is used by name
+from demofixtures import demo_quick_run  # noqa: F401 - the fixture is used by name
 
 from pipeline.encoders import load_encoder
 from storage_schema.inspect import inspect_store
@@ -24,7 +24,6 @@ def test_demo_flags_choose_the_lambda_sweep():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group(GROUP)  # tests/test_reproduce.py reuses this run's teacher (tests/demofixtures.py)
 def test_demo_quick_runs_every_stage_and_resumes(demo_quick_run):  # noqa: F811 - the fixture by name
     out, cmd, env, first = demo_quick_run.out, demo_quick_run.cmd, demo_quick_run.env, demo_quick_run.first
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -119,7 +119,6 @@ def test_the_csv_is_one_line_per_row_column_and_metric(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chromium")  # one headless Chromium at a time (one profile)
 def test_the_grid_page_fits_a_1400px_browser_window(tmp_path):
     import json
 

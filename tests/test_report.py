@@ -319,7 +319,6 @@ def browse(exe: str, page, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chromium")  # one headless Chromium at a time (one profile)
 def test_the_report_fits_a_1400px_browser_window(tmp_path):
     exe = chromium()
     res = synthetic_result()
@@ -343,7 +342,6 @@ def test_the_report_fits_a_1400px_browser_window(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("chromium")  # one headless Chromium at a time (one profile)
 def test_the_training_balance_charts_fit_a_1400px_browser_window(tmp_path):
     exe = chromium()
     page = write_report(balance_result(), tmp_path / "r.html")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from demofixtures import GROUP, quick_teacher  # noqa: F401 - the fixture is used by name
+from demofixtures import quick_teacher  # noqa: F401 - the fixture is used by name
 from storefixtures import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,6 @@ def _done(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group(GROUP)  # after tests/test_demo.py's quick demo, on its teacher (tests/demofixtures.py)
 def test_reproduce_quick_resumes_after_sigkill_and_reports_a_failed_row(tmp_path, quick_teacher):  # noqa: F811
     other = tmp_path / "tiny-store"  # a store made by another encoder: its row fails, the others go on
     write_store(other, shards=1, rows=20)
