@@ -274,6 +274,8 @@ def reproduce_params(args: argparse.Namespace):
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("datasets") or given.get("decoders"):
         given["pairs"] = None  # the grid is datasets x decoders again
+    if args.teacher_steps is not None:
+        given["world"] = {**base.world.model_dump(), "teacher_steps": args.teacher_steps}
     return ReproduceParams.model_validate({**base.model_dump(), **given})
 
 
@@ -467,6 +469,8 @@ def _add_reproduce_command(sub) -> None:
     rp.add_argument("--steps", type=int, help="training steps of every cell")
     rp.add_argument("--batch-size", type=int, help="batch per worker")
     rp.add_argument("--workers", type=int, help="cells in parallel (default: one per GPU, else one per core)")
+    rp.add_argument("--teacher-steps", type=int, metavar="N",
+                    help="world:N rows: training steps of the world's teacher CLIP (default: the grid's)")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

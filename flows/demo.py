@@ -10,6 +10,7 @@ Every stage skips what an earlier run finished.
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +100,13 @@ def gap_task(world: World, held_pairs: list[tuple[str, str]], n_captions: int, t
                       fit_n=max(800, 6 * n_captions), seed=seed)
     atomic_write_text(path, json.dumps(gap, indent=1))
     return gap
+
+
+def format_timings(seconds: dict[str, float]) -> str:
+    """One line per stage, with its share of the run; parts of a stage are indented under it."""
+    total = sum(v for k, v in seconds.items() if not k.startswith(" ")) or 1.0
+    lines = [f"  {k:<18} {v:7.1f}  {100 * v / total:4.0f} %" for k, v in seconds.items()]
+    return "\n".join(lines + [f"  {'total':<18} {total:7.1f}"])
 
 
 def load_state(root: Path, params: dict, what: str = "demo run") -> dict:
@@ -216,23 +224,37 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     world = demo_world(seed=p.seed, image_size=32)
     held_pairs = world.holdout_pairs(p.heldout_pair_fraction, seed=p.seed)
 
+    clock = [time.perf_counter()]
+    seconds: dict[str, float] = {}
+
+    def lap(stage: str) -> None:  # the wall time since the last lap, for the time profile
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock[0], 1)
+        clock[0] = now
+
     print("1/5 teacher CLIP on the synthetic world, and the testbed figures")
     teacher = teacher_task(world, p.teacher_steps, p.seed, str(root / "teacher"))
+    lap("teacher")
     gap = gap_task(world, sorted(held_pairs), p.gap_captions, str(root / "teacher"), p.seed)
+    lap("testbed gap")
     bed = summarize_testbed(teacher, gap)
     print(format_testbed(bed))
 
     kept, held = _split(world, held_pairs, p)
     print(f"2/5 precompute: {len(kept)} held-in + {len(held)} held-out-composition images, served on loopback")
     pre = serve_and_precompute(world, kept + held, p.shard_size, root, state, p.model_dump())
+    lap("precompute")
+    seconds.update({f"  {k}": v for k, v in pre["seconds"].items()})  # its parts (the rest: Dask start-up)
     st = EmbeddingStore(pre["store"])
     n_in_shards = len(kept) // p.shard_size
     heldin_shards, heldout_shards = st.shards[:n_in_shards], st.shards[n_in_shards:]
     runs, budget = _train_priors(st, heldin_shards, len(kept), p, root)
+    lap("training priors")
 
     print("4/5 evaluating on held-in rows and on held-out compositions")
     rows = {"heldin": len(kept), "heldout": len(held)}
     results, oracle = _evaluate(st, pre["images"], runs, heldin_shards, heldout_shards, rows, p, root)
+    lap("evaluation")
 
     print("5/5 report")
     paper = f"eclipse-{PAPER_LAMBDA:g}" if PAPER_LAMBDA in p.lambdas else f"eclipse-{p.lambdas[0]:g}"
@@ -258,8 +280,12 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
              "and in eval-heldin/report.html.")
     write_demo_report(root / "report.html", root / "eval-heldout", table, teacher, notes, testbed_figures=bed,
                       points=points)
+    lap("report")
+    atomic_write_text(root / "timings.json", json.dumps(seconds, indent=1))
     text = "\n".join([format_table(table), "", "testbed:", format_testbed(bed), "",
-                      "λ trade-off on held-out compositions (mean [t-interval over seeds]):", format_tradeoff(points)])
+                      "λ trade-off on held-out compositions (mean [t-interval over seeds]):", format_tradeoff(points),
+                      "", "time profile of this run (s; a stage an earlier run finished only checks its work):",
+                      format_timings(seconds)])
     print(text)
     print(f"report: {root / 'report.html'}")
     log.info("demo finished")

@@ -5,6 +5,7 @@ schema from the real annotations, and string annotations break the pydantic mode
 """
 
 import dataclasses
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -117,10 +118,13 @@ def precompute(
         download = download.model_copy(update={"metadata_dir": _resolve(base_dir, download.metadata_dir)})
     images, store = output_dirs(out)
     get_run_logger().info("precompute %s -> %s (images in %s, store in %s)", urls, out, images, store)
+    t0 = time.perf_counter()
     dl = download_task(urls, str(images), download)
+    t1 = time.perf_counter()
     cfg = EncodeConfig(encoder=encoder, **encode.model_dump())
     runner = dask_task_runner(ClusterConfig(**cluster.model_dump()))
     results = encode_shards_flow.with_options(task_runner=runner)(str(images), str(store), cfg)
+    seconds = {"download": round(t1 - t0, 1), "encode": round(time.perf_counter() - t1, 1)}
     manifest = read_manifest(store) or {"shards": {}}
     rows = sum(s["rows"] for s in manifest["shards"].values())
     get_run_logger().info("wrote %s: store %s (%d rows in %d shards), images %s", out, store, rows,
@@ -132,4 +136,5 @@ def precompute(
         key="precompute-output", description="where this run wrote",
     )
     return {"images": str(images), "store": str(store), "download": dl,
-            "shards_encoded_now": len(results), "store_rows": rows}
+            "shards_encoded_now": len(results), "store_rows": rows,
+            "seconds": seconds}  # wall time of each stage in this run (a resumed stage: its check only)

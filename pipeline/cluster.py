@@ -103,4 +103,20 @@ def dask_task_runner(cfg: ClusterConfig | None = None):
             wait_for_workers(client, cfg)
         return DaskTaskRunner(address=cfg.address)
     cls, kwargs = local_cluster_spec(cfg)
+    if api := _prefect_api_env():
+        kwargs["env"] = {**kwargs.get("env", {}), **api}
     return DaskTaskRunner(cluster_class=cls, cluster_kwargs=kwargs)
+
+
+def _prefect_api_env() -> dict[str, str]:
+    """PREFECT_API_URL for local workers. With no server configured, the flow's process runs Prefect's temporary
+    server; unless told its URL, every worker process starts a temporary server of its own (~15 s each)."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return {}  # a configured server: the workers inherit the same setting
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process's one temporary server (a singleton); start() is idempotent
+    server.start()
+    return {"PREFECT_API_URL": server.api_url}

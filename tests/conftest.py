@@ -24,19 +24,18 @@ import pytest  # noqa: E402
 # both workers finish together. xdist's own @pytest.mark.xdist_group does nothing under pytest 9 (it renames
 # `item._nodeid`, which pytest 9 no longer reads), hence the scheduler below.
 SAME_WORKER = {
-    # the quick demo, then reproduce --quick on the demo's teacher (tests/demofixtures.py)
-    "demo-world": ["tests/test_demo.py::test_demo_quick_runs_every_stage_and_resumes",
-                   "tests/test_reproduce.py::test_reproduce_quick_resumes_after_sigkill_and_reports_a_failed_row"],
     # one headless Chromium at a time (one profile)
     "chromium": ["tests/test_report.py::test_the_report_fits_a_1400px_browser_window",
                  "tests/test_report.py::test_the_training_balance_charts_fit_a_1400px_browser_window",
                  "tests/test_grid.py::test_the_grid_page_fits_a_1400px_browser_window"],
 }
+# The first two go one to each worker (xdist deals units round-robin, two per worker to start with).
 LONGEST_FIRST = [
-    "demo-world",
-    "tests/test_atomic.py",  # short: the unit a worker queues behind demo-world (a worker takes a second at once)
-    *(f"tests/{m}.py" for m in ("test_multinode", "test_flows_server", "test_encode", "test_download", "test_trainer",
-                                "test_teacher", "test_evaluate", "test_precompute", "test_flows_evaluate",
+    "tests/test_demo.py",  # the quick demo and its rerun
+    "tests/test_reproduce.py",  # reproduce --quick killed and resumed
+    "tests/test_atomic.py",  # short: the unit the first worker queues behind the demo
+    *(f"tests/{m}.py" for m in ("test_flows_server", "test_multinode", "test_trainer", "test_encode", "test_teacher",
+                                "test_download", "test_evaluate", "test_precompute", "test_flows_evaluate",
                                 "test_encoders", "test_report", "test_flows_precompute", "test_flows_retrain",
                                 "test_install")),
 ]
@@ -47,6 +46,7 @@ def _group(nodeid: str) -> str:
     return _GROUP_OF.get(nodeid, nodeid.split("::", 1)[0])
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `-p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config, log):
     if config.getoption("dist") != "loadgroup":
         return None
