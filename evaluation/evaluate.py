@@ -32,7 +32,7 @@ from evaluation.generate import generation_section
 from evaluation.image_metrics import ClipImageScorer
 from evaluation.images import ImageSource
 from evaluation.metrics import rowwise_cosine, summarize
-from evaluation.predict import Heldout, predict_heldout
+from evaluation.predict import PREDICTIONS_FILE, Heldout, predict_heldout, save_heldout
 from evaluation.priors import PriorHandle, open_prior, read_training_log
 from evaluation.prompts import CATEGORIES, run_prompt_suite
 from evaluation.scoring import METRIC_INFO, caption_probe, comparisons, embedding_metrics, nearest_examples
@@ -152,6 +152,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     _log(f"baselines fitted on {stats.rows} of {n_train} training rows (ridge alpha {base.ridge.alpha:g})")
     held = predict_heldout(store, split, handles, cfg.seeds, min(1.0, cfg.max_rows / max(n_held, 1)), cfg.batch_size)
     _log(f"{len(held.keys)} held-out rows predicted by {len(handles)} priors x {cfg.seeds} seeds")
+    save_heldout(held, out / PREDICTIONS_FILE)
     models: dict[str, np.ndarray] = dict(held.preds) | {k: v[None] for k, v in base.predict(held.text).items()}
     prior_names = [h.name for h in handles]
 

@@ -2,12 +2,17 @@
 
     held = predict_heldout(store, split, handles, seeds=3, keep_fraction=1.0, batch_size=256)
     held.preds["eclipse"] -> [seeds, rows, D]
+
+`evaluate` keeps them in OUT/heldout_predictions.npz (`save_heldout` / `load_heldout`), so that later
+figures over the same rows (the demo's caption retrieval) do not predict again.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +20,7 @@ import torch
 from evaluation.priors import PriorHandle
 from evaluation.split import Split
 from storage_schema import CAPTION, IMAGE_EMBED, KEY, TEXT_EMBED, TEXT_HIDDEN, TEXT_MASK, URL, EmbeddingStore
+from storage_schema.atomic import atomic_path
 
 
 @dataclass
@@ -58,3 +64,29 @@ def predict_heldout(store: EmbeddingStore, split: Split, handles: Sequence[Prior
                          f"evaluation needs at least 2 (a larger store or held-out fraction)")
     return Heldout(keys, caps, urls, np.concatenate(imgs), np.concatenate(texts),
                    {name: np.stack([np.concatenate(p) for p in per_seed]) for name, per_seed in preds.items()})
+
+
+PREDICTIONS_FILE = "heldout_predictions.npz"  # written by `evaluation.evaluate.evaluate` beside metrics.json
+
+
+def save_heldout(held: Heldout, path: str | os.PathLike) -> Path:
+    """Write `held` as one .npz (atomically): `numpy.load(path)` gives keys, captions, image, text, the prior
+    names and `pred_<i>` = prior i's predictions [seeds, rows, D]."""
+    path = Path(path)
+    names = list(held.preds)
+    arrays = {"keys": np.array(held.keys, dtype=str), "captions": np.array(held.captions, dtype=str),
+              "urls": np.array(["" if u is None else u for u in held.urls], dtype=str),
+              "image": held.image, "text": held.text, "priors": np.array(names, dtype=str),
+              **{f"pred_{i}": held.preds[n] for i, n in enumerate(names)}}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def load_heldout(path: str | os.PathLike) -> Heldout:
+    """The `Heldout` that `save_heldout` wrote (no pickles: strings are stored as numpy unicode arrays)."""
+    with np.load(path, allow_pickle=False) as z:
+        names = [str(n) for n in z["priors"]]
+        return Heldout([str(k) for k in z["keys"]], [str(c) for c in z["captions"]],
+                       [str(u) or None for u in z["urls"]], z["image"], z["text"],
+                       {n: z[f"pred_{i}"] for i, n in enumerate(names)})

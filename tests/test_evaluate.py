@@ -171,6 +171,21 @@ def test_rerun_gives_the_same_numbers(full, world, tmp_path):
             assert again["models"][name]["metrics"][key] == res["models"][name]["metrics"][key], (name, key)
 
 
+def test_the_heldout_predictions_are_kept_and_read_back(full, world):
+    from evaluation.metrics import rowwise_cosine
+    from evaluation.predict import PREDICTIONS_FILE, load_heldout
+
+    res, out = full
+    held = load_heldout(out / PREDICTIONS_FILE)
+    assert len(held.keys) == len(held.captions) == len(set(held.keys)) == res["split"]["heldout_rows"]
+    assert sorted(held.preds) == ["eclipse-a", "eclipse-b"]
+    for name, pred in held.preds.items():
+        assert pred.shape == (3, len(held.keys), DIM)  # seeds x rows x D
+        # the saved predictions are the ones metrics.json summarises
+        cos = np.mean([rowwise_cosine(p, held.image).mean() for p in pred])  # mean over seeds of the row mean
+        assert float(cos) == pytest.approx(res["models"][name]["metrics"]["cos_image"]["value"], abs=1e-5)
+
+
 def test_probe_families_of_the_callers_vocabulary(world, tmp_path):
     families = {"hue": list(COLORS), "form": list(SHAPES), "where": ["left", "right"]}
     res = evaluate(EvalConfig(world["priors"][:1], world["store"], tmp_path, heldout_fraction=FRACTION, n_boot=50,
