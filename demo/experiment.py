@@ -19,7 +19,7 @@ from scipy import stats
 
 from evaluation import figures as F
 from evaluation import metrics as M
-from evaluation.metrics import verdict
+from evaluation.metrics import MIN_EFFECT, verdict
 from evaluation.report import environment, load_images, report_context
 from storage_schema import CAPTION, IMAGE_EMBED, TEXT_EMBED, EmbeddingStore
 from storage_schema.atomic import atomic_write_text
@@ -237,12 +237,13 @@ def format_table(table: dict, splits: Sequence[str] = ("heldin", "heldout")) -> 
         lines.append(f"{base:<28}" + "".join(f"{_f(by_split.get(s, {}).get(m)):>20}" for s in splits
                                               for m in HEADLINE))
     lines.append("")
-    lines.append("paired differences (a - b, same training seed; CI: t-interval over seeds)")
+    lines.append(f"paired differences (a - b, same training seed; CI: t-interval over seeds; an effect only where "
+                 f"the interval lies at least {MIN_EFFECT:g} from 0)")
     for p in table["paired"]:
         ci = p["ci_over_seeds"]
         ci_s = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "(one seed: no interval)"
         lines.append(f"  {p['a']} - {p['b']:<13} {p['split']:<8} {p['metric']:<10} {p['mean']:+.3f} {ci_s}  "
-                     f"worst seed {p['worst_seed']:+.3f}  {verdict(ci)}")
+                     f"worst seed {p['worst_seed']:+.3f}  {verdict(ci, MIN_EFFECT)}")
     return "\n".join(lines)
 
 
@@ -319,7 +320,7 @@ def experiment_context(table: dict, teacher: dict, notes: str, splits: Sequence[
             "testbed_text": format_testbed(testbed_figures) if testbed_figures else "",
             "tradeoff_text": format_tradeoff(points) if points else "",
             "sweep_charts": tradeoff_charts(points, table) if points else [],
-            "f": _f, "ci": _ci, "verdict": verdict}
+            "f": _f, "ci": _ci, "verdict": lambda ci: verdict(ci, MIN_EFFECT), "min_effect": MIN_EFFECT}
 
 
 def report_section(table: dict, teacher: dict, notes: str, splits: Sequence[str] = ("heldin", "heldout"),

@@ -32,9 +32,7 @@ METRIC_LABELS = {**{f"probe_{f}": f"{f} probe AUC" for f in FAMILIES}, "cos_imag
                  "r1": "R@1 (image retrieval)", "caption_r1": "caption R@1 (prototypes)"}
 BASELINES = ("TextEmb", "text-shift", "ridge", "mean-image")
 OBJECTIVES = ("projection", "eclipse", "diffusion")
-# The smallest paired difference the table calls an effect: every figure here lies in [0, 1] (AUC, cosine,
-# R@1), and a gain under 0.01 would change no decoder's image; smaller ones are reported as negligible.
-MIN_EFFECT = 0.01
+MIN_EFFECT = M.MIN_EFFECT  # the smallest paired difference the table calls an effect
 
 
 def objective_label(objective: str, lam: float | None = None) -> str:

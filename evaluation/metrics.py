@@ -208,6 +208,11 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
+# The smallest paired difference the demo and the grid call an effect: their figures lie in [0, 1] (AUC,
+# cosine, R@1), and a gain under 0.01 would change no decoder's image; smaller ones are reported as negligible.
+MIN_EFFECT = 0.01
+
+
 def verdict(ci: Sequence[float] | None, min_effect: float = 0.0) -> str:
     """What a paired interval lets one say: an effect only where it excludes 0, and (with `min_effect`)
     only where the whole interval is at least that far from 0; a smaller one is called negligible."""

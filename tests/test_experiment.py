@@ -62,6 +62,11 @@ def test_summary_pairs_objectives_by_seed():
     assert lines[-2:] == [  # t(0.975; 1) = 12.706: two seeds give wide intervals
         "  eclipse - projection    heldout  cos_image  +0.125 [-0.828, +1.078]  worst seed +0.050  no clear difference",
         "  eclipse - projection    heldout  probe_auc  +0.100 [-0.535, +0.735]  worst seed +0.050  no clear difference"]
+    # an interval that excludes 0 but lies within 0.01 of it is no effect worth claiming
+    cos.update(mean=0.002, ci_over_seeds=[0.001, 0.003])
+    assert format_table(table, splits=("heldout",)).splitlines()[-2].endswith("negligible (< 0.01)")
+    cos.update(mean=0.05, ci_over_seeds=[0.02, 0.08])
+    assert format_table(table, splits=("heldout",)).splitlines()[-2].endswith("a > b")
 
 
 def test_oracle_is_the_mean_of_the_other_renders_of_a_caption(tmp_path):
