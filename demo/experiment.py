@@ -70,15 +70,15 @@ def oracle_metrics(store: EmbeddingStore, shards: Sequence[str], n_boot: int = 2
 def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards: Sequence[str],
                       heldout_shards: Sequence[str] | None, seeds: int = 3, n_boot: int = 200,
                       keep: float = 1.0, group: Callable[[str], str] | None = None,
-                      predictions: str | os.PathLike | None = None) -> dict:
+                      predictions: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> dict:
     """R@1 among caption prototypes: is the prediction nearest to the mean real image embedding of its own
     caption, among the prototypes of every caption in the store? Row-level retrieval cannot tell apart
     renders of one caption; this asks what a decoder needs: the right composition.
 
     `group` maps a caption to its prototype's key (as in `oracle_metrics`; default: the caption).
     `keep`: the fraction of the evaluated rows to score (a key-hash sample, as `evaluate` draws it).
-    `predictions`: an `evaluate` run's OUT/heldout_predictions.npz for these priors and split: its rows and
-    predictions are scored instead of predicting again (`keep` and `seeds` are then that run's).
+    `predictions`: `evaluate` runs' OUT/heldout_predictions.npz (one, or one per prior) for these priors and
+    split: their rows and predictions are scored instead of predicting again (`keep` and `seeds` are the runs').
     Returns model name -> summary (priors under `seeds` noise seeds; TextEmb, text-shift, ridge; oracle).
     """
     from evaluation.baselines import Baselines, scan_training_split
@@ -89,10 +89,16 @@ def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards
     handles = [open_prior(p, "cpu") for p in priors]
     split = resolve_split(handles, None, None, train_shards, heldout_shards, store)
     if predictions is not None:
-        held = load_heldout(predictions)
+        files = [predictions] if isinstance(predictions, str | os.PathLike) else list(predictions)
+        held = load_heldout(files[0])
+        for f in files[1:]:
+            other = load_heldout(f)
+            if other.keys != held.keys:
+                raise ValueError(f"{f} holds predictions for other rows than {files[0]}: evaluated with other settings")
+            held.preds.update(other.preds)
         missing = [h.name for h in handles if h.name not in held.preds]
         if missing:
-            raise ValueError(f"{predictions} has no predictions of {missing} (it has {sorted(held.preds)})")
+            raise ValueError(f"{predictions} has no predictions of {missing} (only of {sorted(held.preds)})")
     else:
         held = predict_heldout(store, split, handles, seeds, keep, 256)
     base = Baselines.fit(scan_training_split(store, split, 1.0, 0.0))

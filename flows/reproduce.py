@@ -390,6 +390,7 @@ def _with_caption_r1(rows: list[Row], records: list[CellRecord], root: Path, p: 
     OUT/cells/ROW/_caption_r1.json for the priors it was computed for, so a rerun does not redo it."""
     from demo.experiment import caption_retrieval
     from demo.world import description
+    from evaluation.predict import PREDICTIONS_FILE
 
     out = []
     for row in rows:
@@ -405,8 +406,11 @@ def _with_caption_r1(rows: list[Row], records: list[CellRecord], root: Path, p: 
             else:
                 st = EmbeddingStore(row.store)
                 rows_held = sum(st.shard_rows[s] for s in row.heldout_shards)
+                # the cells' own evaluations kept their predictions on these rows: score those, not predict again
+                saved = [folder / f"{n}.eval" / PREDICTIONS_FILE for n in done]
                 res = caption_retrieval(st, [str(folder / n) for n in done], row.train_shards, row.heldout_shards,
-                                        seeds=p.eval_seeds, keep=min(1.0, p.eval_rows / rows_held), group=description)
+                                        seeds=p.eval_seeds, keep=min(1.0, p.eval_rows / rows_held), group=description,
+                                        predictions=saved if all(f.exists() for f in saved) else None)
                 models = {k: v["value"] for k, v in res["models"].items()}
                 atomic_write_text(cache, json.dumps({"priors": done, "models": models}, indent=1))
         for r in mine:

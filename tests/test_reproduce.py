@@ -98,6 +98,7 @@ def test_reproduce_quick_resumes_after_sigkill_and_reports_a_failed_row(tmp_path
         assert row["failed"] == [] and {c["status"] for c in row["cells"].values()} == {"done"}
         for col in table["columns"]:
             assert row["cells"][col]["cos_image"]["n"] == 1
+            assert 0 <= row["cells"][col]["caption_r1"]["mean"] <= 1  # scored on the cells' kept predictions
         assert {p["b"] for p in row["paired"]} == {"projection", "diffusion"}
         assert set(row["baselines"]) >= {"ridge", "text-shift"}
     # one run folder and one record per cell: no duplicates from the killed run
