@@ -48,3 +48,15 @@ def test_resume_starts_from_the_saved_config(tmp_path):
     (tmp_path / "train_config.json").write_text(json.dumps(saved))
     cfg = cli_config(None, {"out": str(tmp_path), "steps": 99}, None, resume=True)
     assert (cfg.lr, cfg.steps, cfg.resume, cfg.store) == (0.5, 99, True, "/s")
+
+
+def test_architecture_knobs_default_to_the_preset_as_released_and_are_checked():
+    cfg = TrainConfig()
+    assert (cfg.num_layers, cfg.dropout, cfg.text_hidden) == (None, 0.0, True)
+    base = {"store": "/s", "out": "/o"}
+    assert load_config(None, base | {"dropout": 0.3, "num_layers": 4}).dropout == 0.3
+    for bad, match in (({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"),
+                       ({"num_layers": 0}, "num_layers"),
+                       ({"text_hidden": False, "objective": "diffusion"}, "text_hidden")):
+        with pytest.raises(ValueError, match=match):
+            load_config(None, base | bad)

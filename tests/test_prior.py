@@ -130,3 +130,39 @@ def test_optional_layers_are_built_on_request_and_unknown_kinds_are_refused():
     assert PriorTransformer(**tiny | {"encoder_hid_proj_type": None}).encoder_hidden_states_proj is None
     with pytest.raises(ValueError, match="unsupported norm_in_type: 'batch'"):
         PriorTransformer(**tiny | {"norm_in_type": "batch"})
+
+
+def test_architecture_knobs_override_the_preset_and_survive_save_load(tmp_path):
+    """num_layers, dropout and text_hidden=False (the memorisation study's) change only what they name."""
+    tiny = preset_config("tiny")
+    assert preset_config("tiny", dropout=0.0, num_layers=None, text_hidden=True) == tiny
+    cfg = preset_config("tiny", num_layers=3, dropout=0.25, text_hidden=False)
+    assert cfg == tiny | {"num_layers": 3, "dropout": 0.25, "encoder_hid_proj_type": None}
+    model = build_prior("tiny", num_layers=3, dropout=0.25, text_hidden=False)
+    assert len(model.transformer_blocks) == 3 and model.encoder_hidden_states_proj is None
+    model.save_pretrained(tmp_path / "p", safe_serialization=True)
+    loaded = load_prior(tmp_path / "p").eval()
+    assert (loaded.config.num_layers, loaded.config.dropout, loaded.config.encoder_hid_proj_type) == (3, 0.25, None)
+    noise, text, hidden, mask = _inputs(32)
+    with torch.no_grad():
+        out = loaded(noise, text, hidden, mask).predicted_image_embedding
+        # without hidden-state tokens the prediction depends on the text embedding and the noise only
+        assert torch.equal(loaded(noise, text, hidden * 0 + 5, ~mask).predicted_image_embedding, out)
+        assert not torch.allclose(loaded(noise, text + 1, hidden, mask).predicted_image_embedding, out)
+    with pytest.raises(ValueError, match="dropout"):
+        preset_config("tiny", dropout=1.0)
+    with pytest.raises(ValueError, match="num_layers"):
+        preset_config("tiny", num_layers=0)
+
+
+def test_dropout_is_active_in_training_only():
+    model = build_prior("tiny", dropout=0.5)
+    noise, text, hidden, mask = _inputs(32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.train()
+        assert not torch.allclose(model(noise, text, hidden, mask).predicted_image_embedding,
+                                  model(noise, text, hidden, mask).predicted_image_embedding)
+        model.eval()
+        assert torch.equal(model(noise, text, hidden, mask).predicted_image_embedding,
+                           model(noise, text, hidden, mask).predicted_image_embedding)

@@ -340,3 +340,14 @@ def test_text_length_below_the_store_context_is_refused_and_recorded_in_the_expo
     # ... while the full 77 works and the exported prior keeps its text length
     prior = train(tiny(tmp_path / "short", tmp_path / "r1", steps=3, text_length=77, ckpt_every=3))
     assert load_prior(prior).config.num_embeddings == 77
+
+
+def test_architecture_knobs_reach_the_trained_and_exported_prior(tmp_path, store):
+    """dropout, num_layers and text_hidden=False are built into the model, trained, and saved in its config."""
+    run = train(tiny(store, tmp_path / "run", steps=10, dropout=0.1, num_layers=3, text_hidden=False))
+    prior = load_prior(run)
+    assert (prior.config.dropout, prior.config.num_layers, prior.config.encoder_hid_proj_type) == (0.1, 3, None)
+    assert prior.encoder_hidden_states_proj is None and len(prior.transformer_blocks) == 3
+    default = load_prior(train(tiny(store, tmp_path / "default", steps=2)))
+    assert (default.config.dropout, default.config.num_layers, default.config.encoder_hid_proj_type) == (
+        0.0, 2, "linear")

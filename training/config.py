@@ -29,6 +29,10 @@ class TrainConfig:
     text_length: int | None = None  # None: 77 text positions; fewer suit an encoder with a short context
     init_from: str | None = None  # an exported prior folder to start from (continued training, retrain flow)
     shards: list[str] | None = None  # train on these store shards only (None: all); eval uses all shards
+    # architecture knobs (saved in the prior's config.json; the defaults are the preset as released)
+    num_layers: int | None = None  # None: the preset's depth
+    dropout: float = 0.0  # dropout of the transformer blocks (attention and feed-forward); 0.0 as released
+    text_hidden: bool = True  # False: the prior gets no text hidden-state tokens, only the pooled text embedding
 
     # the paper's recipe: AdamW, lr 5e-5, CosineAnnealingWarmRestarts, 256 per GPU, ~60k iterations
     steps: int = 60_000
@@ -91,6 +95,13 @@ class TrainConfig:
                 raise ValueError(f"config: {name} must be positive, got {getattr(self, name)!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"config: heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.num_layers is not None and int(self.num_layers) <= 0:
+            raise ValueError(f"config: num_layers must be positive, got {self.num_layers!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        if not self.text_hidden and self.objective == "diffusion":
+            raise ValueError("config: text_hidden=false is for the time-free priors; the diffusion baseline's "
+                             "stock prior always reads the text hidden states")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.proj_reduction not in REDUCTIONS:

@@ -218,8 +218,10 @@ class Objective:
     #: logging steps (`training.monitor.grad_ratio`); None for a loss of one term.
     balance: tuple[str, str] | None = None
 
-    def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> nn.Module:
-        return PriorTransformer(**preset_config(preset, embedding_dim, text_length))
+    def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None,
+                    **arch) -> nn.Module:
+        """The prior; `arch`: `training.prior.preset_config`'s num_layers, dropout, text_hidden."""
+        return PriorTransformer(**preset_config(preset, embedding_dim, text_length, **arch))
 
     def loss(self, model: nn.Module, batch: PriorBatch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """(the loss, its parts): the parts are tensors attached to the graph; detach what you keep."""
@@ -268,12 +270,17 @@ class DiffusionObjective(Objective):
         self.guidance_scale = guidance_scale
         self.scheduler = make_scheduler()
 
-    def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> nn.Module:
+    def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None,
+                    **arch) -> nn.Module:
         """diffusers' stock PriorTransformer with the ECLIPSE preset's size, plus its time embedding.
 
         clip_mean/clip_std standardise the target (set from the data before training); frozen.
+        `arch`: num_layers and dropout as for the time-free prior; the stock class always reads the hidden states.
         """
-        cfg = preset_config(preset, embedding_dim, text_length)
+        if not arch.get("text_hidden", True):
+            raise ValueError("the diffusion baseline's stock prior always reads the text hidden states "
+                             "(text_hidden=False is for the time-free priors)")
+        cfg = preset_config(preset, embedding_dim, text_length, **arch)
         cfg["additional_embeddings"] = 4  # + the timestep token
         model = DiffusionPriorTransformer(**cfg)
         with torch.no_grad():

@@ -54,9 +54,15 @@ COMMON = dict(
 )
 
 
-def preset_config(name: str, embedding_dim: int | None = None, text_length: int | None = None) -> dict:
+def preset_config(name: str, embedding_dim: int | None = None, text_length: int | None = None, *,
+                  num_layers: int | None = None, dropout: float | None = None, text_hidden: bool = True) -> dict:
     """Constructor kwargs of a preset; `embedding_dim` overrides D (e.g. a tiny test encoder) and
-    `text_length` the 77 text positions (a small encoder with a short context: shorter sequences)."""
+    `text_length` the 77 text positions (a small encoder with a short context: shorter sequences).
+
+    The architecture knobs of the memorisation study (benchmarks/memorisation.py), all saved in config.json
+    so the prior loads as it trained: `num_layers` overrides the preset's depth, `dropout` the blocks' dropout
+    (0.0 as released), and `text_hidden=False` drops the text hidden-state tokens (`encoder_hid_proj_type`
+    None: the prior sees the pooled text embedding, the noise and its `prd` token only)."""
     if name not in PRESETS:
         raise ValueError(f"unknown prior preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = {**PRESETS[name], **COMMON}
@@ -64,6 +70,16 @@ def preset_config(name: str, embedding_dim: int | None = None, text_length: int 
         cfg["embedding_dim"] = int(embedding_dim)
     if text_length is not None:
         cfg["num_embeddings"] = int(text_length)
+    if num_layers is not None:
+        if int(num_layers) <= 0:
+            raise ValueError(f"num_layers must be positive, got {num_layers!r}")
+        cfg["num_layers"] = int(num_layers)
+    if dropout is not None:
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        cfg["dropout"] = float(dropout)
+    if not text_hidden:
+        cfg["encoder_hid_proj_type"] = None
     return cfg
 
 
@@ -235,8 +251,10 @@ class PriorTransformer(ModelMixin, ConfigMixin):
         return prior_latents * self.clip_std + self.clip_mean
 
 
-def build_prior(preset: str, embedding_dim: int | None = None, text_length: int | None = None) -> PriorTransformer:
-    return PriorTransformer(**preset_config(preset, embedding_dim, text_length))
+def build_prior(preset: str, embedding_dim: int | None = None, text_length: int | None = None,
+                **arch) -> PriorTransformer:
+    """The prior of a preset; `arch`: preset_config's num_layers, dropout, text_hidden."""
+    return PriorTransformer(**preset_config(preset, embedding_dim, text_length, **arch))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -471,7 +471,7 @@ def _open_run_dir(cfg: TrainConfig, run_dir: Path, world: Dist) -> Path | None:
 def _build_model(cfg: TrainConfig, objective: Objective, store: EmbeddingStore, fresh: bool) -> torch.nn.Module:
     """The prior, on CPU: seeded (identical on every rank), then `init_from` or standardised when `fresh`."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = objective.build_model(cfg.preset, cfg.embedding_dim, cfg.text_length)
+    model = objective.build_model(cfg.preset, cfg.embedding_dim, cfg.text_length, **arch_kwargs(cfg))
     if cfg.init_from and fresh:
         init = load_prior(cfg.init_from)
         if type(init) is not type(model):
@@ -481,6 +481,11 @@ def _build_model(cfg: TrainConfig, objective: Objective, store: EmbeddingStore, 
     elif cfg.objective == "diffusion" and fresh:
         fit_standardisation(model, store, cfg)
     return model
+
+
+def arch_kwargs(cfg: TrainConfig) -> dict:
+    """The config's architecture knobs, as `Objective.build_model` / `training.prior.preset_config` take them."""
+    return {"num_layers": cfg.num_layers, "dropout": cfg.dropout, "text_hidden": cfg.text_hidden}
 
 
 def _resume(ckpt: Path, cfg: TrainConfig, world: Dist, model: torch.nn.Module, optimizer, scheduler,
