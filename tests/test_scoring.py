@@ -170,8 +170,10 @@ def test_probe_families_take_a_custom_vocabulary():
     probe = M.fit_probe(stats.probe_images, word_labels(stats.probe_captions, res["words"]), res["words"], seed=0)
     labels = word_labels(held.captions, res["words"])
     aucs = [M.auc_per_column(probe.scores(p), labels) for p in models["real"]]
-    assert fams["hue"]["models"]["real"]["seed_values"] == pytest.approx([a[[2, 0]].mean() for a in aucs])
-    assert fams["where"]["models"]["real"]["seed_values"] == pytest.approx([a[[1, 3]].mean() for a in aucs])
+    # abs 1e-4: the refit is float32 L-BFGS, whose last bits (and so a near-tied pair's rank) can differ between
+    # the two fits on some machines (seen: 2e-5); a probe fitted per family moves these by far more.
+    assert fams["hue"]["models"]["real"]["seed_values"] == pytest.approx([a[[2, 0]].mean() for a in aucs], abs=1e-4)
+    assert fams["where"]["models"]["real"]["seed_values"] == pytest.approx([a[[1, 3]].mean() for a in aucs], abs=1e-4)
 
 
 def test_probe_without_usable_words_reports_every_family_skipped():
