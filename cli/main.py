@@ -430,7 +430,7 @@ def _add_demo_command(sub) -> None:
         help="the whole DAG on a CPU on a synthetic compositional world (no GPU, no internet)",
         description="Render a synthetic world of colored, textured shapes, train a small teacher CLIP on it, "
         "serve the images on loopback, download + encode them (img2dataset, Dask), train projection, eclipse and "
-        "diffusion priors over several seeds on held-in compositions (eclipse at lambda 0.02 to 200), evaluate "
+        "diffusion priors over several seeds on held-in compositions (eclipse at lambda 0.2 to 200), evaluate "
         "them on held-in rows and on held-out compositions, and print a results table and the testbed figures. "
         "Writes OUT/metrics.json and OUT/report.html. About 8-10 minutes on 2 cores; --quick about 3. "
         "Rerunning resumes.",
@@ -438,7 +438,7 @@ def _add_demo_command(sub) -> None:
     dm.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     dm.add_argument("--quick", action="store_true", help="fewer images, steps and seeds (CI)")
     dm.add_argument("--lambdas", type=float, nargs="+", metavar="L",
-                    help="eclipse's λ values to sweep (default 0.02 0.2 2 20 200; --quick: 0.2); projection is λ=0")
+                    help="eclipse's λ values to sweep (default 0.2 2 20 200; --quick: 0.2); projection is λ=0")
 
 
 def _add_reproduce_command(sub) -> None:

@@ -19,7 +19,7 @@ def test_demo_flags_choose_the_lambda_sweep():
     from cli.main import build_parser, demo_params
 
     parse = build_parser().parse_args
-    assert demo_params(parse(["demo"])).lambdas == [0.02, 0.2, 2.0, 20.0, 200.0]
+    assert demo_params(parse(["demo"])).lambdas == [0.2, 2.0, 20.0, 200.0]
     wide = demo_params(parse(["demo", "--lambdas", "0.2", "20", "200"]))
     assert wide.lambdas == [0.2, 20.0, 200.0] and wide.images == 8000
     quick = demo_params(parse(["demo", "--quick", "--lambdas", "2"]))
@@ -89,9 +89,9 @@ def test_demo_runs_every_lambda_and_pairs_diffusion_with_the_papers():
     from flows.demo import DemoParams
 
     p = DemoParams()
-    assert p.objectives() == {"projection": ("projection", 0.0), "eclipse-0.02": ("eclipse", 0.02),
-                              "eclipse-0.2": ("eclipse", 0.2), "eclipse-2": ("eclipse", 2.0),
-                              "eclipse-20": ("eclipse", 20.0), "eclipse-200": ("eclipse", 200.0),
+    assert p.objectives() == {"projection": ("projection", 0.0), "eclipse-0.2": ("eclipse", 0.2),
+                              "eclipse-2": ("eclipse", 2.0), "eclipse-20": ("eclipse", 20.0),
+                              "eclipse-200": ("eclipse", 200.0),
                               "diffusion": ("diffusion", None)}
     assert p.seeds >= 3 and DemoParams.quick().objectives().keys() == {"projection", "eclipse-0.2", "diffusion"}
 
