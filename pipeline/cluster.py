@@ -50,10 +50,25 @@ def local_cluster_spec(cfg: ClusterConfig) -> tuple[str, dict[str, Any]]:
         return "dask_cuda.LocalCUDACluster", {"threads_per_worker": 1, "dashboard_address": None}
     n = cfg.n_workers or 1
     threads = max(1, (os.cpu_count() or 1) // n)  # split the cores so torch thread pools do not fight
-    return "distributed.LocalCluster", {
+    return "pipeline.cluster.local_cpu_cluster", {
         "n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         "memory_limit": cfg.memory_limit, "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
     }
+
+
+def local_cpu_cluster(**kwargs: Any) -> "distributed.LocalCluster":  # noqa: F821
+    """`distributed.LocalCluster(**kwargs)` whose worker processes keep glibc's own malloc trimming.
+
+    Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536 (distributed.nanny.pre-spawn-environ) to hand memory
+    back early; torch on a CPU allocates and frees many small tensors per step, and with that setting two
+    500-step demo priors side by side took 27-28 s each instead of 15 s (BENCHMARKS.md). An explicit
+    MALLOC_TRIM_THRESHOLD_ in this process's environment still wins (Dask reads it from there)."""
+    import dask
+    from distributed import LocalCluster
+
+    key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    with dask.config.set({key: os.environ.get("MALLOC_TRIM_THRESHOLD_")}):  # None: not set in the workers
+        return LocalCluster(**kwargs)
 
 
 def _import(path: str):

@@ -7,7 +7,7 @@ from pipeline.cluster import ClusterConfig, ClusterError, dask_client, dask_task
 
 def test_cpu_machine_gets_a_local_cluster_that_splits_the_cores():
     cls, kwargs = local_cluster_spec(ClusterConfig(n_workers=2))
-    assert cls == "distributed.LocalCluster"
+    assert cls == "pipeline.cluster.local_cpu_cluster"
     assert kwargs["n_workers"] == 2 and kwargs["threads_per_worker"] == 1 and kwargs["processes"] is True
     assert int(kwargs["env"]["OMP_NUM_THREADS"]) >= 1
 
@@ -29,3 +29,21 @@ def test_a_scheduler_without_workers_fails_fast_instead_of_hanging():
 def test_a_local_cluster_runs_tasks():
     with dask_client(ClusterConfig(n_workers=1, wait_timeout=60)) as client:
         assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+
+
+@pytest.mark.slow
+def test_local_workers_keep_glibcs_malloc_trimming_unless_asked(monkeypatch):
+    """Dask's MALLOC_TRIM_THRESHOLD_=65536 made torch priors ~1.8x slower in its workers (BENCHMARKS.md)."""
+    import os
+
+    from distributed import Client
+
+    from pipeline.cluster import local_cpu_cluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    kwargs = dict(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with local_cpu_cluster(**kwargs) as cluster, Client(cluster) as client:
+        assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")  # a user's own setting reaches the workers
+    with local_cpu_cluster(**kwargs) as cluster, Client(cluster) as client:
+        assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {"1048576"}
