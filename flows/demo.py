@@ -163,7 +163,7 @@ def prior_task(store: str, out: str, objective: str, preset: str, steps: int, pa
 @flow(name="demo-priors")
 def priors_flow(jobs: list[dict]) -> list[str]:
     """Every prior as one task on the flow's (Dask) task runner: one per core at a time, one thread each (a
-    118k-parameter prior gains ~1.2x from a second thread, two priors at once ~2x)."""
+    500-step demo prior: 10.8 s alone on two threads, ~15 s each for two side by side on one: BENCHMARKS.md)."""
     futures = {prior_task.submit(**job): Path(job["out"]).name for job in jobs}
     for k, fut in enumerate(as_completed(list(futures)), 1):
         fut.result()
