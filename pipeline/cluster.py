@@ -49,7 +49,10 @@ def local_cluster_spec(cfg: ClusterConfig) -> tuple[str, dict[str, Any]]:
         # One worker per GPU, one task at a time each: the model owns the device.
         return "dask_cuda.LocalCUDACluster", {"threads_per_worker": 1, "dashboard_address": None}
     n = cfg.n_workers or 1
-    threads = max(1, (os.cpu_count() or 1) // n)  # split the cores so torch thread pools do not fight
+    # Split the cores so torch thread pools do not fight; an OMP_NUM_THREADS set here caps each worker's share.
+    threads = max(1, (os.cpu_count() or 1) // n)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
     return "pipeline.cluster.local_cpu_cluster", {
         "n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
         "memory_limit": cfg.memory_limit, "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},

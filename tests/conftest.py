@@ -14,6 +14,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # busy, give it the 120 s the harness below has.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# One OpenMP thread per process, for the CLI commands the tests start too (the demo, reproduce, precompute): two
+# xdist workers already fill the 2 cores, and beside one busy process 40 teacher steps took 24.6 s on two threads
+# against 10.1 s on one (BENCHMARKS.md). The fixture below does the same for this process's torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import pytest  # noqa: E402

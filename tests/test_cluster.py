@@ -12,6 +12,15 @@ def test_cpu_machine_gets_a_local_cluster_that_splits_the_cores():
     assert int(kwargs["env"]["OMP_NUM_THREADS"]) >= 1
 
 
+def test_omp_num_threads_caps_each_local_workers_share(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert local_cluster_spec(ClusterConfig(n_workers=2))[1]["env"]["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    env = local_cluster_spec(ClusterConfig(n_workers=2))[1]["env"]
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+
+
 @pytest.mark.slow
 def test_a_scheduler_without_workers_fails_fast_instead_of_hanging():
     from distributed import LocalCluster
