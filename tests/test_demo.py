@@ -48,8 +48,12 @@ def test_demo_quick_runs_every_stage_and_resumes(tmp_path):
     assert gap["gap"] >= 0.10 and tb["met"]["gap"]
     assert set(tb["met"]) == {"zero_shot_color", "zero_shot_shape", "zero_shot_texture", "zero_shot_position",
                               "matched_cos", "gap"}
-    # Even 250 quick steps learn colors, and training (no offset by hand) leaves a modality gap (0.66 against 0.92).
-    assert tb["zero_shot"]["color"] >= 0.8 and tb["matched_cos"] < m["teacher"]["image_image_cos"] - 0.2
+    # Even 250 quick steps learn colors and shapes (chance: 1/8 and 1/6; an untrained tower fails), and training
+    # (no offset by hand) leaves a modality gap (0.66 against 0.92) that a prior can close on held-out captions.
+    assert tb["zero_shot"]["color"] >= 0.8 and tb["zero_shot"]["shape"] >= 0.4
+    assert tb["matched_cos"] < m["teacher"]["image_image_cos"] - 0.2 and gap["oracle_cos"] > gap["text_emb_cos"]
+    saved = json.loads((out / "teacher" / "teacher_report.json").read_text())
+    assert saved["report"]["shape_acc"] == m["teacher"]["shape_acc"] and saved["config"]["steps"] == 250
     assert "held-out oracle cos" in first.stdout
 
     report = inspect_store(out / "data" / "store")

@@ -1,11 +1,10 @@
 """The world's teacher CLIP: tokenizer, loss, positives, preprocessing, the saved encoder folder
-(loads with `load_encoder`, same embeddings), and a short training run that must already show
-CLIP's two properties the paper relies on: attribute accuracy and a modality gap."""
+(loads with `load_encoder`, same embeddings) and its saved report. What a trained teacher must show
+(attribute accuracy and a modality gap) is checked on the quick demo's teacher, in tests/test_demo.py."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -267,37 +266,17 @@ def test_heldout_gap_oracle_averages_renders_of_the_same_caption(oracle) -> None
 # ----------------------------------------------------------------------------------------------
 # A short real training run
 
-# Measured on the demo's world (2 cores), logit scale 25: the full 600-step teacher reached color 1.00,
-# shape 0.90, texture 1.00, position 1.00, matched text-image cosine 0.63 against 0.94 between renders of
-# one caption, held-out gap (oracle - text-shift) 0.23; after 250 steps (the quick demo's) gap 0.15; after
-# 150 steps color 0.96, shape 0.69, matched cosine 0.58 against 0.91, gap 0.07. The short run here is 150
-# steps; its bounds are loose (shapes are learnt last) but fail for an untrained tower (chance: color 1/8,
-# shape 1/6) and for a teacher without a gap.
-SHORT_STEPS = 150
-
-
-@pytest.mark.slow
-def test_short_training_run_has_accuracy_and_a_modality_gap(tmp_path: Path) -> None:
-    world = demo_world(seed=0)
-    # One thread: on a shared runner, two OpenMP threads ran ~10x slower here whenever another
-    # process held a core (spinning barriers).
-    config = TeacherConfig(num_threads=1)
-    t0 = time.perf_counter()
-    report = train_teacher(world, steps=SHORT_STEPS, seed=0, out_dir=tmp_path / "teacher", config=config,
-                           metrics_n=400)
-    print(f"\nteacher after {SHORT_STEPS} steps ({time.perf_counter() - t0:.1f} s in all):\n{report.table()}")
-    assert report.color_acc >= 0.9 and report.shape_acc >= 0.4
-    # The gap, learnt (nothing added by hand): a caption's text embedding is far from its image,
-    # two renders of it are close.
-    assert report.matched_cos <= 0.75 and report.image_image_cos - report.matched_cos >= 0.2
-    gap = heldout_gap(load_encoder(report.path, device="cpu"), world, world.holdout_pairs(0.75, seed=0),
-                      n_captions=60, renders=4, fit_n=600)
-    assert gap["gap"] > 0.0 and gap["oracle_cos"] > gap["text_emb_cos"]
-    # The folder is an ordinary encoder folder, and the report beside it is the run's.
+# What the teacher learns is checked where it is trained anyway: the quick demo's 250-step teacher
+# (tests/test_demo.py: zero-shot color and shape, the modality gap, the held-out gap). Here, the saved run.
+def test_train_teacher_saves_its_report_beside_an_encoder_folder(tmp_path: Path) -> None:
+    world = World(two_object_fraction=0.3)
+    report = train_teacher(world, steps=3, seed=0, out_dir=tmp_path / "teacher", config=TINY, metrics_n=100)
+    assert report.steps == 3 and report.final_loss is not None and np.isfinite(report.final_loss)
     loaded = load_encoder(report.path, device="cpu")
     saved = json.loads((Path(report.path) / "teacher_report.json").read_text())
-    assert saved["report"]["shape_acc"] == report.shape_acc and saved["config"]["steps"] == SHORT_STEPS
-    again = teacher_metrics(loaded, world, n=400)
+    assert saved["report"] == report.to_dict() and saved["config"]["steps"] == 3
+    assert World.from_dict(saved["world"]) == world and saved["seed"] == 0
+    again = teacher_metrics(loaded, world, n=100)
     fields = ("color_acc", "shape_acc", "texture_acc", "position_acc", "caption_acc")
     assert {f: getattr(again, f) for f in fields} == {f: getattr(report, f) for f in fields}
     assert again.matched_cos == pytest.approx(report.matched_cos, abs=1e-5)
