@@ -56,7 +56,7 @@ class DemoParams(_Params):
     def quick(cls) -> "DemoParams":
         """The same path, small: fewer images, steps, seeds and λ values (CI)."""
         return cls(images=1600, teacher_steps=250, prior_steps=150, seeds=1, lambdas=[0.2], shard_size=200,
-                   gap_captions=100)
+                   gap_captions=100, eval_rows=400)
 
     def objectives(self) -> dict[str, tuple[str, float | None]]:
         """Run name -> (objective, λ): projection (λ = 0), eclipse at each λ, diffusion."""
