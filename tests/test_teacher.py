@@ -264,7 +264,7 @@ def test_heldout_gap_oracle_averages_renders_of_the_same_caption(oracle) -> None
 
 
 # ----------------------------------------------------------------------------------------------
-# A short real training run
+# The saved run (train_teacher with out_dir)
 
 # What the teacher learns is checked where it is trained anyway: the quick demo's 250-step teacher
 # (tests/test_demo.py: zero-shot color and shape, the modality gap, the held-out gap). Here, the saved run.
