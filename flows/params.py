@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.objectives import DEFAULT_LAMBDA, DEFAULT_REDUCTION, Reduction
+
 # deployment name -> (dataset preset, encoder preset): the encoder is the decoder's own.
 DATASET_DEPLOYMENTS = {
     "laion-highres-5m": ("laion-highres-5m", "kandinsky22"),  # the paper's Kandinsky setting
@@ -61,7 +63,10 @@ class TrainParams(_Params):
     embedding_dim: int | None = Field(None, gt=0, description="override the preset's D (tiny priors)")
     text_length: int | None = Field(None, gt=0, description="override the 77 text positions (short contexts)")
     heldout_fraction: float = Field(0.01, ge=0, lt=1)
-    eclipse_lambda: float = Field(0.2, ge=0, description="weight of eclipse's contrastive term (the paper's 0.2)")
+    eclipse_lambda: float = Field(DEFAULT_LAMBDA, ge=0, description="weight of eclipse's contrastive term (the "
+                                  "paper's 0.2)")
+    proj_reduction: Reduction = Field(DEFAULT_REDUCTION, description="L_proj over D: mean (F.mse_loss, "
+                                                   "the default) or sum (Eq. 3's letter): training.objectives")
     ema_decay: float = Field(0.0, ge=0, lt=1)
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

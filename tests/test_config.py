@@ -20,7 +20,7 @@ def test_defaults_are_the_papers_where_it_states_them():
 
 def test_defaults_the_paper_leaves_open_are_our_documented_choices():
     cfg = TrainConfig()
-    assert (cfg.eclipse_tau, cfg.proj_reduction, cfg.weight_decay, cfg.sched_t0) == (0.07, "sum", 0.01, None)
+    assert (cfg.eclipse_tau, cfg.proj_reduction, cfg.weight_decay, cfg.sched_t0) == (0.07, "mean", 0.01, None)
     assert (cfg.steps, cfg.inference_steps, cfg.guidance_scale) == (60_000, 25, 4.0)
     assert cfg.preset == "kandinsky22" and cfg.precision == "auto"
 

@@ -19,12 +19,12 @@ def test_demo_flags_choose_the_lambda_sweep():
     from cli.main import build_parser, demo_params
 
     parse = build_parser().parse_args
-    assert demo_params(parse(["demo"])).lambdas == [0.2, 2.0, 20.0, 200.0]
+    assert demo_params(parse(["demo"])).lambdas == [0.02, 0.2, 2.0]
     wide = demo_params(parse(["demo", "--lambdas", "0.2", "20", "200"]))
     assert wide.lambdas == [0.2, 20.0, 200.0] and wide.images == 8000
     quick = demo_params(parse(["demo", "--quick", "--lambdas", "2"]))
     assert quick.lambdas == [2.0] and quick.images < 8000
-    assert set(quick.objectives()) == {"projection", "eclipse-2", "diffusion"}
+    assert set(quick.objectives()) == {"projection", "eclipse-2", "eclipse-sum-0.2", "diffusion"}
 
 
 @pytest.mark.slow
@@ -58,10 +58,13 @@ def test_demo_quick_runs_every_stage_and_resumes(tmp_path):
 
     report = inspect_store(out / "data" / "store")
     assert report["problems"] == [] and report["rows"] == m["split"]["heldin_rows"] + m["split"]["heldout_rows"]
-    objectives = {"projection", "eclipse-0.2", "diffusion"}
+    objectives = {"projection", "eclipse-0.2", "eclipse-sum-0.2", "diffusion"}
     assert set(m["experiment"]["objectives"]) == objectives
     for obj in objectives:
         assert load_prior(out / "runs" / f"{obj}-s0" / "prior").config.embedding_dim == 64
+    saved_config = {obj: json.loads((out / "runs" / f"{obj}-s0" / "train_config.json").read_text())
+                    for obj in ("eclipse-0.2", "eclipse-sum-0.2")}
+    assert [(c["eclipse_lambda"], c["proj_reduction"]) for c in saved_config.values()] == [(0.2, "mean"), (0.2, "sum")]
     # The priors learned something: checks an untrained prior fails (its prediction is a random
     # direction: cosine ~0 to the image and probe AUC ~0.5, chance, like the mean image's).
     base, exp = m["experiment"]["baselines"], m["experiment"]["objectives"]
@@ -70,9 +73,9 @@ def test_demo_quick_runs_every_stage_and_resumes(tmp_path):
         assert heldin["cos_image"] > base["TextEmb"]["heldin"]["cos_image"] + 0.1, (obj, heldin)
         assert heldin["probe_auc"] > base["mean-image"]["heldin"]["probe_auc"] + 0.1, (obj, heldin)
     assert m["budget"]["steps"] == 150 and m["budget"]["prior_parameters"] > 35_000
-    assert [p["lambda"] for p in m["tradeoff"]] == [0.0, 0.2]
-    assert {p["a"] + "-" + p["b"] for p in m["experiment"]["paired"]} == {"eclipse-0.2-projection",
-                                                                         "eclipse-0.2-diffusion"}
+    assert [p["lambda"] for p in m["tradeoff"]] == [0.0, 0.2]  # the literal form is no point of the mean's sweep
+    assert {p["a"] + "-" + p["b"] for p in m["experiment"]["paired"]} == {
+        "eclipse-0.2-projection", "eclipse-sum-0.2-projection", "eclipse-0.2-diffusion"}
     html = (out / "report.html").read_text()
     assert "Demo: the ECLIPSE experiment" in html and "data:image/png;base64," in html
     assert "caption R@1 (right composition) vs cosine to the real image" in html and "Testbed figures" in html
@@ -93,11 +96,13 @@ def test_demo_runs_every_lambda_and_pairs_diffusion_with_the_papers():
     from flows.demo import DemoParams
 
     p = DemoParams()
-    assert p.objectives() == {"projection": ("projection", 0.0), "eclipse-0.2": ("eclipse", 0.2),
-                              "eclipse-2": ("eclipse", 2.0), "eclipse-20": ("eclipse", 20.0),
-                              "eclipse-200": ("eclipse", 200.0),
-                              "diffusion": ("diffusion", None)}
-    assert p.seeds >= 3 and DemoParams.quick().objectives().keys() == {"projection", "eclipse-0.2", "diffusion"}
+    assert p.objectives() == {"projection": ("projection", 0.0, "mean"), "eclipse-0.02": ("eclipse", 0.02, "mean"),
+                              "eclipse-0.2": ("eclipse", 0.2, "mean"), "eclipse-2": ("eclipse", 2.0, "mean"),
+                              "eclipse-sum-0.2": ("eclipse", 0.2, "sum"),  # Eq. 3's letter, beside the sweep
+                              "diffusion": ("diffusion", None, "mean")}
+    assert p.sweep() == {"projection": 0.0, "eclipse-0.02": 0.02, "eclipse-0.2": 0.2, "eclipse-2": 2.0}
+    assert p.seeds >= 3 and DemoParams.quick().objectives().keys() == {"projection", "eclipse-0.2", "eclipse-sum-0.2",
+                                                                        "diffusion"}
 
 
 def test_demo_refuses_to_resume_a_folder_made_with_other_settings(prefect_harness, tmp_path):

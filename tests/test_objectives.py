@@ -8,6 +8,7 @@ from diffusers import DDPMScheduler
 
 from training.objectives import (
     DEFAULT_LAMBDA,
+    DEFAULT_REDUCTION,
     DEFAULT_TAU,
     DiffusionObjective,
     EclipseObjective,
@@ -65,16 +66,17 @@ def test_tau_is_our_documented_choice_clips_initial_temperature():
     assert default != pytest.approx(_hand_infonce(PRED, TEXT, 1.0), rel=1e-3)
 
 
-def test_projection_loss_sums_over_dimensions_then_averages_over_the_batch():
+def test_projection_loss_sum_is_eq3s_letter_over_dimensions_then_the_batch():
     # rows: (1-0)^2 + (0-0)^2 = 1;  (0-1)^2 + (2-2)^2 = 1;  (1-3)^2 + (1+1)^2 = 8  ->  10 / 3 rows
-    got = projection_loss(torch.tensor(PRED), torch.tensor(IMAGE))
+    got = projection_loss(torch.tensor(PRED), torch.tensor(IMAGE), reduction="sum")
     assert _hand_sq_norm(PRED, IMAGE) == pytest.approx(10 / 3)
     assert got.item() == pytest.approx(10 / 3, rel=1e-6)
 
 
-def test_projection_loss_mean_reduction_divides_by_d():
-    # the diffusers-style form, kept for comparison: 10 over 6 entries, i.e. Eq. 3 / D (D = 2)
-    got = projection_loss(torch.tensor(PRED), torch.tensor(IMAGE), reduction="mean")
+def test_projection_loss_defaults_to_the_mean_over_d_as_f_mse_loss():
+    # 10 over 6 entries, i.e. Eq. 3 / D (D = 2): the default, so that lambda weighs as the paper says
+    got = projection_loss(torch.tensor(PRED), torch.tensor(IMAGE))
+    assert DEFAULT_REDUCTION == "mean"
     assert got.item() == pytest.approx(10 / 6, rel=1e-6)
     assert got.item() == pytest.approx(_hand_mse(PRED, IMAGE), rel=1e-6)
     with pytest.raises(ValueError, match="reduction"):
@@ -84,7 +86,7 @@ def test_projection_loss_mean_reduction_divides_by_d():
 def test_sum_reduction_scales_with_d_and_mean_does_not():
     # two copies of each row side by side: D doubles, the per-row squared norm doubles
     wide_pred, wide_image = torch.tensor(PRED).repeat(1, 2), torch.tensor(IMAGE).repeat(1, 2)
-    assert projection_loss(wide_pred, wide_image).item() == pytest.approx(20 / 3, rel=1e-6)
+    assert projection_loss(wide_pred, wide_image, "sum").item() == pytest.approx(20 / 3, rel=1e-6)
     assert projection_loss(wide_pred, wide_image, "mean").item() == pytest.approx(10 / 6, rel=1e-6)
 
 
@@ -103,13 +105,13 @@ def test_contrastive_loss_is_scale_free_and_low_for_aligned_predictions():
 
 def test_eclipse_loss_is_projection_plus_lambda_infonce():
     total, parts = eclipse_loss(torch.tensor(PRED), torch.tensor(IMAGE), torch.tensor(TEXT))
-    expected = 10 / 3 + 0.2 * _hand_infonce(PRED, TEXT, 0.07)
+    expected = 10 / 6 + 0.2 * _hand_infonce(PRED, TEXT, 0.07)
     assert total.item() == pytest.approx(expected, rel=1e-5)
-    assert parts["loss_proj"].item() == pytest.approx(_hand_sq_norm(PRED, IMAGE), rel=1e-6)
+    assert parts["loss_proj"].item() == pytest.approx(_hand_mse(PRED, IMAGE), rel=1e-6)
     assert parts["loss_cls"].item() == pytest.approx(_hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
     assert parts["loss_cls_weighted"].item() == pytest.approx(0.2 * _hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
-    mean_total, _ = eclipse_loss(torch.tensor(PRED), torch.tensor(IMAGE), torch.tensor(TEXT), reduction="mean")
-    assert mean_total.item() == pytest.approx(10 / 6 + 0.2 * _hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
+    sum_total, _ = eclipse_loss(torch.tensor(PRED), torch.tensor(IMAGE), torch.tensor(TEXT), reduction="sum")
+    assert sum_total.item() == pytest.approx(10 / 3 + 0.2 * _hand_infonce(PRED, TEXT, 0.07), rel=1e-5)
 
 
 def test_the_parts_are_the_two_terms_of_eq5_on_the_graph():

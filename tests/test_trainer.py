@@ -105,12 +105,14 @@ def test_measuring_the_grad_ratio_leaves_the_update_bit_identical(tmp_path, stor
     assert losses(tmp_path / "measured") == losses(tmp_path / "plain")
 
 
-def test_a_run_whose_contrastive_term_does_nothing_is_warned_about_once(tmp_path, store, capsys):
-    """D = 32, Eq. 3 summed: at lambda 0.02 the ratio is ~0.003 from the start (warned, once, at the
+def test_a_run_whose_balance_is_off_either_way_is_warned_about_once(tmp_path, store, capsys):
+    """D = 32, Eq. 3 summed: at lambda 0.02 the ratio is ~0.003 from the start (warned "low", once, at the
     end of the first 10 % of the steps); at lambda 2 it is 100x that, the same batch and weights at
-    step 1 (the ratio is linear in lambda), and nothing is said. The second run uses bf16 autocast."""
-    low, high = tmp_path / "low", tmp_path / "high"
-    train(tiny(store, low, objective="eclipse", steps=20, eclipse_lambda=0.02, ckpt_every=100))
+    step 1 (the ratio is linear in lambda), and nothing is said. The second run uses bf16 autocast.
+    The default mean over D weighs the contrastive term D = 32 times more: at lambda 50 it swamps
+    L_proj (warned "high")."""
+    low, mid, high = tmp_path / "low", tmp_path / "mid", tmp_path / "high"
+    train(tiny(store, low, objective="eclipse", steps=20, eclipse_lambda=0.02, ckpt_every=100, proj_reduction="sum"))
     err = capsys.readouterr().err
     warned = records(low, "warning")
     assert [w["step"] for w in warned] == [2]  # ceil(10 % of 20): measured at steps 1 and 2, then once
@@ -125,11 +127,18 @@ def test_a_run_whose_contrastive_term_does_nothing_is_warned_about_once(tmp_path
     tb = EventAccumulator(str(low / "logs" / "tb"), size_guidance={"tensors": 0}).Reload()
     assert "warning/text_summary" in tb.Tags()["tensors"]
 
-    train(tiny(store, high, objective="eclipse", steps=20, eclipse_lambda=2.0, ckpt_every=100, precision="bf16"))
-    assert "warning:" not in capsys.readouterr().err and not records(high, "warning")
-    first_high = records(high)[0]["grad_ratio_cls_proj"]
-    assert first_high == pytest.approx(100 * ratios[0], rel=0.1)  # bf16 vs fp32
-    assert first_high > 0.01
+    train(tiny(store, mid, objective="eclipse", steps=20, eclipse_lambda=2.0, ckpt_every=100, precision="bf16",
+               proj_reduction="sum"))
+    assert "warning:" not in capsys.readouterr().err and not records(mid, "warning")
+    first_mid = records(mid)[0]["grad_ratio_cls_proj"]
+    assert first_mid == pytest.approx(100 * ratios[0], rel=0.1)  # bf16 vs fp32
+    assert first_mid > 0.01
+
+    train(tiny(store, high, objective="eclipse", steps=20, eclipse_lambda=50.0, ckpt_every=100))
+    warned = records(high, "warning")
+    assert [w["step"] for w in warned] == [2] and min(r["grad_ratio_cls_proj"] for r in records(high)[:2]) > 10
+    assert "swamps the projection term" in warned[0]["message"] and "averaged over D" in warned[0]["message"]
+    assert capsys.readouterr().err.count("warning: the contrastive term swamps") == 1
 
 
 def test_projection_logs_its_one_term_and_no_ratio(tmp_path, store):
@@ -235,8 +244,8 @@ def test_no_heldout_shard_or_row_reaches_training_or_standardisation(tmp_path, s
     assert np.abs(everything.mean(0) - image.mean(0)).max() > 1e-3  # the check can tell the two apart
 
 
-def test_projection_reduction_is_configurable_and_old_runs_resume_with_the_mean(tmp_path):
-    assert TrainConfig().proj_reduction == "sum"
+def test_projection_reduction_is_configurable_and_saved_runs_resume_with_their_own(tmp_path):
+    assert TrainConfig().proj_reduction == "mean"
     with pytest.raises(ValueError, match="proj_reduction"):
         load_config(None, {"store": "/s", "out": "/o", "proj_reduction": "max"})
     run = tmp_path / "old"
@@ -245,6 +254,11 @@ def test_projection_reduction_is_configurable_and_old_runs_resume_with_the_mean(
     del saved["proj_reduction"]  # a run folder from before the key existed
     (run / "train_config.json").write_text(json.dumps(saved))
     assert cli_config(None, {"out": str(run)}, [], resume=True).proj_reduction == "mean"
+    literal = tmp_path / "literal"  # a run saved with Eq. 3's sum resumes with the sum, whatever the default
+    literal.mkdir()
+    (literal / "train_config.json").write_text(json.dumps(TrainConfig(store="/s", out=str(literal),
+                                                                      proj_reduction="sum").to_dict()))
+    assert cli_config(None, {"out": str(literal)}, [], resume=True).proj_reduction == "sum"
 
 
 def _cli(*args: str) -> list[str]:

@@ -52,8 +52,8 @@ class TrainConfig:
     # objectives
     eclipse_lambda: float = DEFAULT_LAMBDA
     eclipse_tau: float = DEFAULT_TAU
-    # Eq. 3 sums the squared error over D ("sum", the paper's); "mean" also averages over D, which
-    # multiplies lambda's effective weight by D. Kept for comparison with diffusers-style scripts.
+    # "mean": L_proj averaged over D too (F.mse_loss), so that lambda = 0.2 balances the terms as the paper
+    # says it does; "sum": Eq. 3's letter, which leaves the contrastive term ~1/D the weight (objectives.py)
     proj_reduction: str = DEFAULT_REDUCTION
     text_drop_prob: float = 0.1  # diffusion: classifier-free guidance dropout (DALL-E 2 / Karlo use 10 %)
     guidance_scale: float = 4.0  # diffusion sampling (evaluation)

@@ -4,8 +4,8 @@
 objective's parts on the device between logging steps (no host sync on the step path);
 `grad_ratio` measures the balance of Eq. 5, ||grad lambda*L_CLS|| / ||grad L_proj|| at the
 prior's output layer (`output_layer_params`), and `BalanceWatch` + `balance_warning` say once
-when the contrastive term is doing next to nothing (README, "The objectives, as the paper
-writes them").
+when either term swamps the other early in the run (README, "The objectives and the balance of
+Eq. 5").
 """
 
 import json
@@ -22,7 +22,11 @@ from training.export import LOGS, TRAIN_LOG
 from training.objectives import unwrap
 
 GRAD_RATIO = "grad_ratio_cls_proj"  # the log key of ||grad lambda*L_CLS|| / ||grad L_proj||
-RATIO_FLOOR, RATIO_WINDOW = 0.01, 0.1  # warn when the ratio stays below 0.01 over the first 10 % of the steps
+# Warn when the ratio stays outside [RATIO_FLOOR, RATIO_CEILING] over the first RATIO_WINDOW of the steps. Below
+# 0.01 the update follows L_proj alone (eclipse trains as projection); above 10 it follows L_CLS alone, which only
+# asks for the right text to be nearest, not for an image embedding: the paper's "large lambda" end, whose
+# predictions leave the image space. Symmetric about the balanced 1, a factor of 100 either way of it.
+RATIO_FLOOR, RATIO_CEILING, RATIO_WINDOW = 0.01, 10.0, 0.1
 
 
 class Logger:
@@ -115,34 +119,47 @@ def grad_ratio(numerator: torch.Tensor, denominator: torch.Tensor, params: list[
 
 
 class BalanceWatch:
-    """Warns once when `grad_ratio` stayed below RATIO_FLOOR at every measurement up to the first
-    logging step at or past RATIO_WINDOW of the run's steps (a resumed run judges what it measures)."""
+    """Says once whether `grad_ratio` stayed below RATIO_FLOOR ("low") or above RATIO_CEILING ("high") at every
+    measurement up to the first logging step at or past RATIO_WINDOW of the run's steps (a resumed run judges
+    what it measures)."""
 
     def __init__(self, steps: int, start: int):
         self.until = max(1, math.ceil(RATIO_WINDOW * steps))
         self.ratios: list[float] = []
         self.done = start >= self.until
 
-    def add(self, step: int, ratio: float) -> bool:
-        """Record a measurement; True once, when the warning is due."""
+    def add(self, step: int, ratio: float) -> str | None:
+        """Record a measurement; "low" or "high" once, when a warning is due, else None."""
         if self.done:
-            return False
+            return None
         self.ratios.append(ratio)
         if step < self.until:
-            return False
+            return None
         self.done = True
-        return max(self.ratios) < RATIO_FLOOR
+        if max(self.ratios) < RATIO_FLOOR:
+            return "low"
+        if min(self.ratios) > RATIO_CEILING:
+            return "high"
+        return None
 
 
-def balance_warning(cfg: TrainConfig, dim: int, ratios: list[float], step: int) -> str:
-    """The warning's text: the setting, the measured ratio and what to do about it."""
-    best = max(ratios)
+def balance_warning(cfg: TrainConfig, dim: int, ratios: list[float], step: int, side: str = "low") -> str:
+    """The warning's text for a `BalanceWatch` verdict: the setting, the measured ratio and the lambda to use."""
     how = "summed over" if cfg.proj_reduction == "sum" else "averaged over"
-    return (f"the contrastive term is doing next to nothing: {GRAD_RATIO} = ||grad lambda*L_CLS|| / ||grad L_proj|| "
-            f"(at the output layer) stayed below {RATIO_FLOOR:g} over the first {step} of {cfg.steps} steps "
-            f"(max {best:.2g}, last {ratios[-1]:.2g}; measured {len(ratios)}x) at lambda = {cfg.eclipse_lambda:g}, "
-            f"D = {dim}, Eq. 3 {how} D. The update follows L_proj almost alone until the projection error has "
-            f"shrunk. The ratio grows in proportion to lambda: for the contrastive term to act from the start, train "
-            f"with eclipse_lambda ~ {cfg.eclipse_lambda * 0.1 / best:.3g} (ratio ~0.1) to "
-            f"{cfg.eclipse_lambda / best:.3g} (ratio ~1); lambda = 0.2 with Eq. 3 summed over D is the paper's "
-            f"setting (README: 'The objectives, as the paper writes them').")
+    lam = cfg.eclipse_lambda
+    if side == "low":
+        edge, what = max(ratios), (f"the contrastive term is doing next to nothing: {GRAD_RATIO} stayed below "
+                                   f"{RATIO_FLOOR:g}")
+        effect = "The update follows L_proj alone: eclipse trains as projection."
+        bound = "max"
+    else:
+        edge, what = min(ratios), (f"the contrastive term swamps the projection term: {GRAD_RATIO} stayed above "
+                                   f"{RATIO_CEILING:g}")
+        effect = ("The update follows L_CLS alone, which pulls the predictions out of the image space (the paper's "
+                  "too-large lambda).")
+        bound = "min"
+    return (f"{what} (||grad lambda*L_CLS|| / ||grad L_proj|| at the output layer) over the first {step} of "
+            f"{cfg.steps} steps ({bound} {edge:.2g}, last {ratios[-1]:.2g}; measured {len(ratios)}x) at "
+            f"lambda = {lam:g}, D = {dim}, proj_reduction = {cfg.proj_reduction} (Eq. 3 {how} D). {effect} The "
+            f"ratio grows in proportion to lambda: for a ratio of ~0.1 to ~1 train with eclipse_lambda ~ "
+            f"{lam * 0.1 / edge:.3g} to {lam / edge:.3g} (README: 'The objectives and the balance of Eq. 5').")

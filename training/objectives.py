@@ -7,13 +7,18 @@
                 size, DDPM (1000 linear steps), predicting the clean embedding, text dropped
                 for classifier-free guidance                                     (eq. 1)
 
-Eq. 3 as written: per sample the squared L2 norm, *summed* over the D dimensions, then the
-mean over the batch. lambda = 0.2 balances the contrastive term against that scale. The
-other common form, `F.mse_loss` (a mean over D as well, as in diffusers' prior training
-scripts), divides L_proj by D, which is the same as multiplying lambda by D (x1280 for
-kandinsky22, x768 for karlo). It is kept as `reduction="mean"` (config key
-`proj_reduction: mean`) for comparison only: on the old demo store it pulled eclipse's
-held-out cosine to the real image from 0.93 (sum) down to 0.65.
+Eq. 3's reduction over D. The default, `reduction="mean"` (config key `proj_reduction: mean`),
+averages the squared error over the D dimensions as well as over the batch (`F.mse_loss`, the
+form of every public trainer of this prior family: diffusers' prior training script, pOps). It
+departs from the letter of Eq. 3, which sums over D, and follows what the paper says lambda does:
+lambda = 0.2 was chosen as the value "balancing knowledge distillation and maintaining alignment",
+and "keeping lambda to a very low value cannot do knowledge distillation well enough". Summed
+over D, L_proj's gradient is D times larger, so lambda = 0.2 *is* such a low value: the contrastive
+term's gradient is about a thousandth of L_proj's (D = 768, 1280) and eclipse trains as projection
+(README, "The objectives and the balance of Eq. 5"; `benchmarks/loss_balance.py`). Under the mean the two gradients are of
+one order at lambda = 0.2. The literal form stays as `reduction="sum"` (`proj_reduction: sum`):
+the sum at lambda trains as the mean at lambda / D would (up to the loss's overall scale, which
+AdamW's update does not follow).
 
 An objective's `loss` returns (total, parts): the parts are the terms the trainer logs, as
 tensors still attached to the graph (the trainer detaches what it keeps, and takes the gradient
@@ -38,17 +43,18 @@ ObjectiveName = Literal["eclipse", "projection", "diffusion"]
 OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 
 # tau: the paper does not state it. 0.07 is CLIP's initial temperature (Radford et al. 2021),
-# also the common fixed choice of MoCo/SimCLR-style InfoNCE. It was first chosen when L_proj was
-# a mean over D (which weighted L_CLS D times more); under Eq. 3's sum it is kept, not re-tuned:
-# the demo's lambda sweep (BENCHMARKS.md) ran at tau 0.07, and no tau sweep has been run.
+# also the common fixed choice of MoCo/SimCLR-style InfoNCE. Not tuned: the demo's lambda sweeps
+# (BENCHMARKS.md) ran at tau 0.07, and no tau sweep has been run.
 DEFAULT_TAU = 0.07
 DEFAULT_LAMBDA = 0.2
 # The names of the loss terms in `parts` (and in logs/train.jsonl and TensorBoard's train/...).
 PROJ = "loss_proj"  # L_proj, Eq. 3
 CLS = "loss_cls"  # L_CLS;y->x, Eq. 4, unweighted
 CLS_WEIGHTED = "loss_cls_weighted"  # lambda * L_CLS: with PROJ, the two terms of Eq. 5
-REDUCTIONS = ("sum", "mean")  # Eq. 3's reduction over D: "sum" is the paper's, "mean" divides it by D
-DEFAULT_REDUCTION = "sum"
+# Eq. 3's reduction over D: "mean" (F.mse_loss) or "sum" (Eq. 3's letter, D times the mean)
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+DEFAULT_REDUCTION = "mean"  # lambda as the paper means it (module docstring)
 
 
 @dataclass
@@ -66,10 +72,8 @@ class PriorBatch:
 
 
 def projection_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = DEFAULT_REDUCTION) -> torch.Tensor:
-    """Eq. 3: E ||z_x - zhat_x||^2_2, the squared L2 norm per sample, then the batch mean.
-
-    reduction="mean" also averages over the D dimensions (`F.mse_loss`), i.e. divides by D.
-    """
+    """Eq. 3: E ||z_x - zhat_x||^2_2. reduction="mean" (the default): the mean over the batch and the D
+    dimensions (`F.mse_loss`); "sum": Eq. 3's letter, the squared L2 norm per sample, then the batch mean."""
     sq = (pred.float() - target.float()).pow(2)
     if reduction == "sum":
         return sq.sum(dim=-1).mean()

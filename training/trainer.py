@@ -16,10 +16,10 @@ loss and the objective's parts averaged over the steps since the last record (ec
 `loss_proj`, `loss_cls_weighted` = lambda * L_CLS, `loss_cls`; projection: `loss_proj`;
 diffusion: `mse_x0`), lr, grad_norm, samples_per_s, and for eclipse `grad_ratio_cls_proj`:
 ||grad lambda*L_CLS|| / ||grad L_proj|| on this step's batch, w.r.t. the prior's output layer
-(`grad_ratio`; not under torch.compile). When that ratio stayed below 0.01 at every logging
-step of the first 10 % of the run, a "warning" record says so once (also on stderr and as
-TensorBoard text): the contrastive term is then doing next to nothing (README, "The
-objectives, as the paper writes them").
+(`grad_ratio`; not under torch.compile). When that ratio stayed below 0.01 or above 10 at every
+logging step of the first 10 % of the run, a "warning" record says so once (also on stderr and as
+TensorBoard text): one term is then swamping the other (`training.monitor.BalanceWatch`; README,
+"The objectives and the balance of Eq. 5").
 
 Exact resume: a checkpoint holds the weights, optimizer and scheduler state, every rank's
 noise-generator state and data position (epoch, batch index). A resumed run on the same
@@ -587,8 +587,9 @@ def _log_train(run: _Run, progress: _Progress, window: LossWindow, log: Logger, 
                "samples_per_s": window.steps * run.global_batch / max(elapsed, 1e-9), "epoch": epoch}
     log.log("train", progress.step, values)
     progress.metrics |= {f"train/{k}": values[k] for k in ("loss", *window.parts, GRAD_RATIO) if k in values}
-    if ratio is not None and watch.add(progress.step, values[GRAD_RATIO]):
-        log.warn(progress.step, balance_warning(run.cfg, run.dim, watch.ratios, progress.step))
+    side = watch.add(progress.step, values[GRAD_RATIO]) if ratio is not None else None
+    if side is not None:
+        log.warn(progress.step, balance_warning(run.cfg, run.dim, watch.ratios, progress.step, side))
     bar.set_postfix(loss=f"{values['loss']:.4g}", samples_s=f"{values['samples_per_s']:.0f}")
     window.reset()
 
