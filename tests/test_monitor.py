@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.monitor import RATIO_CEILING, RATIO_FLOOR, BalanceWatch, LossWindow, balance_warning, grad_ratio, output_layer_params
+from training.monitor import (
+    RATIO_CEILING,
+    RATIO_FLOOR,
+    BalanceWatch,
+    LossWindow,
+    balance_warning,
+    grad_ratio,
+    output_layer_params,
+)
 from training.prior import build_prior
 
 
