@@ -93,7 +93,7 @@ class ReproduceParams(_Params):
         """The whole path, small (CI): two world sizes, every objective, one seed; the teacher of `demo --quick`
         (same world, steps and seed)."""
         return cls(datasets=["world:300", "world:600"], seeds=1, steps=60, batch_size=32, lr=1e-3, eval_rows=300,
-                   workers=2, world=WorldParams(teacher_steps=250, heldout_rows=300, shard_size=150))
+                   workers=2, world=WorldParams(heldout_rows=300, shard_size=150))
 
     @classmethod
     def rehearsal(cls) -> ReproduceParams:

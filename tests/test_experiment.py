@@ -16,6 +16,7 @@ from demo.experiment import (
     format_tradeoff,
     oracle_metrics,
     report_section,
+    store_gap,
     summarize,
     summarize_testbed,
     tradeoff,
@@ -90,14 +91,24 @@ def test_oracle_is_the_mean_of_the_other_renders_of_a_caption(tmp_path):
 
 def test_testbed_figures_say_which_goals_are_met():
     teacher = {"color_acc": 0.99, "shape_acc": 0.85, "texture_acc": 0.95, "position_acc": None, "matched_cos": 0.31}
-    gap = {"oracle_cos": 0.95, "text_shift_cos": 0.88, "gap": 0.07}
+    gap = {"oracle_cos": 0.95, "text_shift_cos": 0.88, "gap": 0.07, "captions": 100, "renders_per_caption": 6}
     tb = summarize_testbed(teacher, gap)
     assert tb["zero_shot"] == {"color": 0.99, "shape": 0.85, "texture": 0.95}
     assert tb["met"] == {"zero_shot_color": True, "zero_shot_shape": False, "zero_shot_texture": True,
                          "matched_cos": True, "gap": False}
     text = format_testbed(tb)
     assert text.count("GOAL MISSED") == 2 and "0.950 - text-shift cos 0.880 = 0.070" in text
+    assert "store level" not in text  # measured once the priors are evaluated
     assert summarize_testbed({**teacher, "matched_cos": 0.6}, {**gap, "gap": 0.12})["met"]["matched_cos"] is False
+    # the store level: the evaluation's oracle and text-shift rows on held-out compositions
+    table = {"baselines": {"oracle": {"heldout": {"cos_image": 0.90}}, "text-shift": {"heldout": {"cos_image": 0.82}}}}
+    sg = store_gap(table)
+    assert sg["gap"] == pytest.approx(0.08) and (sg["oracle_cos"], sg["text_shift_cos"]) == (0.90, 0.82)
+    both = summarize_testbed(teacher, {**gap, "gap": 0.12}, sg)
+    assert both["met"]["gap"] is True and both["met"]["store_gap"] is False
+    text = format_testbed(both)
+    assert "teacher level" in text and "store level:   held-out oracle cos 0.900 - text-shift cos 0.820 = 0.080" in text
+    assert text.count("GOAL MISSED") == 2  # shape, the store gap
 
 
 def test_tradeoff_points_follow_lambda_with_seed_intervals():
