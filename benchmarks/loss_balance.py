@@ -21,10 +21,10 @@ lambda 0.2 and tau 0.07, with synthetic embeddings of the norm |z| of real raw C
   prediction's ~0.67 (a real prior's range); the hidden-state tokens are t plus token noise. Measured as
   the trainer logs it (`grad_ratio` at the output layer, `grad_ratio_cls_proj`): at step 1 and the
   median over the last 10 % of the steps, with L_proj's relative change over the last 20 % of the run
-  (converged: under 5 %) and the prediction's cosine to the image at the end. A CPU run uses a shallower
-  prior than the released 10 layers (--layers; the ratio is taken at the output layer, whose size is the
-  preset's D) and --text-length real tokens; `--layers 10 --text-length 77` on a GPU gives the released
-  size.
+  (converged: under 5 %), the prediction's cosine to the image at the end and the share of steps whose
+  gradient norm was clipped. A CPU run uses a shallower prior than the released 10 layers (--layers; the
+  ratio is taken at the output layer, whose size is the preset's D) and --text-length real tokens;
+  `--layers 10 --text-length 77` on a GPU gives the released size.
 
 The last lines are `name=value` figures: `init_<preset>_z<norm>_<reduction>` and
 `trained_<preset>_z<norm>_<reduction>` (the end ratio).
@@ -124,7 +124,7 @@ def train_one(preset: str, norm: float, reduction: str, args: argparse.Namespace
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     stream = PairStream(dim, norm, args.text_length)
     noise_gen = torch.Generator().manual_seed(1)
-    ratios, proj_curve, last = [], [], {}
+    ratios, proj_curve, last, clipped = [], [], {}, 0
     tail = max(1, args.steps // 10)
     for step in range(1, args.steps + 1):
         image, text, hidden, mask = stream.next(args.batch_size)
@@ -135,7 +135,7 @@ def train_one(preset: str, norm: float, reduction: str, args: argparse.Namespace
         if step == 1 or step > args.steps - tail:
             ratios.append(float(grad_ratio(cls, proj, params)))
         (proj + cls).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clipped += float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) > 1.0
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -147,7 +147,7 @@ def train_one(preset: str, norm: float, reduction: str, args: argparse.Namespace
     before, end = statistics.mean(proj_curve[-2 * fifth:-fifth]), statistics.mean(proj_curve[-fifth:])
     return {"ratio_init": ratios[0], "ratio_end": statistics.median(ratios[1:]), "proj_start": proj_curve[0],
             "proj_end": end, "proj_change": (before - end) / before, "cls_end": statistics.mean(last["cls"]),
-            "cos_end": statistics.mean(last["cos"])}
+            "cos_end": statistics.mean(last["cos"]), "clipped": clipped / args.steps}
 
 
 def trained(presets: list[str], norms: list[float], args: argparse.Namespace) -> dict[str, float]:
@@ -155,7 +155,7 @@ def trained(presets: list[str], norms: list[float], args: argparse.Namespace) ->
           f"{args.batch_size}, lr {args.lr:g} (one cosine cycle), {args.layers} layers, {args.text_length} text "
           f"tokens; ratio at the output layer; converged: L_proj moved < 5 % over the last 20 % of the run")
     print(f"{'preset':<12}{'D':>6}{'|z|':>5}{'reduce':>7}{'ratio@1':>10}{'ratio@end':>11}{'L_proj@end':>12}"
-          f"{'last-20%':>9}{'L_CLS@end':>10}{'cos@end':>9}{'conv.':>6}{'s':>6}")
+          f"{'last-20%':>9}{'L_CLS@end':>10}{'cos@end':>9}{'conv.':>6}{'clipped':>8}{'s':>6}")
     figures = {}
     for preset in presets:
         dim = PRESETS[preset]["embedding_dim"]
@@ -166,7 +166,7 @@ def trained(presets: list[str], norms: list[float], args: argparse.Namespace) ->
                 conv = "yes" if abs(r["proj_change"]) < 0.05 else "no"
                 print(f"{preset:<12}{dim:>6}{norm:>5g}{reduction:>7}{r['ratio_init']:>10.3g}{r['ratio_end']:>11.3g}"
                       f"{r['proj_end']:>12.4g}{-r['proj_change']:>+9.1%}{r['cls_end']:>10.3f}{r['cos_end']:>9.3f}"
-                      f"{conv:>6}{time.perf_counter() - t0:>6.0f}", flush=True)
+                      f"{conv:>6}{r['clipped']:>8.0%}{time.perf_counter() - t0:>6.0f}", flush=True)
                 figures[f"trained_{preset}_z{norm:g}_{reduction}"] = r["ratio_end"]
     return figures
 
