@@ -25,6 +25,8 @@ from storage_schema import CAPTION, IMAGE_EMBED, TEXT_EMBED, EmbeddingStore
 from storage_schema.atomic import atomic_write_text
 
 HEADLINE = ("cos_image", "caption_r1", "probe_auc")
+# the attribute probe's AUC per T2I-CompBench family: in the paired differences and metrics.json, not the table
+FAMILIES = tuple(f"probe_{f}" for f in ("color", "shape", "texture", "spatial"))
 BASELINES = ("TextEmb", "text-shift", "ridge", "mean-image")
 
 
@@ -35,6 +37,9 @@ def model_value(result: dict, name: str, metric: str) -> float | None:
     if metric == "probe_auc":
         probe = result.get("probe", {}).get("models", {})
         return probe[name]["value"] if name in probe else None
+    if metric in FAMILIES:
+        family = result.get("probe", {}).get("families", {}).get(metric.removeprefix("probe_"), {}).get("models", {})
+        return family[name]["value"] if name in family else None
     model = result["models"].get(name)
     return model["metrics"][metric]["value"] if model else None
 
@@ -142,11 +147,11 @@ def summarize(results: dict[str, dict], runs: dict[str, list[str]], oracle: dict
     table: dict = {"objectives": {}, "baselines": {}, "paired": []}
     for obj, names in runs.items():
         table["objectives"][obj] = {
-            split: {m: _over_seeds([model_value(res, n, m) for n in names]) for m in HEADLINE}
+            split: {m: _over_seeds([model_value(res, n, m) for n in names]) for m in HEADLINE + FAMILIES}
             for split, res in results.items()
         }
     for base in BASELINES:
-        table["baselines"][base] = {split: {m: model_value(res, base, m) for m in HEADLINE}
+        table["baselines"][base] = {split: {m: model_value(res, base, m) for m in HEADLINE + FAMILIES}
                                     for split, res in results.items()}
     for split, res in results.items():
         ceiling = res.get("probe", {}).get("models", {}).get("real images (ceiling)")
@@ -159,7 +164,7 @@ def summarize(results: dict[str, dict], runs: dict[str, list[str]], oracle: dict
         if a not in runs or b not in runs:
             continue
         for split, res in results.items():
-            for m in HEADLINE:
+            for m in HEADLINE + FAMILIES:
                 per_seed = [_diff(res, x, y, m) for x, y in zip(runs[a], runs[b], strict=True)]
                 if any(v is None for v in per_seed):
                     continue

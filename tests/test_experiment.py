@@ -70,6 +70,19 @@ def test_summary_pairs_objectives_by_seed():
     assert format_table(table, splits=("heldout",)).splitlines()[-2].endswith("a > b")
 
 
+def test_the_probe_families_are_paired_per_seed_too():
+    res = _result({f"{o}-s{s}": {"cos_image": 0.5} for o in ("eclipse", "projection") for s in range(3)})
+    shape = {f"eclipse-s{s}": 0.80 + 0.01 * s for s in range(3)} | {f"projection-s{s}": 0.70 for s in range(3)}
+    res["probe"]["families"] = {"shape": {"models": {n: {"value": v} for n, v in shape.items()}}}
+    table = summarize({"heldout": res}, {o: [f"{o}-s{s}" for s in range(3)] for o in ("eclipse", "projection")})
+    assert table["objectives"]["eclipse"]["heldout"]["probe_shape"]["mean"] == pytest.approx(0.81)
+    assert table["objectives"]["eclipse"]["heldout"]["probe_color"]["mean"] is None  # not evaluated
+    paired = {p["metric"]: p for p in table["paired"]}
+    assert set(paired) == {"cos_image", "probe_shape"}
+    assert paired["probe_shape"]["per_seed"] == pytest.approx([0.10, 0.11, 0.12])
+    assert "eclipse - projection    heldout  probe_shape +0.110 [+0.085, +0.135]" in format_table(table, ("heldout",))
+
+
 def test_oracle_is_the_mean_of_the_other_renders_of_a_caption(tmp_path):
     info = tiny_info(dim=4, hidden=4)
     rng = np.random.default_rng(0)
