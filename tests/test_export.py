@@ -37,7 +37,7 @@ def test_every_run_ends_with_an_exported_prior(run):
     assert set(config) == set(released) and config["_class_name"] == "PriorTransformer"
     assert isinstance(load_prior(out), PriorTransformer)
     card = (out / "README.md").read_text()
-    for needle in ("eclipse", "steps | 12 of 12", "EMA (decay 0.5)",
+    for needle in ("ECLIPSE (eq. 5): MSE (mean over D) + 0.2 x InfoNCE", "steps | 12 of 12", "EMA (decay 0.5)",
                    "encoder `synthetic` (image `synthetic/vision`", "train/loss",
                    "eval/cos_to_image", "32,352"):
         assert needle in card, needle

@@ -119,10 +119,12 @@ def model_card(state: dict, ckpt: Path, ema: bool, params: int) -> str:
     enc = state.get("encoder", {})
     metrics = state.get("metrics", {})
     objective = cfg.get("objective", "?")
+    # runs saved before the key existed trained with the mean (training.config.cli_config)
+    mse = "MSE (mean over D)" if cfg.get("proj_reduction", "mean") == "mean" else "squared error summed over D"
     what = {
-        "eclipse": f"ECLIPSE (eq. 5): MSE + {cfg.get('eclipse_lambda')} x InfoNCE text->image, "
+        "eclipse": f"ECLIPSE (eq. 5): {mse} + {cfg.get('eclipse_lambda')} x InfoNCE text->image, "
                    f"tau {cfg.get('eclipse_tau')}; time-free prior, one forward pass",
-        "projection": "projection (eq. 3): MSE to the image embedding; time-free prior, one forward pass",
+        "projection": f"projection (eq. 3): {mse} to the image embedding; time-free prior, one forward pass",
         "diffusion": f"diffusion baseline (eq. 1): diffusers PriorTransformer, DDPM 1000 linear steps, "
                      f"predicts the clean embedding, text dropout {cfg.get('text_drop_prob')}; sample with "
                      f"{cfg.get('inference_steps')} steps, guidance {cfg.get('guidance_scale')}",
