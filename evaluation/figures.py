@@ -173,10 +173,10 @@ def _keep_x_open(ax: Axes, xs: Sequence[float]) -> None:
 
 def line_chart(title: str, series: Sequence[tuple[str, Sequence[float], Sequence[float]]], st: Mapping[str, Style],
                xlabel: str = "step", ylabel: str = "", log_y: bool = False,
-               hline: tuple[float, str] | None = None) -> Figure | None:
+               hlines: Sequence[tuple[float, str]] = ()) -> Figure | None:
     """Lines over x, series = (name, xs, ys); points without finite x and y are skipped, and a series
     left with one point is drawn as a marker. `log_y`: a log y axis (points with y <= 0 are skipped
-    too); `hline`: a dashed reference line (y, its legend label)."""
+    too); `hlines`: dashed reference lines (y, its legend label)."""
     keep = (lambda x, y: finite(x, y) and y > 0) if log_y else finite
     clean = [(name, [(x, y) for x, y in zip(xs, ys, strict=False) if keep(x, y)]) for name, xs, ys in series]
     clean = [(name, pts) for name, pts in clean if pts]
@@ -200,9 +200,8 @@ def line_chart(title: str, series: Sequence[tuple[str, Sequence[float], Sequence
     ax.set_xlabel(xlabel, fontsize=FONT)
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=FONT)
-    if hline is not None:
-        ax.axhline(hline[0], color="#888888", linestyle="--", linewidth=1, label=wrap(hline[1], LABEL_CHARS),
-                   zorder=1)
+    for y, label in hlines:
+        ax.axhline(y, color="#888888", linestyle="--", linewidth=1, label=wrap(label, LABEL_CHARS), zorder=1)
     _legend(ax)
     return fig
 

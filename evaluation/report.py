@@ -27,6 +27,7 @@ from PIL import Image
 
 from evaluation import figures as F
 from storage_schema.atomic import atomic_write_text
+from training.monitor import RATIO_CEILING, RATIO_FLOOR
 
 SUMMARY_METRICS = ("cos_image", "cos_text", "cos_unrelated_text", "cos_image_minus_baseline", "r1", "r5", "r10",
                    "rank", "frechet", "norm_ratio", "mse")
@@ -45,8 +46,9 @@ CURVES = (("train", "loss", "training loss", {}),
           ("train", "loss_proj", "L_proj (Eq. 3) during training (log scale)", {"log_y": True}),
           ("train", "loss_cls_weighted", "λ·L_CLS (Eq. 4 times λ) during training (log scale)", {"log_y": True}),
           ("train", "grad_ratio_cls_proj", "gradient balance ‖∇ λ·L_CLS‖ / ‖∇ L_proj‖ at the prior's output "
-           "layer (log scale)", {"log_y": True, "hline": (0.01, "0.01: below it the contrastive term does "
-                                                             "next to nothing")}))
+           "layer (log scale)", {"log_y": True, "hlines": (
+               (RATIO_FLOOR, f"{RATIO_FLOOR:g}: below it the contrastive term does next to nothing"),
+               (RATIO_CEILING, f"{RATIO_CEILING:g}: above it the contrastive term swamps L_proj"))}))
 
 
 def fmt(v, digits: int = 4) -> str:

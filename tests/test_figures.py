@@ -102,15 +102,16 @@ def test_line_chart_skips_non_finite_points():
     assert line_chart("empty", [("run", [], [])], {}) is None
 
 
-def test_a_log_line_chart_skips_non_positive_points_and_draws_its_reference_line():
+def test_a_log_line_chart_skips_non_positive_points_and_draws_its_reference_lines():
     fig = line_chart("ratio", [("run", [1, 2, 3, 4], [0.001, 0.0, -1.0, 0.5]), ("zero", [1], [0.0])], styles(["run"]),
-                     log_y=True, hline=(0.01, "floor"))
+                     log_y=True, hlines=((0.01, "floor"), (10.0, "ceiling")))
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
-    run, floor = ax.lines
+    run, floor, ceiling = ax.lines
     assert list(run.get_xdata()) == [1, 4] and list(run.get_ydata()) == [0.001, 0.5]  # "zero" has no point left
     assert floor.get_label() == "floor" and floor.get_linestyle() == "--" and list(floor.get_ydata()) == [0.01, 0.01]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["run", "floor"]
+    assert list(ceiling.get_ydata()) == [10.0, 10.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["run", "floor", "ceiling"]
     assert line_chart("ratio", [("run", [1], [0.0])], {}, log_y=True) is None
     assert line_chart("loss", [("run", [1, 2], [0.0, 1.0])], {}).axes[0].get_yscale() == "linear"
 
