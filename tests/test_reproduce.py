@@ -21,7 +21,7 @@ def test_reproduce_flags_choose_the_grid():
     parse = build_parser().parse_args
     default = reproduce_params(parse(["reproduce"]))
     assert default.datasets == ["world:1500", "world:12000"] and default.seeds == 3
-    assert [c for c, _ in default.columns()] == ["projection", "eclipse", "eclipse", "diffusion"]
+    assert default.columns() == [("projection", None), ("eclipse", 0.2), ("diffusion", None)]  # at the default λ
     paper = reproduce_params(parse(["reproduce", "--paper"]))
     assert [tuple(p) for p in paper.pairs] == list(PAPER_PAIRS) and paper.data_rows() == list(PAPER_PAIRS)
     assert (paper.steps, paper.batch_size) == (60_000, 1024)
