@@ -4,8 +4,10 @@ import os
 from pathlib import Path
 
 from storage_schema.reader import EmbeddingStore, validate_shard
-from storage_schema.schema import MANIFEST_NAME, EncoderInfo
+from storage_schema.schema import IMAGE_EMBED, MANIFEST_NAME, TEXT_EMBED, EncoderInfo
 from storage_schema.writer import StoreError, read_manifest
+
+NORM_ROWS = 4096  # rows read for the embedding norms: a bounded read, whatever the store's size
 
 
 def inspect_store(path: str | os.PathLike, verify: bool = True) -> dict:
@@ -48,6 +50,8 @@ def inspect_store(path: str | os.PathLike, verify: bool = True) -> dict:
                     problems.append(f"key {k!r} appears in {seen[k]} and {shard}")
                     break
                 seen[k] = shard
+    if not problems and listed:
+        report["norms"] = _embedding_norms(store_dir / sorted(listed)[0])
     d = report["image_dim"] or 0
     h = report["hidden_dim"] or 0
     if report["rows"] and d:
@@ -59,6 +63,21 @@ def inspect_store(path: str | os.PathLike, verify: bool = True) -> dict:
             report["bytes_per_sample"] = report["bytes_on_disk"] / report["rows"]
             report["bytes_ratio"] = report["bytes_on_disk"] / payload
     return report
+
+
+def _embedding_norms(shard: Path, rows: int = NORM_ROWS) -> dict:
+    """The mean L2 norm |z| of the raw image and text embeddings over the first `rows` rows of one shard (a
+    bounded read): eclipse's lambda balances against L_proj, which grows with |z|^2 (README, "The objectives
+    and the balance of Eq. 5")."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    batch = next(pq.ParquetFile(shard).iter_batches(batch_size=rows, columns=[IMAGE_EMBED, TEXT_EMBED]))
+    out: dict = {"rows": batch.num_rows, "shard": shard.name}
+    for name, col in (("image", IMAGE_EMBED), ("text", TEXT_EMBED)):
+        values = batch.column(col).flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        out[name] = float(np.linalg.norm(values.reshape(batch.num_rows, -1), axis=1).mean())
+    return out
 
 
 def _token_total(store_dir: Path, manifest: dict) -> int:
@@ -81,6 +100,10 @@ def format_report(r: dict) -> str:
     ]
     if "bytes_ratio" in r:
         lines.append(f"bytes      {r['bytes_per_sample']:.0f} per sample, {r['bytes_ratio']:.3f} x the fp16 payload")
+    if "norms" in r:
+        n = r["norms"]
+        lines.append(f"norms      image |z| {n['image']:.3g}, text |z| {n['text']:.3g} (mean over the first "
+                     f"{n['rows']} rows of {n['shard']}; lambda's balance depends on it)")
     if r["problems"]:
         lines.append(f"problems   {len(r['problems'])}:")
         lines += [f"  - {p}" for p in r["problems"]]

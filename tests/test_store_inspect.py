@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from storefixtures import write_store
 
 from cli.main import main
@@ -17,6 +18,17 @@ def test_inspect_json_on_a_store_the_test_wrote(tmp_path, capsys):
     assert report["encoder"]["preset"] == "test-enc"
     assert report["problems"] == []
     assert report["bytes_ratio"] > 1.0
+    # the raw embeddings' mean norm, from the first rows of the first shard (what lambda's balance depends on)
+    import numpy as np
+    import pandas as pd
+
+    first = pd.read_parquet(tmp_path / "s" / "00000.parquet")
+    for name in ("image", "text"):
+        rows = np.stack(first[f"{name}_embed"].to_numpy()).astype(np.float32)
+        assert report["norms"][name] == pytest.approx(float(np.linalg.norm(rows, axis=1).mean()), rel=1e-5)
+    assert report["norms"]["rows"] == 20 and report["norms"]["shard"] == "00000.parquet"
+    assert main(["store", "inspect", str(tmp_path / "s")]) == 0
+    assert f"image |z| {report['norms']['image']:.3g}" in capsys.readouterr().out
 
 
 def test_inspect_lists_every_problem_and_exits_1(tmp_path, capsys):
