@@ -72,6 +72,9 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
                    "or cc3m-train-*.tar; subfolders too): used instead of fetching them")
     p.add_argument("--max-error-rate", type=float, default=0.5,
                    help="fail when more than this fraction of the urls could not be fetched (default 0.5)")
+    p.add_argument("--allow-local-files", action="store_true",
+                   help="also download url rows that are not http(s) (file://, local paths); without it they are "
+                   "dropped and counted, since a url list from someone else could name your files")
 
 
 def _download_config(args: argparse.Namespace):
@@ -79,7 +82,8 @@ def _download_config(args: argparse.Namespace):
 
     kw = dict(image_size=args.image_size, resize_mode=args.resize_mode, thread_count=args.threads,
               number_sample_per_shard=args.shard_size, timeout=args.timeout, max_error_rate=args.max_error_rate,
-              incremental_mode="overwrite" if args.overwrite else "incremental")
+              incremental_mode="overwrite" if args.overwrite else "incremental",
+              allow_local_files=args.allow_local_files)
     if args.processes:
         kw["processes_count"] = args.processes
     return DownloadConfig(**kw)
@@ -167,7 +171,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prompts", dest="no_prompts", action="store_true", help="skip the T2I-CompBench suites")
     p.add_argument("--max-prompts", dest="max_prompts", type=int, default=None, help="per category (default all)")
     p.add_argument("--image-source", dest="image_source", default=None,
-                   help="folder of webdataset tars / image files named by key, for example images")
+                   help="folder of webdataset tars / image files named by key, for example images; a row whose url "
+                   "is a local path is shown only when that path lies inside this folder")
     p.add_argument("--decoder", choices=DECODERS, default=None, help="also render images")
     p.add_argument("--decoder-path", dest="decoder_path", default=None)
     p.add_argument("--n-generate", dest="n_generate", type=int, default=4)

@@ -95,7 +95,7 @@ class EvalConfig:
     max_prompts: int | None = None
     probe: bool = True
     probe_families: dict[str, list[str]] | None = None
-    image_source: str | os.PathLike | None = None
+    image_source: str | os.PathLike | None = None  # the only folder local images are read from (evaluation.images)
     n_examples: int = 6
     neighbours: int = 3
     # images through a decoder, and image metrics

@@ -18,7 +18,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class ImageSource:
     """Finds the image of a store row by key: in a folder of webdataset tars (img2dataset's layout:
     KEY.jpg inside shards, the key the encode stage stores), in a folder of files named KEY.<ext>,
-    or at the row's url when that is a local path or a file:// url."""
+    or at the row's url when that is a local path or a file:// url inside that same folder: a row's url
+    comes from the data (a stranger's tar can name /home/me/secret.png), so no other local file is opened,
+    and without a folder none is."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else None
@@ -53,10 +55,16 @@ class ImageSource:
                 with tarfile.open(path) as tar:
                     f = tar.extractfile(member)
                     return Image.open(io.BytesIO(f.read())).convert("RGB") if f is not None else None
-            if url:
-                local = Path(url.removeprefix("file://"))
-                if (url.startswith("file://") or url.startswith("/")) and local.is_file():
-                    return Image.open(local).convert("RGB")
-        except OSError:  # an unreadable image is shown as missing, not fatal to the report
+            local = self._local(url)
+            if local is not None:
+                return Image.open(local).convert("RGB")
+        except (OSError, Image.DecompressionBombError):  # an unreadable image is shown as missing, not fatal
             return None
         return None
+
+    def _local(self, url: str | None) -> Path | None:
+        """The file a local url names, when it lies inside the root (links resolved first), else None."""
+        if not url or self.root is None or not (url.startswith("file://") or url.startswith("/")):
+            return None
+        path = Path(url.removeprefix("file://")).resolve()
+        return path if path.is_relative_to(self.root.resolve()) and path.is_file() else None

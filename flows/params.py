@@ -40,6 +40,8 @@ class DownloadParams(_Params):
                                      "preset's glob, e.g. *.parquet or cc3m-train-*.tar): used instead of fetching")
     max_error_rate: float = Field(0.5, ge=0, le=1,
                                   description="fail the stage when more than this fraction of the urls is missing")
+    allow_local_files: bool = Field(False, description="also download url rows that are not http(s) (file://, "
+                                    "local paths): only for a url list you wrote")
 
 
 class EncodeParams(_Params):

@@ -65,7 +65,7 @@ from pipeline.shards import (
     save_state,
     shard_name,
 )
-from pipeline.sources import prepare_url_list, read_url_list_report, resolve_source, source_spec
+from pipeline.sources import WEB_URL, prepare_url_list, read_url_list_report, resolve_source, source_spec
 from pipeline.webdataset import materialize_webdataset
 from storage_schema.atomic import atomic_path, atomic_write_text
 
@@ -120,6 +120,9 @@ class DownloadConfig:
     # "something is wrong with the network or the list", not "the web rotted".
     max_error_rate: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)  # other img2dataset.download kwargs
+    # img2dataset opens any scheme urllib does (file://, ftp://, data:): only http(s) rows are downloaded unless
+    # this is set, for a url list you wrote yourself (pipeline.sources.Source.allow_local_files)
+    allow_local_files: bool = False
 
     def __post_init__(self) -> None:
         if self.incremental_mode not in ("incremental", "overwrite"):
@@ -145,6 +148,24 @@ def _wipe(path: Path, keep: Path) -> None:
                 shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def _check_schemes(url_list: Path, allow_local_files: bool) -> None:
+    """Refuse a url list with rows that are not http(s) (a list prepared elsewhere: `prepare_url_list` drops them)."""
+    if allow_local_files:
+        return
+    import pyarrow.compute as pc
+
+    refused, examples = 0, []
+    for batch in pq.ParquetFile(url_list).iter_batches(columns=["url"], batch_size=65536):
+        urls = batch.column(0)
+        bad = pc.invert(pc.fill_null(pc.match_substring_regex(urls, WEB_URL), False))
+        refused += pc.sum(bad).as_py() or 0
+        examples += urls.filter(bad).to_pylist()[: 3 - len(examples)]
+    if refused:
+        raise DownloadError(f"{url_list}: {refused} url(s) are not http(s) (e.g. {examples}); a url list can name "
+                            "local files (file://), which would be read into the shards. Drop those rows, or pass "
+                            "--allow-local-files (DownloadConfig(allow_local_files=True)) for a list you wrote")
 
 
 def _fingerprint(url_list: Path) -> tuple[str, int]:
@@ -315,6 +336,7 @@ def download(url_list: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     if not url_list.is_file():
         raise DownloadError(f"url list {url_list} does not exist")
     _, _, extras = _url_list_columns(url_list)
+    _check_schemes(url_list, config.allow_local_files)
     fingerprint, rows = _fingerprint(url_list)
     if rows == 0:
         raise DownloadError(f"{url_list}: empty url list")
@@ -447,7 +469,8 @@ def download_main(url_list_or_source: str | os.PathLike[str], out_dir: str | os.
         raise TypeError(f"unknown download option(s) {sorted(unknown)}; valid: {sorted(valid)}")
     cfg = DownloadConfig(**config)
     out = Path(out_dir)
-    source = resolve_source(url_list_or_source, **(source_options or {}))
+    options = {"allow_local_files": cfg.allow_local_files, **(source_options or {})}
+    source = resolve_source(url_list_or_source, **options)
     if source.kind == "webdataset":
         return _download_webdataset(source, out, cfg)
     prepared = out / URL_LIST_PATH

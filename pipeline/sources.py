@@ -134,6 +134,9 @@ class Source:
     hub_pattern: str | None = None  # glob over the repo's file paths, e.g. "*.parquet"
     hub_revision: str = "main"
     max_files: int | None = None  # webdataset: use only the first N tars (a smaller run)
+    # Rows whose url is not http(s) are dropped: a url list from a stranger could otherwise name local files
+    # (file:///home/me/secret.png, file:///dev/zero), which img2dataset would read. True: keep them (your own list).
+    allow_local_files: bool = False
 
     @property
     def is_remote(self) -> bool:
@@ -142,6 +145,10 @@ class Source:
 
 def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
+
+
+WEB_URL = r"(?i)^https?://"  # the url rows a download accepts unless Source.allow_local_files
+REFUSED = "not an http(s) url"  # its UrlListReport.filtered_out reason
 
 
 def _webdataset_preset(name: str, repo: str, title: str, pairs: str) -> Source:
@@ -385,6 +392,7 @@ class UrlListReport:
     sample_size: int | None = None
     seed: int = 0
     source_spec: str = ""  # hash of the Source and its input files (size, mtime) for reuse checks
+    refused_urls: list[str] = field(default_factory=list)  # the first few urls dropped as not http(s)
     seconds: float = 0.0
 
 
@@ -468,6 +476,16 @@ def _iter_frames(src: Source, files: list[Path], report: UrlListReport) -> Itera
         ok_url = url.notna() & (url != "")
         if int((~ok_url).sum()):
             report.filtered_out["empty url"] = report.filtered_out.get("empty url", 0) + int((~ok_url).sum())
+        if not src.allow_local_files:
+            web = url.str.contains(WEB_URL, regex=True).fillna(False).astype(bool)
+            refused = ok_url & ~web
+            if int(refused.sum()):
+                report.filtered_out[REFUSED] = report.filtered_out.get(REFUSED, 0) + int(refused.sum())
+                report.refused_urls += [u[:200] for u in url[refused].head(max(0, 5 - len(report.refused_urls)))]
+                log.warning("%s: %d row(s) whose url is not http(s) dropped (e.g. %s); a url list can name local "
+                            "files: pass --allow-local-files only for a list you wrote", path, int(refused.sum()),
+                            list(url[refused].head(3)))
+            ok_url = ok_url & web
         ok_cap = cap.notna() & (cap.str.len() >= max(src.filters.min_caption_chars, 1))
         report.empty_captions_dropped += int((ok_url & ~ok_cap).sum())
         keep = ok_url & ok_cap

@@ -138,6 +138,33 @@ def test_rerun_is_a_noop(first_run):
 
 
 @pytest.mark.slow
+def test_local_files_named_by_a_url_list_stay_out_unless_the_user_allows_them(image_server, tmp_path):  # noqa: F811
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(secret)
+    rows = {image_server.url("/img/1.png"): "a picture", f"file://{secret}": "my secret", str(secret): "a bare path"}
+    csv = tmp_path / "pairs.csv"
+    pd.DataFrame({"url": list(rows), "caption": list(rows.values())}).to_csv(csv, index=False)
+
+    summary = download_main(csv, tmp_path / "out", **CFG)
+    captions = {v["txt"].decode() for v in _read_tars(tmp_path / "out").values()}
+    assert captions == {"a picture"} and summary.successes == 1
+    report = read_url_list_report(tmp_path / "out" / URL_LIST_PATH)
+    assert report["filtered_out"] == {"not an http(s) url": 2}
+    assert report["refused_urls"] == [f"file://{secret}", str(secret)]
+
+    # a list prepared elsewhere goes straight to download(): refused before anything is fetched
+    raw = tmp_path / "raw.parquet"
+    pd.DataFrame({"url": list(rows), "caption": list(rows.values())}).to_parquet(raw)
+    with pytest.raises(DownloadError, match=r"2 url\(s\) are not http\(s\).*--allow-local-files"):
+        download(raw, tmp_path / "raw-out", DownloadConfig(**CFG))
+    assert not list((tmp_path / "raw-out").glob("*.tar"))
+
+    # the user's own list, opted in: the local file is downloaded like any url
+    download_main(csv, tmp_path / "mine", **CFG, allow_local_files=True)
+    assert {v["txt"].decode() for v in _read_tars(tmp_path / "mine").values()} == {"a picture", "my secret"}
+
+
+@pytest.mark.slow
 def test_refuses_a_different_url_list_in_the_same_folder(first_run, tmp_path):
     other = tmp_path / "other.parquet"
     pd.DataFrame({"url": ["http://127.0.0.1:1/x.jpg"], "caption": ["x"]}).to_parquet(other)

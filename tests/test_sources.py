@@ -59,6 +59,27 @@ def test_csv_upper_case_columns_dedup_and_empty_captions(tmp_path):
     assert (rep["url_col"], rep["caption_col"], rep["rows_written"]) == ("URL", "TEXT", 2)
 
 
+def test_rows_whose_url_is_not_http_are_dropped_and_named_unless_allowed(tmp_path):
+    src = tmp_path / "pairs.csv"
+    secret = tmp_path / "secret.png"
+    src.write_text(
+        "url,caption\n"
+        "http://h/1.jpg,a cat\n"
+        f"file://{secret},my secret\n"  # would be read into the shards by img2dataset
+        "FILE:///dev/zero,endless\n"
+        f"{secret},a bare path\n"
+        "ftp://h/2.jpg,another scheme\n"
+        "HTTPS://h/3.jpg,upper-case scheme is fine\n"
+    )
+    out = prepare_url_list(resolve_source(src), tmp_path / "out")
+    assert pd.read_parquet(out)["url"].tolist() == ["http://h/1.jpg", "HTTPS://h/3.jpg"]
+    rep = read_url_list_report(out)
+    assert rep["filtered_out"] == {"not an http(s) url": 4} and rep["rows_written"] == 2
+    assert rep["refused_urls"] == [f"file://{secret}", "FILE:///dev/zero", str(secret), "ftp://h/2.jpg"]
+    mine = prepare_url_list(resolve_source(src, allow_local_files=True), tmp_path / "mine")  # the user's own list
+    assert len(pd.read_parquet(mine)) == 6 and read_url_list_report(mine)["filtered_out"] == {}
+
+
 def test_jsonl_with_image_url_and_text(tmp_path):
     rows = [{"image_url": f"http://h/{i}.png", "text": f"caption {i}", "meta": {"i": i}} for i in range(5)]
     rows.append(rows[0])
