@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from pipeline.webdataset import IMAGE_EXTS
 
 
 class ImageSource:

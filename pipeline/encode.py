@@ -25,12 +25,16 @@ import torch
 from PIL import Image
 
 from pipeline.errors import PermanentError, is_permanent
+from pipeline.webdataset import IMAGE_EXTS, MAX_MEMBER_BYTES
 from storage_schema import CAPTION_SEP, StoreWriter, build_table
 from storage_schema.writer import read_manifest
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # the decoders Image.open may try (PIL tries every plugin otherwise)
+# A 150 KB tar can hold a 13,000^2 PNG (0.5 GB decoded): an image over this is not decoded, its row is skipped
+# with the reason. Pixels are read from the image's header first. Members: webdataset.MAX_MEMBER_BYTES.
+MAX_IMAGE_PIXELS = 32_000_000  # width x height (e.g. 6,500 x 4,900); img2dataset's shards are far smaller
 SHARD_ATTEMPTS = 3  # a shard failing for a transient reason (a timeout, a worker that died) is tried twice more
 RETRY_DELAY_S = 5.0  # the pause before the second attempt; doubled before each later one
 ROWS_PER_ITEM = 8  # rows a producer item may hold, in batches: bounds memory when rows keep reusing images
@@ -57,6 +61,7 @@ class Sample:
     caption: str | None
     image: bytes | None
     url: str | None
+    problem: str | None = None  # why the sample cannot become a row, found while reading the tar
 
 
 @dataclass
@@ -88,10 +93,13 @@ def iter_webdataset(tar_path: Path, alt_captions: bool = False) -> Iterator[Samp
 
     current: dict[str, bytes] = {}
     current_key: str | None = None
+    too_big: list[str] = []  # the current sample's members that were not read
 
     def flush() -> list[Sample]:
         if current_key is None:
             return []
+        if too_big:
+            return [Sample(current_key, None, None, None, problem="member too large: " + "; ".join(too_big))]
         image = next((current[e] for e in IMAGE_EXTS if e in current), None)
         caption = current["txt"].decode("utf-8", errors="replace") if "txt" in current else None
         meta: dict = {}
@@ -114,13 +122,22 @@ def iter_webdataset(tar_path: Path, alt_captions: bool = False) -> Iterator[Samp
             key, _, ext = member.name.rpartition("/")[2].partition(".")
             if key != current_key:
                 yield from flush()
-                current, current_key = {}, key
-            current[ext.lower()] = tar.extractfile(member).read()
+                current, current_key, too_big = {}, key, []
+            ext = ext.lower()
+            limit = MAX_MEMBER_BYTES.get("image" if ext in IMAGE_EXTS else ext)
+            if limit is None:
+                continue  # a member nothing reads (.npy, .cls, ...) is not read either
+            if member.size > limit:
+                too_big.append(f"{member.name} is {member.size:,} bytes (limit {limit:,})")
+                continue
+            current[ext] = tar.extractfile(member).read()
     yield from flush()
 
 
 def _row_problem(sample: Sample) -> str | None:
     """Why a row cannot become a pair before its image is even looked at (None: it can)."""
+    if sample.problem:
+        return sample.problem
     if sample.caption is None or not sample.caption.strip():
         return "missing or empty caption"
     if sample.image is None:
@@ -130,7 +147,9 @@ def _row_problem(sample: Sample) -> str | None:
 
 def _decode(data: bytes) -> tuple[Image.Image | None, str | None]:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                return None, f"image too large: {im.width}x{im.height} pixels (limit {MAX_IMAGE_PIXELS:,})"
             return im.convert("RGB"), None
     except Exception as e:  # PIL raises many types for broken files
         return None, f"corrupt image: {type(e).__name__}: {e}"

@@ -32,6 +32,9 @@ from storage_schema.atomic import atomic_path, atomic_write_bytes
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the encode stage decodes
+# What one member of a tar may cost, whoever wrote the tar (a 10 KB sparse tar can declare a 2 GiB member):
+# bigger ones are not read; the encode stage skips their sample with the reason.
+MAX_MEMBER_BYTES = {"image": 32 << 20, "txt": 64 << 10, "json": 1 << 20}
 HUB_STAGING = "_pipeline/hub"  # hf_hub_download's local_dir for tars in flight (resumable .incomplete files)
 
 
@@ -54,6 +57,8 @@ def index_tar(tar_path: Path, origin: str) -> tuple[pa.Table, dict[str, Any]]:
             if ext in IMAGE_EXTS:
                 s["image"] = True
             elif ext in ("txt", "json"):
+                if m.size > MAX_MEMBER_BYTES[ext]:  # a hostile tar's 1 GiB caption is not read (encode skips it)
+                    continue
                 data = tar.extractfile(m).read()  # type: ignore[union-attr]
                 if ext == "txt":
                     s["caption"] = data.decode("utf-8", errors="replace")

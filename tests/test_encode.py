@@ -311,3 +311,70 @@ def test_many_rows_of_one_image_are_encoded_in_bounded_items(tmp_path, monkeypat
     res = encode_shard(tar, tmp_path / "store", CFG)
     assert (res.rows, res.images, [n for n in calls if n > 0]) == (40, 1, [1])
     assert [c for c in next(EmbeddingStore(tmp_path / "store").iter_batches(64, pad_to=None))["caption"]] == captions
+
+
+# -- what a hostile tar may cost -------------------------------------------------------------------------
+
+
+def _png_bomb(side: int) -> bytes:
+    """A real PNG of side x side black RGB pixels (0.5 GB decoded at 13,000, ~0.5 MB on disk), written row by
+    row through zlib so that making it costs no memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(6)
+    row = b"\x00" * (1 + 3 * side)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def test_oversized_images_and_members_and_other_formats_are_skipped_with_the_reason(tmp_path):
+    from pipeline.encode import MAX_IMAGE_PIXELS
+    from pipeline.webdataset import MAX_MEMBER_BYTES
+
+    samples = [{"key": "good", "jpg": render(0), "txt": "a good row"},
+               {"key": "bomb", "jpg": _png_bomb(13_000), "txt": "13,000 x 13,000 pixels in a small file"},
+               {"key": "long", "jpg": render(1), "txt": "x" * (MAX_MEMBER_BYTES["txt"] + 1)},
+               {"key": "gif", "jpg": _gif(), "txt": "a GIF named .jpg"}]
+    tar = write_tar(tmp_path / "img" / "00000.tar", samples)
+    assert tar.stat().st_size < 2 << 20 and 13_000**2 > MAX_IMAGE_PIXELS
+    result = encode_shard(tar, tmp_path / "store", CFG)
+    assert result.rows == 1 and list(_rows(tmp_path / "store")) == ["good"]
+    why = {s["key"]: s["reason"] for s in result.skipped}
+    assert why["bomb"] == f"image too large: 13000x13000 pixels (limit {MAX_IMAGE_PIXELS:,})"
+    assert why["long"].startswith(f"member too large: long.txt is {MAX_MEMBER_BYTES['txt'] + 1:,} bytes")
+    assert why["gif"].startswith("corrupt image:")  # only JPEG, PNG and WebP decoders are tried
+    assert read_manifest(tmp_path / "store")["shards"]["00000.parquet"]["skipped"] == result.skipped
+
+
+@pytest.mark.slow
+def test_a_tar_of_image_bombs_costs_no_more_memory_than_a_clean_one(tmp_path):
+    """Peak memory of an encode process (ru_maxrss, read by the process itself) on 4 images of 13,000^2 pixels
+    (4 x 0.5 GB decoded, two decode threads) against the same process on 4 small images."""
+    bombs = write_tar(tmp_path / "bombs" / "00000.tar",
+                      [{"key": f"b{i}", "jpg": _png_bomb(13_000), "txt": "bomb"} for i in range(4)])
+    clean = write_tar(tmp_path / "clean" / "00000.tar",
+                      [{"key": f"c{i}", "jpg": render(i), "txt": "clean"} for i in range(4)])
+    code = ("import resource, sys; from pathlib import Path; from pipeline.encode import EncodeConfig, encode_shard; "
+            "r = encode_shard(Path(sys.argv[1]), Path(sys.argv[2]), EncodeConfig(encoder='tiny-clip', batch_size=4)); "
+            "print(r.rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peak = {}
+    for name, tar in (("clean", clean), ("bombs", bombs)):
+        out = subprocess.run([sys.executable, "-c", code, str(tar), str(tmp_path / f"store-{name}")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows, kib = out.stdout.split()[-2:]
+        peak[name] = (int(kib) * 1024, int(rows))
+    assert peak["bombs"][0] < peak["clean"][0] + (200 << 20), peak  # one decoded bomb alone would be 507 MB
+    assert (peak["clean"][1], peak["bombs"][1]) == (4, 0)
+
