@@ -60,3 +60,10 @@ def test_architecture_knobs_default_to_the_preset_as_released_and_are_checked():
                        ({"text_hidden": False, "objective": "diffusion"}, "text_hidden")):
         with pytest.raises(ValueError, match=match):
             load_config(None, base | bad)
+
+
+def test_eclipse_refuses_a_batch_with_no_negatives():
+    with pytest.raises(ValueError, match="eclipse needs batch_size >= 2"):
+        load_config(None, {"store": "/s", "out": "/o", "batch_size": 1})
+    assert load_config(None, {"store": "/s", "out": "/o", "batch_size": 1, "objective": "projection"}).batch_size == 1
+

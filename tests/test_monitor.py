@@ -63,6 +63,9 @@ def test_the_warning_names_the_setting_the_ratio_and_the_lambda_that_brings_it_i
     assert "swamps the projection term" in text and "stayed above 10" in text and "out of the image space" in text
     assert "lambda = 20, D = 64, proj_reduction = mean (Eq. 3 averaged over D)" in text
     assert "min 40" in text and "eclipse_lambda ~ 0.05 to 0.5" in text  # 20 * 0.1 / 40, 20 / 40
+    # lambda = 0 (or a term without gradient) measures 0: the warning says no lambda helps, and does not divide by it
+    zero = balance_warning(TrainConfig(store="s", out="o", eclipse_lambda=0.0, steps=100), 64, [0.0, 0.0], 10, "low")
+    assert "No lambda changes that" in zero and "eclipse_lambda ~" not in zero
 
 
 def test_the_loss_window_sums_on_the_device_and_drops_the_graph():

@@ -93,6 +93,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"config: {name} must be positive, got {getattr(self, name)!r}")
+        if self.objective == "eclipse" and int(self.batch_size) < 2:
+            raise ValueError(f"config: eclipse needs batch_size >= 2 per process (the InfoNCE term's negatives are the "
+                             f"other rows of the batch), got {self.batch_size}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"config: heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.num_layers is not None and int(self.num_layers) <= 0:

@@ -158,8 +158,11 @@ def balance_warning(cfg: TrainConfig, dim: int, ratios: list[float], step: int, 
         effect = ("The update follows L_CLS alone, which pulls the predictions out of the image space (the paper's "
                   "too-large lambda).")
         bound = "min"
+    fix = (f"The ratio grows in proportion to lambda: for a ratio of ~0.1 to ~1 train with eclipse_lambda ~ "
+           f"{lam * 0.1 / edge:.3g} to {lam / edge:.3g}" if edge > 0 and lam > 0 else
+           "No lambda changes that: L_CLS has no gradient here (lambda = 0, or no other row in the batch to contrast "
+           "with)")
     return (f"{what} (||grad lambda*L_CLS|| / ||grad L_proj|| at the output layer) over the first {step} of "
             f"{cfg.steps} steps ({bound} {edge:.2g}, last {ratios[-1]:.2g}; measured {len(ratios)}x) at "
-            f"lambda = {lam:g}, D = {dim}, proj_reduction = {cfg.proj_reduction} (Eq. 3 {how} D). {effect} The "
-            f"ratio grows in proportion to lambda: for a ratio of ~0.1 to ~1 train with eclipse_lambda ~ "
-            f"{lam * 0.1 / edge:.3g} to {lam / edge:.3g} (README: 'The objectives and the balance of Eq. 5').")
+            f"lambda = {lam:g}, D = {dim}, proj_reduction = {cfg.proj_reduction} (Eq. 3 {how} D). {effect} {fix} "
+            f"(README: 'The objectives and the balance of Eq. 5').")
