@@ -210,6 +210,24 @@ def test_resume_in_process_reproduces_the_uninterrupted_curve(tmp_path, store):
     assert [b[s] for s in range(1, 41)] == pytest.approx([a[s] for s in range(1, 41)], rel=1e-6, abs=1e-7)
 
 
+def test_a_refused_resume_changes_nothing_in_the_run_folder(tmp_path, store):
+    """Resuming an eclipse run as diffusion, or with the other L_proj reduction, is refused before the run's
+    config is rewritten: the next bare --resume still continues the run as it was."""
+    run = tmp_path / "run"
+    train(tiny(store, run, steps=6, objective="eclipse", ckpt_every=3))
+    saved = (run / "train_config.json").read_bytes()
+    files = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file())
+    for change, match in (({"objective": "diffusion"}, "objective='eclipse'.*objective='diffusion'"),
+                          ({"proj_reduction": "sum"}, "proj_reduction='mean'.*proj_reduction='sum'")):
+        asked = tiny(store, run, steps=9, objective="eclipse", ckpt_every=3, resume=True).to_dict() | change
+        with pytest.raises(RuntimeError, match=match + ".*Nothing was changed"):
+            train(TrainConfig(**asked))
+        assert (run / "train_config.json").read_bytes() == saved
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()) == files
+    train(tiny(store, run, steps=9, objective="eclipse", ckpt_every=3, resume=True))  # its own settings: continues
+    assert max(losses(run)) == 9
+
+
 def test_diffusion_baseline_trains_standardises_and_exports_a_stock_prior(tmp_path, store):
     from diffusers import PriorTransformer as Stock
 

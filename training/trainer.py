@@ -459,6 +459,8 @@ def _open_run_dir(cfg: TrainConfig, run_dir: Path, world: Dist) -> Path | None:
     if not cfg.resume and complete_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir}: run folder already has checkpoints; pass --resume to continue it "
                               f"or choose another --out")
+    if resume_from is not None:
+        _check_resumable(resume_from, cfg, world)  # before the config is recorded: a refusal changes nothing
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / CHECKPOINTS).glob(f"{TEMP_PREFIX}*"):  # left by a killed checkpoint write
@@ -488,16 +490,33 @@ def arch_kwargs(cfg: TrainConfig) -> dict:
     return {"num_layers": cfg.num_layers, "dropout": cfg.dropout, "text_hidden": cfg.text_hidden}
 
 
-def _resume(ckpt: Path, cfg: TrainConfig, world: Dist, model: torch.nn.Module, optimizer, scheduler,
-            gen: torch.Generator) -> _Progress:
-    """Load weights, optimizer, scheduler and this rank's noise state from `ckpt`; return its progress."""
+# What a resumed run may not change: the loss it optimises and the model it trains (runs saved before
+# proj_reduction existed trained with the mean: training.config.cli_config).
+RESUME_FIXED = {"objective": None, "preset": None, "proj_reduction": "mean"}
+
+
+def _check_resumable(ckpt: Path, cfg: TrainConfig, world: Dist) -> None:
+    """Refuse to resume `ckpt` with another process count, objective, preset or L_proj reduction."""
     state = json.loads((ckpt / STATE).read_text())
     if state["world_size"] != world.world_size:
         raise RuntimeError(f"{ckpt} was written by {state['world_size']} processes; resume it with the "
                            f"same number (got {world.world_size}) so the data order and noise continue exactly")
-    if (state["config"]["objective"], state["config"]["preset"]) != (cfg.objective, cfg.preset):
-        raise RuntimeError(f"{ckpt}: checkpoint is {state['config']['objective']}/"
-                           f"{state['config']['preset']}, config asks for {cfg.objective}/{cfg.preset}")
+    saved = state["config"]
+    changed = {k: (saved.get(k, old), getattr(cfg, k)) for k, old in RESUME_FIXED.items()
+               if saved.get(k, old) != getattr(cfg, k)}
+    if changed:
+        was = ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
+        asked = ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
+        raise RuntimeError(f"{ckpt}: the checkpoint trained with {was}; this run asks for {asked}. Resume with the "
+                           "run's own settings (a bare --resume reads them), or train into another --out. Nothing "
+                           "was changed.")
+
+
+def _resume(ckpt: Path, cfg: TrainConfig, world: Dist, model: torch.nn.Module, optimizer, scheduler,
+            gen: torch.Generator) -> _Progress:
+    """Load weights, optimizer, scheduler and this rank's noise state from `ckpt` (`_check_resumable` has
+    checked it); return its progress."""
+    state = json.loads((ckpt / STATE).read_text())
     model.load_state_dict(load_file(ckpt / PRIOR_DIR / WEIGHTS_NAME, device=str(world.device)))
     trainer_state = load_trainer_state(ckpt)
     optimizer.load_state_dict(trainer_state["optimizer"])
