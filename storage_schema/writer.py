@@ -55,13 +55,34 @@ def _pid_alive(pid: int) -> bool:
 
 
 def read_manifest(store_dir: Path) -> dict | None:
+    """The store's manifest, checked for the shape every reader relies on; None when the file is absent."""
     path = Path(store_dir) / MANIFEST_NAME
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise StoreError(f"{path}: manifest is not valid JSON ({e})") from e
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _check_manifest(path: Path, manifest: object) -> None:
+    """Refuse a manifest of the wrong shape (null, a list, a missing field) with the field named."""
+    fix = ("the file was damaged or written by another tool: restore it, or encode into a new store folder "
+           "(shards listed nowhere are rewritten on resume)")
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path}: the manifest is {type(manifest).__name__ if manifest is not None else 'null'}, "
+                         f"not a JSON object; {fix}")
+    for key, kind in (("encoder", dict), ("shards", dict)):  # schema_version: the readers name its problem
+        if key not in manifest:
+            raise StoreError(f"{path}: the manifest has no {key!r} field; {fix}")
+        if not isinstance(manifest[key], kind):
+            raise StoreError(f"{path}: the manifest's {key!r} is {type(manifest[key]).__name__}, expected "
+                             f"{kind.__name__}; {fix}")
+    for name, entry in manifest["shards"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("rows"), int):
+            raise StoreError(f"{path}: the manifest's entry for shard {name!r} has no integer 'rows'; {fix}")
 
 
 @contextmanager

@@ -62,6 +62,26 @@ def test_not_a_store(tmp_path):
     assert report["problems"] and "not an embedding store" in report["problems"][0]
 
 
+@pytest.mark.parametrize("text, says", [
+    ("null", "the manifest is null, not a JSON object"),
+    ("[]", "the manifest is list, not a JSON object"),
+    ('{"schema_version": 2, "encoder": {}}', "the manifest has no 'shards' field"),
+    ('{"schema_version": 2, "encoder": [], "shards": {}}', "the manifest's 'encoder' is list, expected dict"),
+    ('{"schema_version": 2, "encoder": {}, "shards": {"00000.parquet": {}}}',
+     "the manifest's entry for shard '00000.parquet' has no integer 'rows'"),
+])
+def test_a_malformed_manifest_is_named_with_its_field_and_the_fix(tmp_path, capsys, text, says):
+    """null is not "no manifest", [] does not crash, a missing field is named (and the store is not touched)."""
+    write_store(tmp_path / "s", shards=1, rows=5)
+    (tmp_path / "s" / "_manifest.json").write_text(text)
+    report = inspect_store(tmp_path / "s")
+    (problem,) = report["problems"]
+    assert says in problem and "new store folder" in problem
+    assert main(["store", "inspect", str(tmp_path / "s")]) == 1
+    assert says in capsys.readouterr().out
+    assert (tmp_path / "s" / "_manifest.json").read_text() == text
+
+
 def test_console_script_help_explains_itself():
     out = subprocess.run([sys.executable, "-m", "cli.main", "store", "inspect", "--help"],
                          capture_output=True, text=True, check=True).stdout
