@@ -72,6 +72,10 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
                    "or cc3m-train-*.tar; subfolders too): used instead of fetching them")
     p.add_argument("--max-error-rate", type=float, default=0.5,
                    help="fail when more than this fraction of the urls could not be fetched (default 0.5)")
+    p.add_argument("--url-col", default=None, help="the url list's url column (default: guessed from url, URL, "
+                   "link, ...; the guess is logged)")
+    p.add_argument("--caption-col", default=None, help="the url list's caption column (default: guessed from "
+                   "caption, TEXT, ...)")
     p.add_argument("--allow-local-files", action="store_true",
                    help="also download url rows that are not http(s) (file://, local paths); without it they are "
                    "dropped and counted, since a url list from someone else could name your files")
@@ -90,7 +94,8 @@ def _download_config(args: argparse.Namespace):
 
 
 def _source_options(args: argparse.Namespace) -> dict | None:
-    return {"metadata_dir": args.metadata_dir} if args.metadata_dir else None
+    options = {k: getattr(args, k) for k in ("metadata_dir", "url_col", "caption_col") if getattr(args, k)}
+    return options or None
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -117,7 +122,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         EncodeConfig(encoder=args.encoder, batch_size=args.batch_size, device=args.device, dtype=args.dtype),
         _download_config(args),
         ClusterConfig(address=args.scheduler, n_workers=args.workers, wait_timeout=args.wait_timeout),
-        source_options=_source_options(args),
+        source_options=_source_options(args), retry_failed=args.retry_failed,
     )
     print(format_summary(result.download))
     print(result.encode.table())
@@ -348,6 +353,7 @@ def _add_precompute_command(sub) -> None:
     )
     pre.add_argument("--urls", required=True, help="url list file/folder or dataset preset")
     pre.add_argument("--out", required=True, help="output folder")
+    pre.add_argument("--retry-failed", action="store_true", help="re-feed urls that failed once, before encoding")
     _add_encode_args(pre)
     _add_download_args(pre)
 

@@ -293,8 +293,9 @@ def check_summary(summary: DownloadSummary, config: DownloadConfig) -> None:
             f"{where}: {summary.unresolved_failures} of {summary.unique_urls} urls "
             f"({summary.effective_error_rate:.1%}) failed, above the maximum error rate "
             f"{config.max_error_rate:.0%} (still missing by reason: {_reasons_text(summary.unresolved_reasons)}). "
-            f"Details in {Path(summary.out_dir) / SUMMARY_PATH}. Retry the failed urls (`eclipse-prior download "
-            f"--retry-failed`, flow parameter download.retry_failed), or accept these losses with a higher "
+            f"Details in {Path(summary.out_dir) / SUMMARY_PATH}. Retry the failed urls (`--retry-failed` of "
+            f"`eclipse-prior download` or `precompute`, flow parameter download.retry_failed), or accept these "
+            f"losses with a higher "
             f"--max-error-rate (flow parameter download.max_error_rate).",
             summary,
         )

@@ -38,11 +38,13 @@ def precompute(
     cluster: ClusterConfig | None = None,
     source_options: dict | None = None,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> PrecomputeResult:
-    """urls: a url list file/folder or a dataset preset (see `pipeline.sources`)."""
+    """urls: a url list file/folder or a dataset preset (see `pipeline.sources`); `retry_failed` re-feeds the
+    urls that failed once before the download is judged (`pipeline.download.download_main`)."""
     images, store = output_dirs(out)
     download_cfg = download_cfg or DownloadConfig()
-    dl = download_main(urls, images, source_options=source_options, **_fields(download_cfg))
+    dl = download_main(urls, images, source_options=source_options, retry=retry_failed, **_fields(download_cfg))
     log.info("download: %d images in %d shards (error rate %.1f%%)", dl.successes, len(dl.shards),
              100 * dl.error_rate)
     enc = encode(images, store, encode_cfg, cluster=cluster, progress=progress)

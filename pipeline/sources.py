@@ -370,7 +370,7 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
             return lower[c.lower()]
     raise SourceError(
         f"{path}: cannot find the {what} column (tried {', '.join(candidates)}; columns: {columns}); "
-        f"name it with {what}_col=..."
+        f"name it with --{what}-col (source option {what}_col=...)"
     )
 
 
@@ -451,6 +451,9 @@ def _normalise(df: pd.DataFrame, src: Source, path: Path, report: UrlListReport)
         if missing:
             log.warning("%s: extra column(s) %s not found; skipped", path, missing)
         extras = [c for c in src.extra_cols if c in cols and c not in (url_col, cap_col)]
+    if (url_col, cap_col) != (report.url_col, report.caption_col):  # once per list, or when a file differs
+        log.info("%s: url column %r, caption column %r%s", path, url_col, cap_col,
+                 "" if src.url_col and src.caption_col else " (guessed; --url-col/--caption-col set them)")
     report.url_col, report.caption_col = url_col, cap_col
     out = pd.DataFrame({"url": df[url_col], "caption": df[cap_col]})
     for c in extras:

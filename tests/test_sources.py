@@ -80,6 +80,29 @@ def test_rows_whose_url_is_not_http_are_dropped_and_named_unless_allowed(tmp_pat
     assert len(pd.read_parquet(mine)) == 6 and read_url_list_report(mine)["filtered_out"] == {}
 
 
+def test_the_command_line_names_the_url_and_caption_columns_and_the_guess_is_logged(tmp_path, caplog):
+    import logging
+
+    from cli.main import _source_options, build_parser
+
+    src = tmp_path / "pairs.csv"
+    src.write_text("link,words\nhttp://h/1.jpg,a cat\n")
+    with pytest.raises(SourceError, match="--caption-col"):
+        prepare_url_list(resolve_source(src), tmp_path / "guessed")
+    for command in (["download", str(src), "--out", "o"], ["precompute", "--urls", str(src), "--out", "o",
+                                                           "--encoder", "tiny-clip", "--retry-failed"]):
+        args = build_parser().parse_args([*command, "--url-col", "link", "--caption-col", "words"])
+        assert _source_options(args) == {"url_col": "link", "caption_col": "words"}
+    assert args.retry_failed is True  # precompute takes --retry-failed, as the download error suggests
+    with caplog.at_level(logging.INFO, logger="pipeline.sources"):
+        out = prepare_url_list(resolve_source(src, **_source_options(args)), tmp_path / "named")
+    assert pd.read_parquet(out)[["url", "caption"]].values.tolist() == [["http://h/1.jpg", "a cat"]]
+    assert "url column 'link', caption column 'words'" in caplog.text
+    with caplog.at_level(logging.INFO, logger="pipeline.sources"):
+        prepare_url_list(resolve_source(tmp_path / "named" / "pairs.urls.parquet"), tmp_path / "again")
+    assert "url column 'url', caption column 'caption' (guessed" in caplog.text
+
+
 def test_jsonl_with_image_url_and_text(tmp_path):
     rows = [{"image_url": f"http://h/{i}.png", "text": f"caption {i}", "meta": {"i": i}} for i in range(5)]
     rows.append(rows[0])
