@@ -167,9 +167,15 @@ def test_param_groups_decay_matrices_only_and_skip_frozen_parameters():
 
 def test_store_of_another_width_is_refused_before_training(tmp_path):
     write_synthetic_store(tmp_path / "s24", rows=8, dim=24, shards=1)
-    with pytest.raises(StoreError, match=r"does not fit the 'karlo' prior \(D=768\).*D=24"):
+    with pytest.raises(StoreError, match=r"does not fit the 'karlo' prior \(D=768\).*D=24") as refused:
         train(tiny(tmp_path / "s24", tmp_path / "run", preset="karlo"))
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    # ... and the error says what to train instead, which then trains
+    fix = "--preset tiny --set embedding_dim=24 --set text_length="
+    assert fix in str(refused.value)
+    length = int(str(refused.value).split(fix)[1].split()[0])
+    train(tiny(tmp_path / "s24", tmp_path / "fixed", preset="tiny", embedding_dim=24, text_length=length, steps=2,
+               batch_size=4))
     code = cli_main(["train", "--store", str(tmp_path / "s24"), "--preset", "kandinsky22", "--out",
                      str(tmp_path / "run2"), "--steps", "1"])
     assert code == 1 and not (tmp_path / "run2").exists()

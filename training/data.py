@@ -70,9 +70,22 @@ def check_store_dims(encoder: EncoderInfo, embedding_dim: int, what: str = "the 
     if problems:
         raise StoreError(
             f"store made by encoder preset {encoder.preset!r} ({encoder.image_model}) does not fit {what} "
-            f"(D={embedding_dim}): {'; '.join(problems)}. Pick the prior preset of that encoder "
-            f"(kandinsky22: D=1280, karlo: D=768) or a store encoded for this prior."
+            f"(D={embedding_dim}): {'; '.join(problems)}. {fitting_prior(encoder)}"
         )
+
+
+def fitting_prior(encoder: EncoderInfo) -> str:
+    """What to train on a store of this encoder: the prior preset of its D, or a small prior sized to it."""
+    from training.prior import PRESETS
+
+    if encoder.hidden_dim != encoder.image_dim or encoder.text_dim != encoder.image_dim:
+        return "No ECLIPSE prior fits it (the released layout needs text, image and hidden widths equal)."
+    released = [name for name in ("kandinsky22", "karlo") if PRESETS[name]["embedding_dim"] == encoder.image_dim]
+    if released:
+        return f"Train with --preset {released[0]} (D={encoder.image_dim}), or on a store encoded for this prior."
+    return (f"For this store train a small prior sized to it: --preset tiny --set embedding_dim={encoder.image_dim} "
+            f"--set text_length={encoder.context_length} (the released presets are kandinsky22, D=1280, and karlo, "
+            f"D=768).")
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
