@@ -133,7 +133,7 @@ def _header(result: dict) -> list[tuple[str, str]]:
                        f"bootstrap intervals over rows ({se.get('n_boot')} draws, seed {se.get('bootstrap_seed')}; "
                        f"Fréchet distance: {se.get('n_boot_fd')} draws)"),
         ("created", f"{result.get('created')} ({result.get('elapsed_s')} s)"),
-    ]
+    ] + ([("warning", sp["warning"])] if sp.get("warning") else [])
 
 
 def _probe_models(result: dict) -> dict[str, dict]:

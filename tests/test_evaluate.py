@@ -215,6 +215,17 @@ def test_max_rows_subsamples_every_shard(world, tmp_path):
     assert (sp["heldout_rows"], sp["train_rows_used"]) == (sub_held.sum(), sub_train.sum())
     assert 4 <= sp["heldout_rows"] <= 22 and 15 <= sp["train_rows_used"] <= 50
     assert len({ex["key"][:5] for ex in res["examples"]}) > 1  # not just the first shard
+    # so few rows cannot rank priors: the evaluation says so, in metrics.json and on the page
+    assert sp["warning"].startswith(f"only {sp['heldout_rows']} held-out rows")
+    assert "--heldout-fraction" in sp["warning"]
+    assert "only " + str(sp["heldout_rows"]) + " held-out rows" in (tmp_path / "report.html").read_text()
+
+
+def test_enough_held_out_rows_are_not_warned_about():
+    from evaluation.evaluate import MIN_HELDOUT_ROWS, few_rows_warning
+
+    assert few_rows_warning(MIN_HELDOUT_ROWS) is None and few_rows_warning(10_000) is None
+    assert "+-0.50" in few_rows_warning(4) and "+-1.00" in few_rows_warning(0)
 
 
 def test_refusals(world, tmp_path):
