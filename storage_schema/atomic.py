@@ -6,8 +6,8 @@ the real name: readers see the old version or the new one.
 """
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +46,10 @@ def atomic_path(dest: str | os.PathLike, directory: bool = False) -> Iterator[Pa
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{dest.name}.", dir=dest.parent))
+        # os.mkdir, not tempfile.mkdtemp: mkdtemp makes 0700 folders, which the rename would hand on (an exported
+        # prior readable by its owner only); mkdir applies the umask like any folder the user makes
+        tmp = dest.with_name(f"{TEMP_PREFIX}{os.getpid()}-{dest.name}.{secrets.token_hex(4)}")
+        tmp.mkdir()
     else:
         tmp = temp_path(dest)
     try:

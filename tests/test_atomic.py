@@ -37,3 +37,20 @@ def test_directory_swap(tmp_path):
         raise ValueError
     assert (dest / "config.json").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["prior"]
+
+
+def test_a_folder_gets_the_mode_any_folder_gets_under_the_umask(tmp_path):
+    """An exported prior or a checkpoint is readable by whoever may read the user's other folders (umask 022:
+    0755, files 0644), not by its owner only."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "prior", directory=True) as tmp:
+            (tmp / "config.json").write_text("1")
+        atomic_write_text(tmp_path / "file.json", "1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "prior").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "prior" / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "file.json").stat().st_mode & 0o777 == 0o644
