@@ -95,11 +95,21 @@ def manifest_lock(store_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _fixed_list(values: np.ndarray, dim: int, name: str) -> pa.Array:
+def _fixed_list(values: np.ndarray, dim: int, name: str, keys: Sequence[str]) -> pa.Array:
     values = np.ascontiguousarray(values, dtype=np.float16)
     if values.ndim != 2 or values.shape[1] != dim:
         raise ValueError(f"{name}: expected shape (rows, {dim}), got {values.shape}")
+    _refuse_non_finite(values, name, keys)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=embedding_type(dim))
+
+
+def _refuse_non_finite(values: np.ndarray, name: str, keys: Sequence[str]) -> None:
+    """NaN or Inf (in fp16: also any value beyond +-65504) would reach every reader and train a NaN prior."""
+    bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if bad.any():
+        rows = [keys[i] for i in np.flatnonzero(bad)[:5]]
+        raise ValueError(f"{name}: {int(bad.sum())} row(s) hold NaN or Inf after the cast to float16 (e.g. keys "
+                         f"{rows}): the encoder produced non-finite values or values beyond float16's range")
 
 
 def build_table(
@@ -133,6 +143,7 @@ def build_table(
             raise ValueError(
                 f"text_hidden of row {keys[i]!r}: expected (1..{info.context_length}, {info.hidden_dim}), got {h.shape}"
             )
+        _refuse_non_finite(h[None], "text_hidden", [keys[i]])
         hidden_bytes.append(h.tobytes())
         text_len[i] = h.shape[0]
     schema = arrow_schema(info)
@@ -140,8 +151,8 @@ def build_table(
         pa.array(list(keys), pa.string()),
         pa.array(list(captions), pa.string()),
         pa.array(list(urls) if urls is not None else [None] * n, pa.string()),
-        _fixed_list(image_embeds, info.image_dim, "image_embeds"),
-        _fixed_list(text_embeds, info.text_dim, "text_embeds"),
+        _fixed_list(image_embeds, info.image_dim, "image_embeds", keys),
+        _fixed_list(text_embeds, info.text_dim, "text_embeds", keys),
         pa.array(hidden_bytes, pa.large_binary()),
         pa.array(text_len, pa.int16()),
         pa.array(np.asarray(truncated, dtype=bool), pa.bool_()),
