@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -139,6 +140,25 @@ def test_a_run_whose_balance_is_off_either_way_is_warned_about_once(tmp_path, st
     assert [w["step"] for w in warned] == [2] and min(r["grad_ratio_cls_proj"] for r in records(high)[:2]) > 10
     assert "swamps the projection term" in warned[0]["message"] and "averaged over D" in warned[0]["message"]
     assert capsys.readouterr().err.count("warning: the contrastive term swamps") == 1
+
+
+def test_a_non_finite_loss_stops_the_run_and_says_where_to_look(tmp_path, monkeypatch):
+    """A NaN in the store (written before the writer refused them, or a damaged shard) must not train on into an
+    exported prior of NaNs: the run stops at the step that saw it and names what to check."""
+    from storefixtures import random_rows, tiny_info
+
+    import storage_schema.writer as writer
+    from storage_schema import StoreWriter, build_table
+
+    info = tiny_info(dim=32, hidden=32)
+    rows = random_rows(64, info)
+    rows["image_embeds"] = np.array(rows["image_embeds"], dtype=np.float32)
+    rows["image_embeds"][5] = np.nan
+    monkeypatch.setattr(writer, "_refuse_non_finite", lambda *a: None)  # an older writer
+    StoreWriter(tmp_path / "s", info).write_shard("00000", build_table(info, **rows))
+    with pytest.raises(FloatingPointError, match=r"step \d+: loss is nan.*stopping.*store inspect"):
+        train(tiny(tmp_path / "s", tmp_path / "run", steps=8, batch_size=16, objective="eclipse"))
+    assert not (tmp_path / "run" / "prior").exists()
 
 
 def test_projection_logs_its_one_term_and_no_ratio(tmp_path, store):

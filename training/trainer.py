@@ -568,7 +568,11 @@ def _forward(run: _Run, batch, step: int) -> tuple[torch.Tensor, dict[str, torch
     with run.autocast():
         loss, parts = run.objective.loss(run.train_model, batch, run.gen)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}; stopping (last checkpoint kept)")
+        keys = f" (its rows include {list(batch.keys[:8])})" if batch.keys else ""
+        raise FloatingPointError(
+            f"step {step + 1}: loss is {loss.item()}{keys}; stopping (last checkpoint kept, --resume continues from "
+            f"it). A non-finite value in the store (`eclipse-prior store inspect {run.cfg.store}` re-hashes every "
+            f"shard) or a diverging run (lower lr) are the usual causes.")
     return loss, parts
 
 
