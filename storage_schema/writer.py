@@ -105,7 +105,7 @@ def _fixed_list(values: np.ndarray, dim: int, name: str, keys: Sequence[str]) ->
 
 def _refuse_non_finite(values: np.ndarray, name: str, keys: Sequence[str]) -> None:
     """NaN or Inf (in fp16: also any value beyond +-65504) would reach every reader and train a NaN prior."""
-    bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))  # per row; a shard may have no rows
     if bad.any():
         rows = [keys[i] for i in np.flatnonzero(bad)[:5]]
         raise ValueError(f"{name}: {int(bad.sum())} row(s) hold NaN or Inf after the cast to float16 (e.g. keys "

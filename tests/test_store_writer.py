@@ -96,6 +96,9 @@ def test_non_finite_embeddings_are_refused_naming_the_rows():
     with pytest.raises(ValueError, match=rf"text_hidden: 1 row\(s\) hold NaN or Inf.*'{r['keys'][1]}'"):
         build_table(info, **{**r, "text_hidden": hidden})
     assert build_table(info, **r).num_rows == 5  # finite rows pass
+    none = random_rows(0, info)  # a shard whose every row was skipped
+    assert build_table(info, **{**none, "image_embeds": np.zeros((0, info.image_dim)),
+                                "text_embeds": np.zeros((0, info.text_dim))}).num_rows == 0
 
 
 def test_writer_refuses_a_different_encoder(tmp_path):
