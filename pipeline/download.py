@@ -295,8 +295,7 @@ def check_summary(summary: DownloadSummary, config: DownloadConfig) -> None:
             f"{config.max_error_rate:.0%} (still missing by reason: {_reasons_text(summary.unresolved_reasons)}). "
             f"Details in {Path(summary.out_dir) / SUMMARY_PATH}. Retry the failed urls (`--retry-failed` of "
             f"`eclipse-prior download` or `precompute`, flow parameter download.retry_failed), or accept these "
-            f"losses with a higher "
-            f"--max-error-rate (flow parameter download.max_error_rate).",
+            f"losses with a higher --max-error-rate (flow parameter download.max_error_rate).",
             summary,
         )
 

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from training.objectives import DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_TAU, OBJECTIVES, REDUCTIONS
+from training.objectives import (
+    DEFAULT_LAMBDA,
+    DEFAULT_REDUCTION,
+    DEFAULT_TAU,
+    LEGACY_REDUCTION,
+    OBJECTIVES,
+    REDUCTIONS,
+)
 from training.prior import PRESETS
 
 CONFIG_NAME = "train_config.json"  # the resolved config, saved in the run folder
@@ -175,7 +182,6 @@ def cli_config(config_file: str | None, flags: dict, sets: list[str] | None, res
         saved = Path(out) / CONFIG_NAME if out else None
         if saved is not None and saved.exists():
             base = json.loads(saved.read_text())
-            # runs saved before the key existed trained with the mean over D: resume them as they were
-            base.setdefault("proj_reduction", "mean")
+            base.setdefault("proj_reduction", LEGACY_REDUCTION)  # resume a run saved before the key, as it was
         overrides["resume"] = True
     return load_config(config_file, overrides, base)

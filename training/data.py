@@ -80,12 +80,13 @@ def fitting_prior(encoder: EncoderInfo) -> str:
 
     if encoder.hidden_dim != encoder.image_dim or encoder.text_dim != encoder.image_dim:
         return "No ECLIPSE prior fits it (the released layout needs text, image and hidden widths equal)."
-    released = [name for name in ("kandinsky22", "karlo") if PRESETS[name]["embedding_dim"] == encoder.image_dim]
-    if released:
-        return f"Train with --preset {released[0]} (D={encoder.image_dim}), or on a store encoded for this prior."
+    released = {name: PRESETS[name]["embedding_dim"] for name in ("kandinsky22", "karlo")}
+    same = [name for name, d in released.items() if d == encoder.image_dim]
+    if same:
+        return f"Train with --preset {same[0]} (D={encoder.image_dim}), or on a store encoded for this prior."
     return (f"For this store train a small prior sized to it: --preset tiny --set embedding_dim={encoder.image_dim} "
-            f"--set text_length={encoder.context_length} (the released presets are kandinsky22, D=1280, and karlo, "
-            f"D=768).")
+            f"--set text_length={encoder.context_length} (the released presets are "
+            f"{', '.join(f'{n}, D={d}' for n, d in released.items())}).")
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:

@@ -119,8 +119,10 @@ def model_card(state: dict, ckpt: Path, ema: bool, params: int) -> str:
     enc = state.get("encoder", {})
     metrics = state.get("metrics", {})
     objective = cfg.get("objective", "?")
-    # runs saved before the key existed trained with the mean (training.config.cli_config)
-    mse = "MSE (mean over D)" if cfg.get("proj_reduction", "mean") == "mean" else "squared error summed over D"
+    from training.objectives import LEGACY_REDUCTION
+
+    summed = cfg.get("proj_reduction", LEGACY_REDUCTION) == "sum"
+    mse = "squared error summed over D" if summed else "MSE (mean over D)"
     what = {
         "eclipse": f"ECLIPSE (eq. 5): {mse} + {cfg.get('eclipse_lambda')} x InfoNCE text->image, "
                    f"tau {cfg.get('eclipse_tau')}; time-free prior, one forward pass",

@@ -55,6 +55,7 @@ CLS_WEIGHTED = "loss_cls_weighted"  # lambda * L_CLS: with PROJ, the two terms o
 Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 DEFAULT_REDUCTION = "mean"  # lambda as the paper means it (module docstring)
+LEGACY_REDUCTION = "mean"  # what runs saved before the reduction was recorded trained with (they resume with it)
 
 
 @dataclass

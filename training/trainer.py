@@ -69,7 +69,7 @@ from training.monitor import (
     grad_ratio,
     output_layer_params,
 )
-from training.objectives import Objective, make_objective, unwrap
+from training.objectives import LEGACY_REDUCTION, Objective, make_objective, unwrap
 from training.prior import count_parameters, load_prior, preset_config
 
 EVAL_SEED = 1234  # evaluation draws its noise from its own generator: it never shifts training randomness
@@ -490,9 +490,9 @@ def arch_kwargs(cfg: TrainConfig) -> dict:
     return {"num_layers": cfg.num_layers, "dropout": cfg.dropout, "text_hidden": cfg.text_hidden}
 
 
-# What a resumed run may not change: the loss it optimises and the model it trains (runs saved before
-# proj_reduction existed trained with the mean: training.config.cli_config).
-RESUME_FIXED = {"objective": None, "preset": None, "proj_reduction": "mean"}
+# What a resumed run may not change, and what a checkpoint saved without the key trained with: the loss it
+# optimises and the model it trains.
+RESUME_FIXED = {"objective": None, "preset": None, "proj_reduction": LEGACY_REDUCTION}
 
 
 def _check_resumable(ckpt: Path, cfg: TrainConfig, world: Dist) -> None:
