@@ -27,11 +27,12 @@ from pipeline.encode import (
     EncodeConfig,
     EncodeSummary,
     ShardResult,
+    check_store_encoder,
     collect_shards,
     encode_shard_retrying,
     shards_to_encode,
 )
-from pipeline.precompute import output_dirs
+from pipeline.precompute import output_dirs, prepare_store
 from pipeline.sources import PRESETS
 from storage_schema.writer import read_manifest
 
@@ -75,6 +76,7 @@ def encode_shards_flow(images: str, store: str, cfg: EncodeConfig) -> list[dict]
     Failures are handled as in the CLI (`pipeline.encode.collect_shards`); the run fails with
     EncodeFailed when a retry cannot help, RuntimeError otherwise.
     """
+    check_store_encoder(store, cfg.encoder)
     todo, already = shards_to_encode(images, store)
     get_run_logger().info("%d shards to encode (%d already in the store)", len(todo), len(already))
     if not todo:
@@ -118,6 +120,7 @@ def precompute(
         download = download.model_copy(update={"metadata_dir": _resolve(base_dir, download.metadata_dir)})
     images, store = output_dirs(out)
     get_run_logger().info("precompute %s -> %s (images in %s, store in %s)", urls, out, images, store)
+    prepare_store(store, encoder, start_over=download.overwrite)  # before the download, which may take hours
     t0 = time.perf_counter()
     dl = download_task(urls, str(images), download)
     t1 = time.perf_counter()

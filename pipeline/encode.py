@@ -25,9 +25,10 @@ import torch
 from PIL import Image
 
 from pipeline.errors import PermanentError, is_permanent
-from pipeline.webdataset import IMAGE_EXTS, MAX_MEMBER_BYTES
+from pipeline.shards import completed_shards, shard_fingerprint
+from pipeline.webdataset import IMAGE_EXTS, tar_samples
 from storage_schema import CAPTION_SEP, StoreWriter, build_table
-from storage_schema.writer import read_manifest
+from storage_schema.writer import StoreError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ def image_shards(image_dir: str | Path) -> list[Path]:
     img2dataset writes NNNNN_stats.json after a shard's tar is closed, so a tar without it
     may be half-written by a download still running (or killed) and is not encoded yet.
     """
-    from pipeline.shards import completed_shards
-
     return completed_shards(image_dir)
 
 
@@ -88,50 +87,32 @@ def iter_webdataset(tar_path: Path, alt_captions: bool = False) -> Iterator[Samp
     """Samples of one webdataset tar: KEY.jpg + KEY.txt (+ KEY.json), as img2dataset or a hub copy writes them.
 
     ``alt_captions``: also yield KEY#1, KEY#2, ... for the extra captions listed in KEY.json.
+    Samples are grouped by `webdataset.tar_samples`, so their keys are unique (the alt captions'
+    included); one it refuses (a key used twice, not UTF-8 or holding CAPTION_SEP, a member too
+    large) comes with its `problem` and nothing of it read.
     """
     import json
 
-    current: dict[str, bytes] = {}
-    current_key: str | None = None
-    too_big: list[str] = []  # the current sample's members that were not read
-
-    def flush() -> list[Sample]:
-        if current_key is None:
-            return []
-        if too_big:
-            return [Sample(current_key, None, None, None, problem="member too large: " + "; ".join(too_big))]
-        image = next((current[e] for e in IMAGE_EXTS if e in current), None)
-        caption = current["txt"].decode("utf-8", errors="replace") if "txt" in current else None
-        meta: dict = {}
-        if "json" in current:
-            try:
-                meta = json.loads(current["json"])
-            except ValueError:
-                meta = {}
-        meta = meta if isinstance(meta, dict) else {}
-        url = meta.get("url")
-        extra = (meta.get("alt_captions") or []) if alt_captions else []
-        return [Sample(current_key, caption, image, url)] + [
-            Sample(f"{current_key}{CAPTION_SEP}{i}", str(c), image, url) for i, c in enumerate(extra, start=1)
-        ]
-
     with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
+        for s in tar_samples(tar):
+            if s.problem:
+                yield Sample(s.key, None, None, None, problem=s.problem)
                 continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if key != current_key:
-                yield from flush()
-                current, current_key, too_big = {}, key, []
-            ext = ext.lower()
-            limit = MAX_MEMBER_BYTES.get("image" if ext in IMAGE_EXTS else ext)
-            if limit is None:
-                continue  # a member nothing reads (.npy, .cls, ...) is not read either
-            if member.size > limit:
-                too_big.append(f"{member.name} is {member.size:,} bytes (limit {limit:,})")
-                continue
-            current[ext] = tar.extractfile(member).read()
-    yield from flush()
+            data = {ext: tar.extractfile(m).read() for ext, m in s.members.items()}  # type: ignore[union-attr]
+            image = next((data[e] for e in IMAGE_EXTS if e in data), None)
+            caption = data["txt"].decode("utf-8", errors="replace") if "txt" in data else None
+            meta: dict = {}
+            if "json" in data:
+                try:
+                    meta = json.loads(data["json"])
+                except ValueError:
+                    meta = {}
+            meta = meta if isinstance(meta, dict) else {}
+            url = meta.get("url") if isinstance(meta.get("url"), str) else None
+            extra = meta.get("alt_captions") if alt_captions and isinstance(meta.get("alt_captions"), list) else []
+            yield Sample(s.key, caption, image, url)
+            for i, c in enumerate(extra, start=1):  # a caption that is not text is skipped as missing
+                yield Sample(f"{s.key}{CAPTION_SEP}{i}", c if isinstance(c, str) else None, image, url)
 
 
 def _row_problem(sample: Sample) -> str | None:
@@ -278,7 +259,8 @@ def encode_shard(tar_path: str | Path, store_dir: str | Path, cfg: EncodeConfig)
         np.concatenate(txt_parts) if txt_parts else np.zeros((0, info.text_dim), np.float16),
         hidden, truncated, urls,
     )
-    writer.write_shard(name, table, extra={"source": tar_path.name, "images": len(images), "skipped": skipped})
+    writer.write_shard(name, table, extra={"source": tar_path.name, "source_fingerprint": shard_fingerprint(tar_path),
+                                           "images": len(images), "skipped": skipped})
     if skipped:
         log.warning("shard %s: skipped %d samples (first: %s)", name, len(skipped), skipped[0])
     return ShardResult(name, "written", table.num_rows, skipped, images=len(images))
@@ -288,18 +270,54 @@ class EncodeFailed(PermanentError, RuntimeError):
     """A shard failed for a reason a retry cannot fix (e.g. the encoder's weights are missing); the run stopped."""
 
 
-def shards_to_encode(image_dir: str | Path, store_dir: str | Path) -> tuple[list[Path], list[str]]:
-    """(the finished image shards the store does not list yet, the names of those it already lists)."""
+def check_store_encoder(store_dir: str | Path, encoder: str) -> None:
+    """Refuse, before any work, an encoder name that does not load or a store another encoder made.
+
+    The writer refuses such a store's shards too, but only for shards still to do: a rerun that
+    finds every shard listed would otherwise exit 0 with the old encoder's store.
+    """
+    from pipeline.encoders import check_encoder
+
+    label = check_encoder(encoder)
     manifest = read_manifest(Path(store_dir))
-    done = set(manifest["shards"]) if manifest else set()
+    if manifest is None or manifest["encoder"].get("preset") == label:
+        return
+    existing = manifest["encoder"].get("preset")
+    raise StoreError(
+        f"{store_dir}: this store was made by encoder {existing!r}, not {label!r}. Pass --encoder {existing} to "
+        f"resume it, or encode {label!r} into a new store folder (precompute: another --out, or --overwrite to "
+        "start this one over)."
+    )
+
+
+def shards_to_encode(image_dir: str | Path, store_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """(the finished image shards the store does not list yet, the names of those it already lists).
+
+    Refuses a store whose shards were encoded from image shards that have since been replaced (the
+    images downloaded again): resuming would keep the old images' rows as if they were the new ones.
+    """
+    manifest = read_manifest(Path(store_dir))
+    done = manifest["shards"] if manifest else {}
     todo: list[Path] = []
     already: list[str] = []
+    stale: list[str] = []
     for tar in image_shards(image_dir):
         name = tar.name.removesuffix(".tar")
-        if f"{name}.parquet" in done:
-            already.append(name)
-        else:
+        entry = done.get(f"{name}.parquet")
+        if entry is None:
             todo.append(tar)
+            continue
+        already.append(name)
+        recorded = entry.get("source_fingerprint")  # absent in stores written before it was recorded
+        if recorded is not None and recorded != shard_fingerprint(tar):
+            stale.append(name)
+    if stale:
+        raise StoreError(
+            f"{store_dir}: {len(stale)} shard(s) ({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}) were "
+            f"encoded from image shards of {image_dir} that have since been downloaded again; the store still "
+            "holds the old images' rows. Encode into a new store folder, or remove this store to encode it again "
+            "(precompute --overwrite starts both folders over)."
+        )
     return todo, already
 
 
@@ -429,6 +447,7 @@ def encode(
 
     from pipeline.cluster import dask_client
 
+    check_store_encoder(store_dir, cfg.encoder)
     todo, already = shards_to_encode(image_dir, store_dir)
     summary = EncodeSummary(str(store_dir), already_done=already)
     if not todo and not already:

@@ -517,6 +517,13 @@ def _load_open_clip(spec: str, device: torch.device, dtype: torch.dtype,
 # Folders
 
 
+def _not_an_encoder_folder(path: Path) -> EncoderLoadError:
+    return EncoderLoadError(
+        f"{path} is not an encoder folder: expected {ENCODER_JSON}, {IMAGE_ENCODER}/ + {TEXT_ENCODER}/ "
+        f"subfolders, a CLIPModel config.json, or {OPEN_CLIP_CONFIG}"
+    )
+
+
 def _load_folder(path: Path, device: torch.device, dtype: torch.dtype) -> ClipEncoder:
     saved: EncoderInfo | None = None
     backend: str | None = None
@@ -542,10 +549,7 @@ def _load_folder(path: Path, device: torch.device, dtype: torch.dtype) -> ClipEn
         # load from the joint checkpoint.
         layout = HFLayout(*(Part(folder),) * 4)
     else:
-        raise EncoderLoadError(
-            f"{path} is not an encoder folder: expected {ENCODER_JSON}, {IMAGE_ENCODER}/ + {TEXT_ENCODER}/ "
-            f"subfolders, a CLIPModel config.json, or {OPEN_CLIP_CONFIG}"
-        )
+        raise _not_an_encoder_folder(path)
     return _load_hf(layout, preset=folder, device=device, dtype=dtype, saved_info=saved)
 
 
@@ -586,10 +590,69 @@ def load_encoder(
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_folder(path.absolute(), dev, dt)
-    raise EncoderLoadError(
+    raise _unknown(name)
+
+
+def _unknown(name: str) -> EncoderLoadError:
+    return EncoderLoadError(
         f"unknown encoder {name!r}: not a preset and not a folder. Presets: {', '.join(PRESETS)}; "
         f"or `{OPEN_CLIP_PREFIX}<model>[/<pretrained tag>]`, or a local encoder folder."
     )
+
+
+def _folder_label(path: Path) -> str:
+    """The preset a folder's encoder records, read from its files (the checks of `_load_folder`)."""
+    if (path / ENCODER_JSON).is_file():
+        try:
+            return str(json.loads((path / ENCODER_JSON).read_text())["info"]["preset"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EncoderLoadError(f"{path / ENCODER_JSON}: not an encoder description ({e!r})") from e
+    if (path / OPEN_CLIP_CONFIG).is_file():
+        return f"{OPEN_CLIP_PREFIX}local-dir:{path}"
+    if ((path / IMAGE_ENCODER).is_dir() and (path / TEXT_ENCODER).is_dir()) or (path / "config.json").is_file():
+        return str(path)
+    raise _not_an_encoder_folder(path)
+
+
+def _check_open_clip_name(spec: str) -> None:
+    import open_clip
+
+    model, tag = _split_open_clip_name(spec)
+    if model.startswith("local-dir:"):
+        if not Path(model.removeprefix("local-dir:")).is_dir():
+            raise EncoderLoadError(f"open_clip folder {model.removeprefix('local-dir:')!r} does not exist")
+        return
+    if model.startswith("hf-hub:"):
+        return  # the hub answers when the weights are fetched; nothing to check offline
+    if model not in open_clip.list_models():
+        raise EncoderLoadError(f"unknown open_clip model {model!r}; open_clip.list_models() lists them")
+    if tag is not None and tag not in open_clip.list_pretrained_tags_by_model(model):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise EncoderLoadError(f"open_clip model {model!r} has no pretrained tag {tag!r}; its tags: {tags}")
+
+
+def check_encoder(name_or_path: str | os.PathLike) -> str:
+    """Check an encoder name without loading its weights, before any download or encode work starts.
+
+    Returns the `EncoderInfo.preset` its store shards will carry. Unknown names, open_clip models
+    or tags, and folders that hold no encoder fail here; for a hub preset the towers' configs are
+    read (from the cache, or fetched: a few KB), so missing files and no internet fail here too.
+    """
+    name = os.fspath(name_or_path)
+    if name == TINY_PRESET:
+        return name
+    if name in HUB_PRESETS:
+        layout = HUB_PRESETS[name]
+        for part, what in ((layout.image_encoder, "image encoder"), (layout.text_encoder, "text encoder")):
+            tower_kwargs(part, what)
+        return name
+    if name.startswith(OPEN_CLIP_PREFIX):
+        _check_open_clip_name(name.removeprefix(OPEN_CLIP_PREFIX))
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _folder_label(path.absolute())
+    raise _unknown(name)
 
 
 # The only global state of this module: one cache per worker process, so a Dask worker loads

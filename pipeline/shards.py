@@ -40,6 +40,15 @@ def completed_shards(out_dir: str | os.PathLike[str]) -> list[Path]:
     return [t for i in completed_shard_ids(out) if (t := out / f"{shard_name(i)}.tar").exists()]
 
 
+def shard_fingerprint(tar: Path) -> str:
+    """Which download wrote this finished shard: its stats file (img2dataset's carries the run's start
+    time) and the tar's size. Cheap, so every rerun can check every shard without reading a tar."""
+    import hashlib
+
+    stats = tar.with_name(f"{tar.name.removesuffix('.tar')}_stats.json")
+    return f"{hashlib.sha256(stats.read_bytes()).hexdigest()[:16]}-{tar.stat().st_size}"
+
+
 def partial_shard_ids(out: Path, done: set[int]) -> list[int]:
     """Ids of shards with a tar or parquet but no stats file (not in ``done``): killed mid-shard."""
     ids = set()

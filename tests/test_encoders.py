@@ -33,6 +33,7 @@ from pipeline.encoders import (
     PRESETS,
     ClipEncoder,
     build_tiny_tokenizer,
+    check_encoder,
     clear_encoder_cache,
     get_encoder,
     load_encoder,
@@ -267,6 +268,41 @@ def test_unknown_name_lists_presets(tmp_path: Path) -> None:
         assert preset in str(err.value)
     with pytest.raises(EncoderLoadError, match="not an encoder folder"):
         load_encoder(tmp_path)  # an empty folder
+
+
+def test_check_encoder_gives_the_store_label_or_the_problem_without_loading_weights(tiny_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    assert check_encoder("tiny-clip") == "tiny-clip"
+    assert check_encoder(tiny_dir) == "tiny-clip"  # a saved folder keeps the identity it was saved with
+    assert check_encoder("open_clip:ViT-B-32") == "open_clip:ViT-B-32"
+    (tmp_path / "k" / "image_encoder").mkdir(parents=True)
+    (tmp_path / "k" / "text_encoder").mkdir()
+    assert check_encoder(tmp_path / "k") == str((tmp_path / "k").absolute())  # what load_encoder records
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    assert check_encoder(tmp_path / "oc") == load_encoder(tmp_path / "oc", device="cpu").info.preset
+    (tmp_path / "empty").mkdir()
+    for name, problem in (("kandinsky-2.2-typo", "not a preset and not a folder"),
+                          (tmp_path / "empty", "not an encoder folder"),
+                          ("open_clip:ViT-Q-99", "unknown open_clip model 'ViT-Q-99'"),
+                          ("open_clip:ViT-B-32/laion9z", "no pretrained tag 'laion9z'; its tags: "),
+                          (f"open_clip:local-dir:{tmp_path / 'nowhere'}", "does not exist")):
+        with pytest.raises(EncoderLoadError, match=problem):
+            check_encoder(name)
+
+
+def test_check_encoder_fails_for_a_hub_preset_neither_cached_nor_reachable(tmp_path: Path) -> None:
+    script = (
+        "from pipeline.encoders import check_encoder\n"
+        "from pipeline.errors import EncoderLoadError\n"
+        "try:\n"
+        "    check_encoder('karlo')\n"
+        "except EncoderLoadError as e:\n"
+        "    print('ERR', str(e).replace(chr(10), ' '))\n"
+    )
+    out = _run_offline(tmp_path / "hf", script)  # an empty cache
+    assert "ERR could not load the image encoder config from 'openai/clip-vit-large-patch14'" in out
+    assert "`hf download openai/clip-vit-large-patch14`" in out
 
 
 def test_get_encoder_caches_per_process(tiny_dir: Path) -> None:
