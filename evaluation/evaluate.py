@@ -359,7 +359,7 @@ def _json_default(o):
 
 
 def _log(msg: str) -> None:
-    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
 
 
 def format_summary(result: dict, keys: Sequence[str] = ("cos_image", "r1", "frechet", "norm_ratio")) -> str:

@@ -319,7 +319,7 @@ def demo(out: str = "runs/demo", params: DemoParams = DemoParams()) -> dict:
     lap("report")
     atomic_write_text(root / "timings.json", json.dumps(seconds, indent=1))
     text = "\n".join([format_table(table), "", "testbed:", format_testbed(bed), "",
-                      "λ trade-off on held-out compositions (mean [t-interval over seeds]):", format_tradeoff(points),
+                      "λ trade-off on held-out compositions (mean, t-interval over seeds):", format_tradeoff(points),
                       "", "time profile of this run (s; a stage an earlier run finished only checks its work):",
                       format_timings(seconds)])
     print(text)

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.failures import require_store
 from flows.params import TrainParams
-from training.config import TrainConfig
+from training.config import CONFIG_NAME, TrainConfig
 from training.export import STATE, latest_checkpoint
 from training.objectives import ObjectiveName
 from training.prior import PresetName
@@ -35,13 +35,14 @@ def train(
     store: str,
     out: str,
     objective: ObjectiveName = "eclipse",
-    preset: PresetName = "kandinsky22",
+    preset: PresetName | None = None,
     steps: int = 60_000,
     params: TrainParams = TrainParams(),
     init_from: str | None = None,
     shards: list[str] | None = None,
 ) -> str:
-    """Train an `objective` prior of `preset` size on `store` into run folder `out`; returns the exported prior."""
+    """Train an `objective` prior of `preset` size (None: the store's D decides, see `training.trainer.train`) on
+    `store` into run folder `out`; returns the exported prior."""
     done = finished_prior(Path(out), steps)
     if done is not None:
         get_run_logger().info("run %s already finished %d steps; nothing to do", out, steps)
@@ -52,6 +53,7 @@ def train(
     prior = train_task(cfg)
     ckpt = latest_checkpoint(Path(out))
     metrics = json.loads((ckpt / STATE).read_text())["metrics"]
+    preset = json.loads((Path(out) / CONFIG_NAME).read_text())["preset"]  # the one trained, when None was passed
     create_markdown_artifact(
         f"# {objective} prior ({preset})\n\nexported to `{prior}`\n\n| metric | value |\n|---|---|\n"
         + "\n".join(f"| {k} | {v:.5g} |" for k, v in sorted(metrics.items()) if isinstance(v, int | float)),

@@ -43,7 +43,7 @@ def local_cluster_spec(cfg: ClusterConfig) -> tuple[str, dict[str, Any]]:
     if _gpu_count() > 0:
         if importlib.util.find_spec("dask_cuda") is None:
             raise ClusterError(
-                "GPUs found but dask-cuda is not installed: `pip install -e '.[gpu]'` "
+                "GPUs found but dask-cuda is not installed: `pip install dask-cuda` (this project's `gpu` extra) "
                 "(or pass an existing scheduler address)"
             )
         # One worker per GPU, one task at a time each: the model owns the device.

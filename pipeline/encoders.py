@@ -596,7 +596,7 @@ def load_encoder(
 def _unknown(name: str) -> EncoderLoadError:
     return EncoderLoadError(
         f"unknown encoder {name!r}: not a preset and not a folder. Presets: {', '.join(PRESETS)}; "
-        f"or `{OPEN_CLIP_PREFIX}<model>[/<pretrained tag>]`, or a local encoder folder."
+        f"or `{OPEN_CLIP_PREFIX}<model>` or `{OPEN_CLIP_PREFIX}<model>/<pretrained tag>`, or a local encoder folder."
     )
 
 

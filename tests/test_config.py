@@ -22,12 +22,12 @@ def test_defaults_the_paper_leaves_open_are_our_documented_choices():
     cfg = TrainConfig()
     assert (cfg.eclipse_tau, cfg.proj_reduction, cfg.weight_decay, cfg.sched_t0) == (0.07, "mean", 0.01, None)
     assert (cfg.steps, cfg.inference_steps, cfg.guidance_scale) == (60_000, 25, 4.0)
-    assert cfg.preset == "kandinsky22" and cfg.precision == "auto"
+    assert cfg.preset is None and cfg.precision == "auto"  # None: the store's D decides (training.trainer)
 
 
 def test_shipped_config_file_is_the_default_recipe():
     path = REPO / "training" / "configs" / "kandinsky22-eclipse.yaml"
-    assert load_config(path, {"store": "/s", "out": "/o"}) == TrainConfig(store="/s", out="/o")
+    assert load_config(path, {"store": "/s", "out": "/o"}) == TrainConfig(store="/s", out="/o", preset="kandinsky22")
 
 
 def test_config_file_then_flags_then_set(tmp_path):

@@ -92,3 +92,30 @@ def test_encoder_that_cannot_load_fails_every_shard_once_with_the_cause(prefect_
     assert state.is_failed()
     assert "EncodeFailed: 2 of 2 shard(s) failed (not retried: EncoderLoadError: unknown encoder" in state.message
     assert sorted(r.run_count for r in _task_runs(state).values()) == [1, 1]
+
+
+def test_no_message_of_the_library_holds_rich_markup():
+    """`prefect deployment run --watch` prints run logs as rich markup: `[/x]` in a message crashes it
+    (the user never sees why the run failed) and `[x]` vanishes. Every string constant outside docstrings
+    counts, since any may end up in a log line or an exception; the CLI's argparse help and the store's
+    column descriptions (data, compared across writers) never reach Prefect."""
+    import ast
+    from pathlib import Path
+
+    from rich.markup import RE_TAGS
+
+    root = Path(__file__).resolve().parents[1]
+    exempt = {"cli/main.py", "storage_schema/schema.py"}
+    found = []
+    for package in ("storage_schema", "pipeline", "training", "evaluation", "demo", "flows"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.relative_to(root).as_posix() in exempt:
+                continue
+            tree = ast.parse(path.read_text())
+            docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                          if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                          and node.body and isinstance(node.body[0], ast.Expr)}
+            found += [f"{path.relative_to(root)}:{node.lineno}: {m.group(0)}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                      for m in RE_TAGS.finditer(node.value)]
+    assert found == []

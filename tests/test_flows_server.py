@@ -75,6 +75,14 @@ def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp
             assert "SourceUnavailableError" in shown and "ECLIPSE_OFFLINE is set" in shown, shown[-3000:]
             assert "not retrying, a retry cannot fix this" in shown and "Retrying" not in shown, shown[-3000:]
 
+            # An unknown encoder fails before the download, and the message (which once held rich markup,
+            # `[/<pretrained tag>]`, that crashed --watch) reaches the watcher whole.
+            typo = _watch(env, "precompute/local", "--params", json.dumps({**params, "encoder": "no-such-encoder"}))
+            shown = typo.stdout + typo.stderr
+            assert typo.returncode == 1, shown[-3000:]
+            assert "unknown encoder 'no-such-encoder'" in shown and "<model>/<pretrained tag>`" in shown, shown[-3000:]
+            assert "MarkupError" not in shown
+
             # The weekly retrain before any precompute: skipped (not failed), naming what to run first.
             skipped = _watch(env, "retrain/kandinsky22")
             assert skipped.returncode == 0, skipped.stdout[-3000:] + skipped.stderr[-3000:]

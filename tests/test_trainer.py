@@ -199,6 +199,13 @@ def test_store_of_another_width_is_refused_before_training(tmp_path):
     code = cli_main(["train", "--store", str(tmp_path / "s24"), "--preset", "kandinsky22", "--out",
                      str(tmp_path / "run2"), "--steps", "1"])
     assert code == 1 and not (tmp_path / "run2").exists()
+    # Naming no preset: the prior the store's D fits, saved in the run's config (a resume trains the same one).
+    code = cli_main(["train", "--store", str(tmp_path / "s24"), "--out", str(tmp_path / "auto"), "--steps", "2",
+                     "--batch-size", "4", "--objective", "projection", "--log-every", "1"])
+    assert code == 0
+    saved = json.loads((tmp_path / "auto" / "train_config.json").read_text())
+    assert (saved["preset"], saved["embedding_dim"], saved["text_length"]) == ("tiny", 24, length)
+    assert load_prior(tmp_path / "auto" / "prior").config.embedding_dim == 24
 
 
 def test_checkpoints_are_atomic_complete_and_weights_only_loadable(tmp_path, store):

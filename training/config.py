@@ -31,7 +31,7 @@ class TrainConfig:
     store: str = ""  # embedding store directory
     out: str = ""  # run folder: checkpoints/, logs/, prior/
     objective: str = "eclipse"  # eclipse | projection | diffusion
-    preset: str = "kandinsky22"  # kandinsky22 (D=1280) | karlo (D=768) | tiny
+    preset: str | None = None  # kandinsky22 (D=1280) | karlo (D=768) | tiny | demo; None: from the store's D
     embedding_dim: int | None = None  # None: the preset's D; set it for a tiny prior over a tiny encoder's store
     text_length: int | None = None  # None: 77 text positions; fewer suit an encoder with a short context
     init_from: str | None = None  # an exported prior folder to start from (continued training, retrain flow)
@@ -95,7 +95,7 @@ class TrainConfig:
             raise ValueError("config: `out` (the run folder) is required")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"config: objective {self.objective!r} is not one of {list(OBJECTIVES)}")
-        if self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"config: preset {self.preset!r} is not one of {sorted(PRESETS)}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
             if int(getattr(self, name)) <= 0:

@@ -40,6 +40,7 @@ PRESETS: dict[str, dict] = {
     "demo": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, embedding_dim=64),
 }
 assert tuple(PRESETS) == get_args(PresetName)
+RELEASED_PRESETS: tuple[PresetName, ...] = ("kandinsky22", "karlo")
 # Everything else is shared by all presets and equals the released config.
 COMMON = dict(
     num_embeddings=77,
@@ -52,6 +53,15 @@ COMMON = dict(
     embedding_proj_dim=None,
     clip_embed_dim=None,
 )
+
+
+def preset_for_store(image_dim: int, context_length: int) -> tuple[PresetName, dict[str, int]]:
+    """The prior to train on a store of width D = `image_dim` when none is named: the released preset of
+    that D, else `tiny` sized to the store (its overrides: `embedding_dim`, `text_length`)."""
+    for name in RELEASED_PRESETS:
+        if PRESETS[name]["embedding_dim"] == image_dim:
+            return name, {}
+    return "tiny", {"embedding_dim": image_dim, "text_length": context_length}
 
 
 def preset_config(name: str, embedding_dim: int | None = None, text_length: int | None = None, *,

@@ -35,14 +35,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from storage_schema import IMAGE_EMBED, EmbeddingStore, StoreError
+from storage_schema import IMAGE_EMBED, EmbeddingStore, EncoderInfo, StoreError
 from storage_schema.atomic import TEMP_PREFIX, atomic_path, atomic_write_text
 from training.config import CONFIG_NAME, TrainConfig
 from training.data import StoreLoader, check_store_dims, is_heldout
@@ -70,7 +70,7 @@ from training.monitor import (
     output_layer_params,
 )
 from training.objectives import LEGACY_REDUCTION, Objective, make_objective, unwrap
-from training.prior import count_parameters, load_prior, preset_config
+from training.prior import count_parameters, load_prior, preset_config, preset_for_store
 
 EVAL_SEED = 1234  # evaluation draws its noise from its own generator: it never shifts training randomness
 
@@ -267,6 +267,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def _with_preset(cfg: TrainConfig, encoder: EncoderInfo) -> TrainConfig:
+    """A config naming no preset gets the one of the store's D (saved so, so a resume trains the same prior)."""
+    if cfg.preset is not None:
+        return cfg
+    name, sized = preset_for_store(encoder.image_dim, encoder.context_length)
+    sized = {k: v for k, v in sized.items() if getattr(cfg, k) is None}
+    print(f"no --preset given: training the {name!r} prior"
+          + (f" sized to the store ({', '.join(f'{k}={v}' for k, v in sized.items())})" if sized else "")
+          + f" for this store of D={encoder.image_dim}", file=sys.stderr)
+    return replace(cfg, preset=name, **sized)
+
+
 def train(config: TrainConfig | dict) -> Path:
     """Train a prior as configured; return the exported prior folder RUN/prior."""
     cfg = (TrainConfig.from_dict(config) if isinstance(config, dict) else config).validate()
@@ -274,6 +286,7 @@ def train(config: TrainConfig | dict) -> Path:
 
     # Refuse a store that does not fit, before creating anything.
     store = EmbeddingStore(cfg.store)
+    cfg = _with_preset(cfg, store.encoder)
     dim = preset_config(cfg.preset, cfg.embedding_dim)["embedding_dim"]
     check_store_dims(store.encoder, dim, f"the {cfg.preset!r} prior")
     text_length = preset_config(cfg.preset, cfg.embedding_dim, cfg.text_length)["num_embeddings"]
