@@ -197,7 +197,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--prior", required=True, help="exported prior folder, run folder or checkpoint")
-    p.add_argument("--decoder", choices=DECODERS, default="kandinsky22")
+    p.add_argument("--decoder", choices=DECODERS, default=None,
+                   help="default: the one of the prior's encoder (recorded in its run) or of its D")
     p.add_argument("--decoder-path", dest="decoder_path", default=None,
                    help="local decoder folder (default: the decoder's hub id from the Hugging Face cache)")
     p.add_argument("--out", default=None, help="output PNG (default: PROMPT-seedN.png)")

@@ -31,7 +31,7 @@ from storage_schema.atomic import atomic_path
 def generate(
     prompt: str,
     prior_dir: str | os.PathLike,
-    decoder: DecoderKind = "kandinsky22",
+    decoder: DecoderKind | None = None,
     decoder_path: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     seed: int = 0,
@@ -47,16 +47,21 @@ def generate(
 ) -> Image.Image:
     """One image for `prompt`: our prior's image embedding (noise seeded by `seed`) through the decoder.
 
-    decoder_path: a local decoder folder (default: the hub id of `decoder`, from the HF cache);
+    decoder: None picks the prior's (`decoder_for`); decoder_path: a local decoder folder (default: the hub id
+    of `decoder`, from the HF cache, and from the cache only when the hub is offline, `pipeline.hub.offline_reason`);
     encoder: the prior's text encoder (default: the one recorded in its run folder);
     out: also save the image there (PNG, with prompt/prior/seed in its text chunks).
     steps/guidance_scale: decoder sampling (defaults: DECODER_DEFAULTS); height/width: Kandinsky only;
     super_res_steps: Karlo only.
     """
-    if decoder in DECODERS:
-        decoder_steps(decoder, steps, super_res_steps)  # fail fast on options, before any weights load
+    handle = open_prior(prior_dir, device)  # small: read first, so a mismatch fails before the decoder loads
+    decoder = decoder_for(handle, decoder, decoder_path)
+    decoder_steps(decoder, steps, super_res_steps)  # fail fast on options, before any weights load
+    if decoder_path is None and not local_files_only:
+        from pipeline.hub import offline_reason
+
+        local_files_only = offline_reason() is not None  # the cache only: no waiting on a hub that cannot answer
     dec = Decoder.load(decoder, decoder_path, device, local_files_only=local_files_only)  # fail fast on weights
-    handle = open_prior(prior_dir, device)
     dec.check_prior(handle)
     enc = prior_encoder(handle, encoder, device)
     emb = prompt_embeddings(handle, enc, [prompt], seed)
@@ -67,6 +72,41 @@ def generate(
         save_png(image, out, {"prompt": prompt, "prior": str(prior_dir), "decoder": f"{decoder}:{dec.source}",
                               "seed": str(seed), "negative_prompt": negative_prompt or ""})
     return image
+
+
+def decoder_for(handle: PriorHandle, decoder: DecoderKind | None, decoder_path: str | os.PathLike | None
+                ) -> DecoderKind:
+    """The decoder to generate with: `decoder`, else the one whose encoder the prior was trained on (recorded in
+    its run) or whose D it predicts. The hub's decoders take their released D: a prior of another D is refused
+    here, before gigabytes of weights load (a folder's decoder is checked by its own config after loading)."""
+    from training.prior import PRESETS
+
+    released = {kind: PRESETS[kind]["embedding_dim"] for kind in DECODERS}
+    d = handle.embedding_dim
+    trained_on = (handle.encoder_info or {}).get("preset")
+    if decoder is None:
+        fits = [k for k in DECODERS if k == trained_on] or [k for k in DECODERS if released[k] == d]
+        if not fits:
+            if decoder_path is not None:
+                raise ValueError(f"prior {handle.name} (D={d}) names no decoder: pass --decoder "
+                                 f"({' or '.join(DECODERS)}) for the decoder folder {decoder_path}")
+            raise ValueError(_no_decoder_fits(handle, released))
+        decoder = fits[0]
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}")
+    if decoder_path is None and released[decoder] != d:
+        raise ValueError(_no_decoder_fits(handle, released, decoder))
+    return decoder
+
+
+def _no_decoder_fits(handle: PriorHandle, released: dict[str, int], asked: str | None = None) -> str:
+    trained_on = (handle.encoder_info or {}).get("preset")
+    return (f"prior {handle.name} predicts D={handle.embedding_dim} image embeddings"
+            + (f" (trained on a store of encoder {trained_on!r})" if trained_on else "")
+            + (f", but the {asked} decoder takes D={released[asked]}" if asked else
+               f", which no unCLIP decoder takes ({', '.join(f'{k}: D={v}' for k, v in released.items())})")
+            + ". Generate with a prior trained on a store of the decoder's own encoder (precompute --encoder "
+            "kandinsky22 or karlo), or pass a decoder folder of this D with --decoder-path.")
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:

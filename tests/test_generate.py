@@ -10,7 +10,7 @@ from PIL import Image
 from tinymodels import build_tiny_decoder, save_tiny_clip_scorer
 
 from evaluation.decoders import DECODERS, Decoder
-from evaluation.generate import default_image_name, generate, slug
+from evaluation.generate import decoder_for, default_image_name, generate, slug
 from evaluation.image_metrics import ClipImageScorer, ImageMetricUnavailable, fid_between, pickscore_preference
 from evaluation.priors import open_prior, prior_encoder, prompt_embeddings
 from evaluation.weights import WeightsMissingError
@@ -76,6 +76,28 @@ def test_karlo_generates_with_our_embedding(parts):
     assert _gen(parts, "karlo", super_res_steps=2).size == (64, 64)  # the generate() entry point
     with pytest.raises(ValueError, match="negative"):
         _gen(parts, "karlo", negative_prompt="blurry")
+
+
+def test_the_decoder_comes_from_the_prior_and_a_mismatch_fails_before_any_weights_load(parts, tmp_path, monkeypatch):
+    small = open_prior(parts["prior"], "cpu")  # D=32: no released decoder takes it
+    for asked in (None, "kandinsky22"):
+        with pytest.raises(ValueError, match="predicts D=32 image embeddings") as e:
+            generate(PROMPT, parts["prior"], asked, None, encoder=parts["encoder"], device="cpu")
+        assert "precompute --encoder" in str(e.value)
+    with pytest.raises(ValueError, match="but the karlo decoder takes D=768"):
+        decoder_for(small, "karlo", None)
+    with pytest.raises(ValueError, match="pass --decoder"):
+        decoder_for(small, None, parts["kandinsky22"])
+    assert decoder_for(small, "kandinsky22", parts["kandinsky22"]) == "kandinsky22"  # a folder: checked once loaded
+    build_prior("tiny", embedding_dim=768).save_pretrained(tmp_path / "p768")
+    assert decoder_for(open_prior(tmp_path / "p768", "cpu"), None, None) == "karlo"
+    small.encoder_info = {"preset": "karlo"}  # a run's record wins over the D
+    assert decoder_for(small, None, parts["karlo"]) == "karlo"
+    # offline: the hub decoder is looked up in the cache only, and its absence named
+    monkeypatch.setenv("ECLIPSE_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsMissingError, match="kakaobrain/karlo-v1-alpha"):
+        generate(PROMPT, tmp_path / "p768", None, None, encoder=parts["encoder"], device="cpu")
 
 
 def test_decoder_kinds_and_file_names():
