@@ -20,7 +20,7 @@ from scipy import stats
 from evaluation import figures as F
 from evaluation import metrics as M
 from evaluation.metrics import MIN_EFFECT, verdict
-from evaluation.report import environment, load_images, report_context
+from evaluation.report import budget_label, build_verdict, environment, load_images, prior_budget, report_context
 from storage_schema import CAPTION, IMAGE_EMBED, TEXT_EMBED, EmbeddingStore
 from storage_schema.atomic import atomic_write_text
 
@@ -144,8 +144,11 @@ def summarize(results: dict[str, dict], runs: dict[str, list[str]], oracle: dict
               pairs: Sequence[tuple[str, str]] = (("eclipse", "projection"), ("eclipse", "diffusion"))) -> dict:
     """results: split name ("heldin", "heldout") -> evaluate() result; runs: objective -> model names in
     seed order (the same seeds for every objective, so seed s of two objectives pairs up)."""
-    table: dict = {"objectives": {}, "baselines": {}, "paired": []}
+    table: dict = {"objectives": {}, "baselines": {}, "paired": [], "budgets": {}}
     for obj, names in runs.items():
+        # each run's training budget, from the first evaluation that holds it (`report.prior_budget`)
+        table["budgets"][obj] = {n: next((b for res in results.values() if n in res.get("models", {})
+                                          and (b := prior_budget(res, n))), None) for n in names}
         table["objectives"][obj] = {
             split: {m: _over_seeds([model_value(res, n, m) for n in names]) for m in HEADLINE + FAMILIES}
             for split, res in results.items()
@@ -342,6 +345,37 @@ def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout")
     return [c for c in charts if c]
 
 
+SPLIT_SCOPES = {"heldout": " on held-out compositions", "heldin": " on held-in rows"}
+
+
+def experiment_verdict(table: dict, splits: Sequence[str] = ("heldin", "heldout")) -> list[dict]:
+    """The experiment's summary (`evaluation.report.build_verdict`), held-out compositions first: per split and
+    headline figure the objective with the best mean over training seeds and the experiment's paired
+    differences (same training seed, t-interval over seeds); each objective's budget beside its name."""
+    budgets: dict[str, dict | None] = {}
+    mixed = []
+    for obj in table["objectives"]:
+        runs = (table.get("budgets") or {}).get(obj) or {}
+        labels = {budget_label(b) for b in runs.values()}
+        budgets[obj] = next(iter(runs.values())) if len(labels) == 1 else None
+        if len(labels) > 1:
+            mixed.append(f"{obj} ({'; '.join(f'{n}: {budget_label(b)}' for n, b in runs.items())})")
+    figures = []
+    for split in sorted(splits, key=lambda s: s != "heldout"):
+        for m in HEADLINE:
+            values = {obj: by_split[split][m]["mean"] for obj, by_split in table["objectives"].items()
+                      if split in by_split}
+            pairs = [{"a": p["a"], "b": p["b"], "diff": p["mean"], "ci": p["ci_over_seeds"]}
+                     for p in table["paired"] if p["split"] == split and p["metric"] == m]
+            figures.append({"metric": m, "scope": SPLIT_SCOPES.get(split, f" on {split}"), "better": "higher",
+                            "values": values, "pairs": pairs})
+    records = build_verdict(figures, budgets, "95 % t-interval over training seeds", noun="objective")
+    if mixed:
+        records.insert(2, {"kind": "flag", "text": "⚠ The training seeds of one objective had different budgets: "
+                                                   + "; ".join(mixed) + "."})
+    return records
+
+
 def experiment_context(table: dict, teacher: dict, notes: str, splits: Sequence[str] = ("heldin", "heldout"),
                        testbed_figures: dict | None = None, points: Sequence[dict] = ()) -> dict:
     """What the experiment section (demo/templates/experiment.html) shows."""
@@ -354,7 +388,8 @@ def experiment_context(table: dict, teacher: dict, notes: str, splits: Sequence[
             "testbed_text": format_testbed(testbed_figures) if testbed_figures else "",
             "tradeoff_text": format_tradeoff(points) if points else "",
             "sweep_charts": tradeoff_charts(points, table) if points else [],
-            "f": _f, "ci": _ci, "verdict": lambda ci: verdict(ci, MIN_EFFECT), "min_effect": MIN_EFFECT}
+            "experiment_verdict": experiment_verdict(table, splits),
+            "f": _f, "ci": _ci, "reading": lambda ci: verdict(ci, MIN_EFFECT), "min_effect": MIN_EFFECT}
 
 
 def report_section(table: dict, teacher: dict, notes: str, splits: Sequence[str] = ("heldin", "heldout"),

@@ -11,6 +11,7 @@ from storefixtures import tiny_info
 
 from demo.experiment import (
     _t_interval,
+    experiment_verdict,
     format_table,
     format_testbed,
     format_tradeoff,
@@ -183,3 +184,85 @@ def test_the_demo_report_puts_the_experiment_on_the_evaluation_report(tmp_path):
     assert html.index("<h1>Demo: the ECLIPSE experiment") < html.index("<h1>Prior evaluation</h1>")
     assert html.count("data:image/png;base64,") == 1  # the evaluation's image, read back from images/
     assert html.count("<svg") == 2 + 1  # the λ sweep's probe charts, the evaluation's cos_image bars
+
+
+def _budget_results(projection_steps: tuple[int, int, int] = (1000, 1000, 1000)) -> dict:
+    """Held-out figures of three objectives x three seeds, with the runs' configs as metrics.json holds them.
+    eclipse-0.2 − projection: caption R@1 an effect, cosine within 0.01 of 0, probe unclear; diffusion trained
+    twice the steps of the others."""
+    figures = {"eclipse-0.2": ([0.80, 0.81, 0.82], [0.45, 0.46, 0.47], [0.90, 0.80, 0.95]),
+               "projection": ([0.798, 0.808, 0.817], [0.40, 0.41, 0.43], [0.85, 0.88, 0.86]),
+               "diffusion": ([0.70, 0.71, 0.73], [0.20, 0.25, 0.22], [0.70, 0.72, 0.71])}
+    vals = {f"{o}-s{s}": {"cos_image": cos[s], "probe_auc": auc[s]} for o, (cos, _, auc) in figures.items()
+            for s in range(3)}
+    res = _result(vals)
+    res["caption_retrieval"] = {"models": {f"{o}-s{s}": {"value": r1[s]} for o, (_, r1, _) in figures.items()
+                                           for s in range(3)}}
+    steps = {"eclipse-0.2": (1000,) * 3, "projection": projection_steps, "diffusion": (2000,) * 3}
+    res["training"] = {f"{o}-s{s}": {"config": {"steps": steps[o][s], "batch_size": 32}} for o in figures
+                       for s in range(3)}
+    return res
+
+
+def _budget_table(**kw) -> dict:
+    runs = {o: [f"{o}-s{s}" for s in range(3)] for o in ("eclipse-0.2", "projection", "diffusion")}
+    return summarize({"heldout": _budget_results(**kw)}, runs,
+                     pairs=[("eclipse-0.2", "projection"), ("eclipse-0.2", "diffusion")])
+
+
+def test_the_experiment_verdict_reads_the_paired_differences_and_the_budgets():
+    table = _budget_table()
+    assert table["budgets"]["diffusion"]["diffusion-s1"]["steps"] == 2000  # from the runs' configs
+    recs = experiment_verdict(table, splits=("heldout",))
+    assert [r["kind"] for r in recs] == ["rule", "budgets", "flag", "metric", "metric", "metric"]
+    assert "95 % t-interval over training seeds excludes 0 and lies at least 0.01 from it" in recs[0]["text"]
+    assert recs[1]["text"] == ("Training budgets (steps × batch): 1,000 steps × batch 32 per process: eclipse-0.2, "
+                               "projection; 2,000 steps × batch 32 per process: diffusion.")
+    assert recs[2]["text"].startswith("⚠ Objectives trained with different budgets are compared")
+    metric = {r["metric"]: r for r in recs if r["kind"] == "metric"}
+    r1 = metric["caption_r1"]
+    assert r1["text"] == ("caption R@1 (the right composition) on held-out compositions (higher is better): "
+                          "eclipse-0.2 (1,000 steps × batch 32 per process) is the best objective, 0.460.")
+    assert r1["clauses"][0]["text"] == ("eclipse-0.2 − projection = +0.047 [+0.032, +0.061]: eclipse-0.2 is better, "
+                                        "an effect")
+    assert r1["clauses"][1]["text"].endswith(": eclipse-0.2 is better, an effect (⚠ different budgets)")
+    cos = metric["cos_image"]
+    assert not cos["best"] and "has the best value of the objectives, 0.810" in cos["text"]
+    assert cos["clauses"][0]["text"] == ("eclipse-0.2 − projection = +0.002 [+0.001, +0.004]: no clear difference "
+                                         "(the interval excludes 0 but lies within 0.01 of it)")
+    probe = metric["probe_auc"]
+    assert not probe["best"] and probe["clauses"][0]["text"].endswith(": no clear difference")
+    assert not probe["clauses"][0]["effect"] and probe["clauses"][0]["ci"][0] < 0 < probe["clauses"][0]["ci"][1]
+
+    # one objective's seeds trained with different budgets: flagged, and its budget is not one number
+    recs = experiment_verdict(_budget_table(projection_steps=(1000, 1500, 1000)), splits=("heldout",))
+    mixed = [r["text"] for r in recs if r["kind"] == "flag" and "training seeds" in r["text"]]
+    assert mixed == ["⚠ The training seeds of one objective had different budgets: projection (projection-s0: "
+                     "1,000 steps × batch 32 per process; projection-s1: 1,500 steps × batch 32 per process; "
+                     "projection-s2: 1,000 steps × batch 32 per process)."]
+    assert "budget unknown: projection" in recs[1]["text"]
+
+
+def test_the_demo_report_opens_with_the_experiment_verdict(tmp_path):
+    table = _budget_table()
+    ev = tmp_path / "eval-heldout"
+    ev.mkdir()
+    result = _budget_results()
+    result["probe"] |= {"words": ["red"], "train_rows": 10}
+    for m in result["models"].values():  # as evaluate writes them: priors, with intervals
+        m["kind"] = "prior"
+        cos = m["metrics"]["cos_image"]
+        cos["ci"] = [cos["value"] - 0.01, cos["value"] + 0.01]
+    (ev / "metrics.json").write_text(json.dumps(result | {"metric_info": {}}))
+    html = write_demo_report(tmp_path / "report.html", ev, table, {"matched_cos": 0.31}, "notes",
+                             splits=("heldout",)).read_text(encoding="utf-8")
+    body = html.split("<body>", 1)[1]
+    demo_h1, evaluation_h1 = body.index("<h1>Demo: the ECLIPSE experiment"), body.index("<h1>Prior evaluation</h1>")
+    verdicts = [i for i in range(len(body)) if body.startswith('<div class="verdict">', i)]
+    assert len(verdicts) == 2  # the experiment's, then the evaluation's own
+    assert demo_h1 < verdicts[0] < body.index("<p>notes</p>") < evaluation_h1 < verdicts[1]
+    top = body[verdicts[0]:body.index("</div>", verdicts[0])]
+    assert '<li class="flag">⚠ Objectives trained with different budgets are compared' in top
+    assert "eclipse-0.2 − projection = +0.047 [+0.032, +0.061]: eclipse-0.2 is better, an effect." in top
+    # the paired-differences table still reads each difference
+    assert "<td>negligible (&lt; 0.01)</td>" in html and "<td>a &gt; b</td>" in html

@@ -21,14 +21,18 @@ from evaluation.report import (
     CHART_METRICS,
     CURVES,
     SUMMARY_METRICS,
+    budget_label,
     fmt,
     image_data_uri,
     load_images,
+    prior_budget,
     render_report,
     report_context,
+    verdict,
     write_report,
 )
 from storage_schema import StoreWriter, build_table
+from training.export import STATE, model_card
 from training.prior import build_prior
 
 NASTY = '<script>alert("x")</script> & a red square'
@@ -87,7 +91,10 @@ def synthetic_result() -> dict:
         "models": {n: {"kind": kind, "objective": "eclipse" if kind == "prior" else None,
                        "metrics": {k: summary(v + 0.00123, v - 0.0213, v + 0.0187) for k in SUMMARY_METRICS}}
                    for n, (kind, v) in models.items()},
-        "comparisons": [{"a": "TextEmb", "b": "ridge", "metric": "cos_image", **summary(-0.5, -0.6, -0.4)}],
+        "comparisons": [{"a": "TextEmb", "b": "ridge", "metric": "cos_image", **summary(-0.5, -0.6, -0.4)}]
+        + [{"a": "eclipse-λ2-a-rather-long-run-name-s2", "b": n, "metric": m, **summary(d, d - 0.012, d + 0.012)}
+           for n, (_, v) in models.items() if n != "eclipse-λ2-a-rather-long-run-name-s2"
+           for m in ("cos_image", "r1") for d in [0.8 + 0.02 + 0.02 - v]],
         "probe": {"words": ["red", "blue"], "train_rows": 50,
                   "models": {n: summary(0.6, 0.5, 0.7) for n in models},
                   "families": {"color": {"words": ["red", "blue"],
@@ -96,7 +103,8 @@ def synthetic_result() -> dict:
                                          "models": {n: summary(0.543, 0.5, 0.7) for n in models}},
                                "spatial": {"skipped": "no spatial word (6: left, right) occurs"}}},
         "training": {n: {"curves": {"train": {"step": [0, 100, 200, 300], "loss": [2.0 + i, 1.5, 1.2, 1.0 + i / 10]},
-                                    "eval": {"step": [800], "loss": [1.1], "cos_to_image": [0.7 + i / 50]}}}
+                                    "eval": {"step": [800], "loss": [1.1], "cos_to_image": [0.7 + i / 50]}},
+                         "config": {"steps": 1000 * (1 + i // 3), "batch_size": 32}}  # the λ 2 runs: twice the steps
                      for i, n in enumerate(list(models)[:6])},
     }
     cats = ("color", "shape", "texture", "spatial")
@@ -268,6 +276,95 @@ def test_images_come_back_from_the_evaluation_folder(evaluated, tmp_path):
     assert "no image" not in again and "no image" in without
 
 
+def verdict_result(steps_c: int = 2000, cos_a_c: tuple[float, float, float] = (0.004, 0.001, 0.007)) -> dict:
+    """Three priors and a baseline. Cosine: A leads, A − B an effect, A − C (by default) excludes 0 but lies
+    within 0.01 of it, A − text-shift unclear. R@1: C leads with effects over both (stored as A − C and B − C, as
+    `scoring.comparisons` orders them). Probe: no paired intervals. C trained for `steps_c` steps, A and B 1,000."""
+    figures = {"A": (0.85, 0.40, 0.70), "B": (0.80, 0.38, 0.65), "C": (0.846, 0.45, 0.60),
+               "text-shift": (0.84, 0.30, 0.5)}  # cos_image, r1, probe AUC
+    pairs = [("A", "B", "cos_image", (0.05, 0.03, 0.07)), ("A", "C", "cos_image", cos_a_c),
+             ("A", "text-shift", "cos_image", (0.01, -0.002, 0.022)), ("A", "C", "r1", (-0.05, -0.07, -0.03)),
+             ("B", "C", "r1", (-0.07, -0.09, -0.05)), ("C", "text-shift", "r1", (0.15, 0.12, 0.18))]
+    return {
+        "settings": {"ci": 0.95}, "metric_info": {"cos_image": {"better": "higher"}, "r1": {"better": "higher"}},
+        "models": {n: {"kind": "baseline" if n == "text-shift" else "prior",
+                       "metrics": {"cos_image": summary(c, c - 0.01, c + 0.01), "r1": summary(r, r - 0.02, r + 0.02)}}
+                   for n, (c, r, _) in figures.items()},
+        "comparisons": [{"a": a, "b": b, "metric": m, **summary(*d)} for a, b, m, d in pairs],
+        "probe": {"words": ["red"], "train_rows": 50,
+                  "models": {n: summary(p, p - 0.05, p + 0.05) for n, (_, _, p) in figures.items()}},
+        "training": {n: {"config": {"steps": steps_c if n == "C" else 1000, "batch_size": 32}} for n in "ABC"},
+    }
+
+
+def test_the_verdict_claims_effects_only_past_the_threshold_and_flags_differing_budgets():
+    recs = verdict(verdict_result())
+    metric = {r["metric"]: r for r in recs if r["kind"] == "metric"}
+    assert [r["kind"] for r in recs] == ["rule", "budgets", "flag", "metric", "metric", "metric"]
+    assert "excludes 0 and lies at least 0.01 from it" in recs[0]["text"]
+    assert recs[1]["text"] == ("Training budgets (steps × batch): 1,000 steps × batch 32 per process: A, B; "
+                               "2,000 steps × batch 32 per process: C.")
+    assert recs[2]["text"].startswith("⚠ Priors trained with different budgets are compared (1,000 steps × batch 32 "
+                                      "per process; 2,000 steps × batch 32 per process)")
+    # cosine: A leads, but only B is clearly behind it
+    cos = metric["cos_image"]
+    assert (cos["top"], cos["best"]) == ("A", False)
+    assert cos["text"] == ("held-out cosine to the true image embedding (higher is better): A (1,000 steps × batch 32 "
+                           "per process) has the best value of the priors, 0.850, but is not clearly better than "
+                           "every other.")
+    assert [c["text"] for c in cos["clauses"]] == [
+        "A − B = +0.050 [+0.030, +0.070]: A is better, an effect",
+        "A − C = +0.004 [+0.001, +0.007]: no clear difference (the interval excludes 0 but lies within 0.01 of it) "
+        "(⚠ different budgets)",
+        "A − text-shift = +0.010 [-0.002, +0.022]: no clear difference"]
+    # R@1: another prior leads, clearly ahead of both (its differences stored the other way round)
+    r1 = metric["r1"]
+    assert (r1["top"], r1["best"]) == ("C", True)
+    assert r1["text"].endswith(": C (2,000 steps × batch 32 per process) is the best prior, 0.450.")
+    assert [c["text"] for c in r1["clauses"]] == [
+        "C − A = +0.050 [+0.030, +0.070]: C is better, an effect (⚠ different budgets)",
+        "C − B = +0.070 [+0.050, +0.090]: C is better, an effect (⚠ different budgets)",
+        "C − text-shift = +0.150 [+0.120, +0.180]: C is better, an effect"]
+    # the probe has no paired interval: a leader, no effect
+    probe = metric["probe_auc"]
+    assert probe["top"] == "A" and not probe["best"]
+    assert [c["text"] for c in probe["clauses"]] == ["no paired interval for this figure, so no effect is claimed"]
+
+    # the same budgets: no flag; a cosine difference that clears 0.01 makes A the best prior there
+    recs = verdict(verdict_result(steps_c=1000, cos_a_c=(0.02, 0.012, 0.028)))
+    assert "flag" not in [r["kind"] for r in recs] and "⚠" not in str(recs)
+    cos = next(r for r in recs if r.get("metric") == "cos_image")
+    assert cos["best"] and cos["text"].endswith(": A (1,000 steps × batch 32 per process) is the best prior, 0.850.")
+    assert cos["clauses"][1]["text"] == "A − C = +0.020 [+0.012, +0.028]: A is better, an effect"
+
+
+def test_the_summary_opens_the_report():
+    html = render_report(verdict_result())
+    body = html.split("<body>", 1)[1]
+    assert body.index("<h1>Prior evaluation</h1>") < body.index('<div class="verdict">') < body.index("<table")
+    assert '<li class="flag">⚠ Priors trained with different budgets are compared' in html
+    assert ('<li class="effect">C − A = +0.050 [+0.030, +0.070]: C is better, an effect (⚠ different budgets).</li>'
+            in html)
+
+
+def test_a_priors_budget_comes_from_its_checkpoint_its_model_card_or_its_run_config(tmp_path):
+    state = {"step": 600, "world_size": 2, "samples_seen": 600 * 64, "embedding_dim": 16,
+             "config": {"batch_size": 32, "steps": 1000, "objective": "eclipse", "preset": "tiny"}}
+    ckpt = tmp_path / "run" / "checkpoints" / "step_600"
+    (ckpt / "prior").mkdir(parents=True)
+    (ckpt / STATE).write_text(json.dumps(state))
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "README.md").write_text(model_card(state, ckpt, False, 1000))  # what export writes beside the weights
+    res = {"models": {"checkpoint": {"weights": str(ckpt / "prior")}, "exported": {"weights": str(exported)},
+                      "configured": {"weights": str(tmp_path / "bare")}, "bare": {"weights": str(tmp_path / "bare")}},
+           "training": {"configured": {"config": {"steps": 1000, "batch_size": 32}}, "bare": {"config": None}}}
+    assert budget_label(prior_budget(res, "checkpoint")) == "600 steps × batch 64"  # 2 processes × 32
+    assert budget_label(prior_budget(res, "exported")) == "600 steps × batch 64"
+    assert budget_label(prior_budget(res, "configured")) == "1,000 steps × batch 32 per process"
+    assert prior_budget(res, "bare") is None and budget_label(None) == "budget unknown"
+
+
 def test_formatting_helpers():
     assert [fmt(0.123456), fmt(3), fmt(None), fmt(float("nan")), fmt(0.5, 3)] == ["0.1235", "3", "n/a", "n/a", "0.5"]
     uri = image_data_uri(Image.new("RGB", (1000, 500), (255, 0, 0)), max_side=100)
@@ -293,6 +390,14 @@ window.addEventListener("load", () => {
         out.outside.push(svg.querySelector("title").textContent);
     }
   }
+  const v = document.querySelector(".verdict"), vb = v.getBoundingClientRect();
+  out.verdict = {left: vb.left, right: vb.right, top: vb.top, bottom: vb.bottom, height: vb.height,
+                 overflows: v.scrollWidth > v.clientWidth || v.scrollHeight > v.clientHeight,
+                 hidden: getComputedStyle(v).visibility !== "visible" || getComputedStyle(v).display === "none",
+                 clipped: [...v.querySelectorAll("li")].filter(li => { const r = li.getBoundingClientRect();
+                   return r.height === 0 || r.left < vb.left - 1 || r.right > vb.right + 1; }).length,
+                 below: [...document.querySelectorAll("table, svg")]
+                   .every(el => el.getBoundingClientRect().top >= vb.bottom)};
   for (const t of document.querySelectorAll("table")) out.tables.push(t.getBoundingClientRect().right);
   for (const w of document.querySelectorAll(".wide"))
     if (w.scrollWidth > w.clientWidth) out.scrolls.push(w.querySelector("th").textContent);
@@ -335,6 +440,9 @@ def test_the_report_fits_a_1400px_browser_window(tmp_path):
     assert m["outside"] == []  # no title, label, bar or legend past its chart's edge
     assert len(m["tables"]) == html.count("<table") and max(m["tables"]) <= WIDTH
     assert m["scrolls"] == []  # every table fits, none needs scrolling (11 metrics + the probe in the summary)
+    v = m["verdict"]  # the summary in words: above every table and chart, whole, in the first screen
+    assert v["below"] and not v["hidden"] and not v["overflows"] and v["clipped"] == 0, v
+    assert 0 <= v["left"] and v["right"] <= WIDTH and 0 < v["height"] and v["bottom"] <= 2000, v
 
     shot = tmp_path / "r.png"
     browse(exe, page, f"--screenshot={shot}")
