@@ -41,6 +41,7 @@ from evaluation.weights import default_device
 from storage_schema import EmbeddingStore, EncoderInfo
 from storage_schema.atomic import atomic_path, atomic_write_text
 from training.data import check_store_dims
+from training.export import TRAINING_INFO
 
 METRICS_SCHEMA = 1
 EXAMPLE_MODELS = ("TextEmb", "text-shift", "ridge")  # the baselines shown next to the priors in the examples
@@ -218,6 +219,10 @@ def open_priors(paths: Sequence[str | os.PathLike], store: EmbeddingStore, dev: 
                 f"prior {h.name} was trained on embeddings of encoder {h.encoder_info.get('preset')!r} "
                 f"({h.encoder_info.get('image_model')}); {store.dir} holds {store.encoder.preset!r} "
                 f"({store.encoder.image_model}): its predictions would be meaningless there")
+        if not h.encoder_info:  # the released layout alone (config.json + weights) does not record it
+            _log(f"warning: prior {h.name} records no encoder (an exported prior without its run folder or "
+                 f"{TRAINING_INFO}): only its D={h.embedding_dim} was checked against {store.encoder.preset!r}. "
+                 f"Its figures mean something only if it was trained on that encoder's embeddings.")
     if len({h.text_length for h in handles}) > 1:  # one padded read of the store feeds every prior
         raise ValueError(f"the priors take different text lengths {[(h.name, h.text_length) for h in handles]}")
     return handles
@@ -326,6 +331,7 @@ def _model_entries(handles: Sequence[PriorHandle], base: Baselines, summaries: d
         models[h.name] = {
             "kind": "prior", "path": str(h.source), "weights": str(h.prior_dir), "objective": h.objective_name,
             "seeds": seeds, "parameters": int(sum(p.numel() for p in h.model.parameters())),
+            "encoder_checked": bool(h.encoder_info),  # False: a bare prior, its D checked only
             "metrics": summaries[h.name],
         }
     for name, what in BASELINES.items():

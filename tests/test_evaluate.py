@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 import tarfile
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from tinymodels import build_tiny_decoder, save_tiny_clip_scorer
 
-from evaluation.evaluate import EvalConfig, evaluate
+from evaluation.evaluate import EvalConfig, evaluate, open_priors
 from evaluation.image_metrics import ClipImageScorer, pickscore_preference
 from evaluation.priors import open_prior, prior_encoder, read_training_log
 from evaluation.split import SAMPLE_SALT_HELDOUT, SAMPLE_SALT_TRAIN, resolve_split
@@ -328,12 +329,12 @@ def test_heldout_shards_a_prior_trained_on_are_refused(world, tmp_path):
                             device="cpu"))
 
 
-def test_a_prior_is_refused_on_a_store_of_another_encoder(tmp_path):
+def test_a_prior_is_refused_on_a_store_of_another_encoder(tmp_path, capsys):
     """Same D, different encoder: the dims check cannot see it, the exported training info can."""
     from storefixtures import tiny_info, write_store, write_synthetic_store
 
     from training.config import TrainConfig
-    from training.export import TRAINING_INFO
+    from training.export import TRAINING_INFO, WEIGHTS_NAME
     from training.trainer import train
 
     write_synthetic_store(tmp_path / "a", rows=64, dim=DIM, shards=2)
@@ -344,3 +345,12 @@ def test_a_prior_is_refused_on_a_store_of_another_encoder(tmp_path):
     write_store(tmp_path / "b", shards=2, rows=30, info=tiny_info(dim=DIM, hidden=DIM, preset="another-clip"))
     with pytest.raises(ValueError, match="trained on embeddings of encoder 'synthetic'.*'another-clip'"):
         evaluate(EvalConfig([prior], tmp_path / "b", tmp_path / "out", heldout_fraction=0.25, device="cpu"))
+    # The released layout alone records no encoder: only D can be checked, and the user is told so.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", WEIGHTS_NAME):
+        shutil.copy(prior / name, bare / name)
+    handles = open_priors([bare], EmbeddingStore(tmp_path / "b"), torch.device("cpu"))
+    assert handles[0].encoder_info is None
+    warned = capsys.readouterr().err
+    assert "prior bare records no encoder" in warned and "only its D=" in warned and "'another-clip'" in warned
