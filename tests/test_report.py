@@ -390,14 +390,17 @@ window.addEventListener("load", () => {
         out.outside.push(svg.querySelector("title").textContent);
     }
   }
-  const v = document.querySelector(".verdict"), vb = v.getBoundingClientRect();
-  out.verdict = {left: vb.left, right: vb.right, top: vb.top, bottom: vb.bottom, height: vb.height,
-                 overflows: v.scrollWidth > v.clientWidth || v.scrollHeight > v.clientHeight,
-                 hidden: getComputedStyle(v).visibility !== "visible" || getComputedStyle(v).display === "none",
-                 clipped: [...v.querySelectorAll("li")].filter(li => { const r = li.getBoundingClientRect();
-                   return r.height === 0 || r.left < vb.left - 1 || r.right > vb.right + 1; }).length,
-                 below: [...document.querySelectorAll("table, svg")]
-                   .every(el => el.getBoundingClientRect().top >= vb.bottom)};
+  const v = document.querySelector(".verdict");  // the summary in words (test_grid's page has none)
+  if (v) {
+    const vb = v.getBoundingClientRect(), style = getComputedStyle(v);
+    out.verdict = {left: vb.left, right: vb.right, top: vb.top, bottom: vb.bottom, height: vb.height,
+                   overflows: v.scrollWidth > v.clientWidth || v.scrollHeight > v.clientHeight,
+                   hidden: style.visibility !== "visible" || style.display === "none",
+                   clipped: [...v.querySelectorAll("li")].filter(li => { const r = li.getBoundingClientRect();
+                     return r.height === 0 || r.left < vb.left - 1 || r.right > vb.right + 1; }).length,
+                   below: [...document.querySelectorAll("table, svg")]
+                     .every(el => el.getBoundingClientRect().top >= vb.bottom)};
+  }
   for (const t of document.querySelectorAll("table")) out.tables.push(t.getBoundingClientRect().right);
   for (const w of document.querySelectorAll(".wide"))
     if (w.scrollWidth > w.clientWidth) out.scrolls.push(w.querySelector("th").textContent);
