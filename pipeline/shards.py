@@ -46,7 +46,8 @@ def shard_fingerprint(tar: Path) -> str:
     import hashlib
 
     stats = tar.with_name(f"{tar.name.removesuffix('.tar')}_stats.json")
-    return f"{hashlib.sha256(stats.read_bytes()).hexdigest()[:16]}-{tar.stat().st_size}"
+    marker = stats.read_bytes() if stats.exists() else b""  # encode_shard also takes a bare tar
+    return f"{hashlib.sha256(marker).hexdigest()[:16]}-{tar.stat().st_size}"
 
 
 def partial_shard_ids(out: Path, done: set[int]) -> list[int]:

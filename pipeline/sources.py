@@ -149,6 +149,9 @@ def _is_url(s: str) -> bool:
 
 WEB_URL = r"(?i)^https?://"  # the url rows a download accepts unless Source.allow_local_files
 REFUSED = "not an http(s) url"  # its UrlListReport.filtered_out reason
+# A caption that is only a missing-value marker (str(None), a CSV's "NaN"): dropped like an empty one.
+MISSING_CAPTIONS = ("nan", "none", "null", "<na>", "n/a")
+MARKER = "caption is a missing-value marker (nan, None, null)"
 
 
 def _webdataset_preset(name: str, repo: str, title: str, pairs: str) -> Source:
@@ -458,10 +461,28 @@ def _normalise(df: pd.DataFrame, src: Source, path: Path, report: UrlListReport)
     out = pd.DataFrame({"url": df[url_col], "caption": df[cap_col]})
     for c in extras:
         name = f"src_{c}" if c in RESERVED_COLUMNS or c in ("alt_captions",) else c
-        out[name] = df[c].to_numpy()
+        out[name] = _one_type(df[c], path, c).to_numpy()
     if not report.extra_cols:
         report.extra_cols = [c for c in out.columns if c not in ("url", "caption")]
     return out
+
+
+def _one_type(col: pd.Series, path: Path, name: str) -> pd.Series:
+    """An extra column whose values mix types (numbers and text: Parquet cannot store it) becomes text."""
+    if col.dtype != object:
+        return col
+    try:
+        pa.array(col, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        log.warning("%s: extra column %r mixes value types (%s); kept as text (a source's extra_cols=[...] "
+                    "can leave it out)", path, name, ", ".join(sorted({type(v).__name__ for v in col.dropna()})))
+        return col.astype("string")
+    return col
+
+
+def _is_missing_marker(cap: pd.Series) -> pd.Series:
+    """Captions that are a writer's missing-value marker ("nan", "None", "null"), not text anyone wrote."""
+    return cap.str.lower().isin(MISSING_CAPTIONS).fillna(False).astype(bool)
 
 
 def _iter_frames(src: Source, files: list[Path], report: UrlListReport) -> Iterator[pd.DataFrame]:
@@ -489,7 +510,10 @@ def _iter_frames(src: Source, files: list[Path], report: UrlListReport) -> Itera
                             "files: pass --allow-local-files only for a list you wrote", path, int(refused.sum()),
                             list(url[refused].head(3)))
             ok_url = ok_url & web
-        ok_cap = cap.notna() & (cap.str.len() >= max(src.filters.min_caption_chars, 1))
+        marker = ok_url & _is_missing_marker(cap)
+        if int(marker.sum()):
+            report.filtered_out[MARKER] = report.filtered_out.get(MARKER, 0) + int(marker.sum())
+        ok_cap = cap.notna() & (cap.str.len() >= max(src.filters.min_caption_chars, 1)) & ~marker
         report.empty_captions_dropped += int((ok_url & ~ok_cap).sum())
         keep = ok_url & ok_cap
         df = df[keep.fillna(False).astype(bool)].copy()
@@ -561,7 +585,7 @@ def prepare_url_list(source: Source, out_dir: str | os.PathLike[str], *, filenam
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / (filename or f"{source.name}.urls.parquet")
-    table = pa.Table.from_pandas(kept, preserve_index=False)
+    table = _to_arrow(kept, source.name)
     meta = dict(table.schema.metadata or {})
     meta[URL_LIST_METADATA_KEY] = json.dumps(dataclasses.asdict(report)).encode()
     table = table.replace_schema_metadata(meta)
@@ -574,6 +598,19 @@ def prepare_url_list(source: Source, out_dir: str | os.PathLike[str], *, filenam
         report.duplicates_dropped, report.filtered_out or 0, report.sampled_out,
     )
     return dest
+
+
+def _to_arrow(kept: pd.DataFrame, name: str) -> pa.Table:
+    try:
+        return pa.Table.from_pandas(kept, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # A column of one type in each file but of different types across files (numbers here, text there).
+        mixed = [c for c in kept.columns if kept[c].dtype == object and c != "alt_captions"
+                 and len({type(v) for v in kept[c].dropna()}) > 1]
+        if not mixed:
+            raise
+        log.warning("%s: extra column(s) %s hold numbers in some files and text in others; kept as text", name, mixed)
+        return pa.Table.from_pandas(kept.astype({c: "string" for c in mixed}), preserve_index=False)
 
 
 def read_url_list_report(path: str | os.PathLike[str]) -> dict[str, object] | None:

@@ -59,6 +59,35 @@ def test_csv_upper_case_columns_dedup_and_empty_captions(tmp_path):
     assert (rep["url_col"], rep["caption_col"], rep["rows_written"]) == ("URL", "TEXT", 2)
 
 
+def test_missing_value_markers_are_not_captions(tmp_path):
+    src = tmp_path / "pairs.csv"
+    src.write_text("url,caption\nhttp://h/1.jpg,NaN\nhttp://h/2.jpg,None\nhttp://h/3.jpg,null\n"
+                   "http://h/4.jpg,nan bread on a table\nhttp://h/5.jpg,a cat\n")
+    out = prepare_url_list(resolve_source(src), tmp_path / "out")
+    assert pd.read_parquet(out)["caption"].tolist() == ["nan bread on a table", "a cat"]
+    assert read_url_list_report(out)["filtered_out"] == {"caption is a missing-value marker (nan, None, null)": 3}
+
+
+def test_an_extra_column_of_mixed_types_is_kept_as_text_and_named(tmp_path, caplog):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.jsonl").write_text('{"url": "http://h/1.jpg", "caption": "a", "size": 1}\n'
+                                 '{"url": "http://h/2.jpg", "caption": "b", "size": "big"}\n')
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        out = prepare_url_list(resolve_source(one / "a.jsonl"), tmp_path / "out1")
+    assert pd.read_parquet(out)["size"].tolist() == ["1", "big"]
+    assert f"{one / 'a.jsonl'}: extra column 'size' mixes value types (int, str)" in caplog.text
+    # one type in each file, another type in each: numbers here, text there
+    two = tmp_path / "two"
+    two.mkdir()
+    pd.DataFrame({"url": ["http://h/1.jpg"], "caption": ["a"], "size": [1]}).to_parquet(two / "a.parquet")
+    pd.DataFrame({"url": ["http://h/2.jpg"], "caption": ["b"], "size": ["big"]}).to_parquet(two / "b.parquet")
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        out = prepare_url_list(resolve_source(two), tmp_path / "out2")
+    assert sorted(pd.read_parquet(out)["size"].tolist()) == ["1", "big"]
+    assert "extra column(s) ['size'] hold numbers in some files and text in others; kept as text" in caplog.text
+
+
 def test_rows_whose_url_is_not_http_are_dropped_and_named_unless_allowed(tmp_path):
     src = tmp_path / "pairs.csv"
     secret = tmp_path / "secret.png"
