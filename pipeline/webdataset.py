@@ -14,9 +14,12 @@ import io
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tarfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from pipeline.errors import DownloadError, SourceError, SourceUnavailableError
 from pipeline.hub import endpoint, hub_errors, list_files, manual_hint, offline_reason
 from pipeline.shards import completed_shard_ids, load_state, save_state, shard_name
 from pipeline.sources import Source, local_matches, source_spec
+from storage_schema import CAPTION_SEP
 from storage_schema.atomic import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -38,45 +42,119 @@ MAX_MEMBER_BYTES = {"image": 32 << 20, "txt": 64 << 10, "json": 1 << 20}
 HUB_STAGING = "_pipeline/hub"  # hf_hub_download's local_dir for tars in flight (resumable .incomplete files)
 
 
+def _printable(name: str) -> str:
+    """A member name safe to print and to store: bytes that are not UTF-8 become \\x.. escapes."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that tarfile's surrogateescape did not make
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@dataclass
+class TarSample:
+    """One sample of a webdataset tar: its members, not read yet, or why it cannot be used."""
+
+    key: str  # printable (see _printable)
+    members: dict[str, tarfile.TarInfo] = field(default_factory=dict)  # lower-case extension -> member to read
+    problem: str | None = None  # set: the sample is skipped with this reason and none of its members is read
+
+
+def _runs(tar: tarfile.TarFile) -> Iterator[tuple[str, str, list[tuple[str, tarfile.TarInfo]]]]:
+    """(directory, key, [(extension, member)]): consecutive files named DIRECTORY/KEY.EXTENSION.
+
+    A run ends where the directory or the key changes, or where an extension comes again (a second
+    sample under the same name).
+    """
+    ident: tuple[str, str] | None = None
+    run: list[tuple[str, tarfile.TarInfo]] = []
+    for m in tar:
+        if not m.isfile():
+            continue
+        directory, _, base = posixpath.normpath(m.name).rpartition("/")
+        key, _, ext = base.partition(".")
+        ext = ext.lower()
+        if (directory, key) != ident or any(e == ext for e, _ in run):
+            if ident is not None:
+                yield *ident, run
+            ident, run = (directory, key), []
+        run.append((ext, m))
+    if ident is not None:
+        yield *ident, run
+
+
+def tar_samples(tar: tarfile.TarFile) -> Iterator[TarSample]:
+    """The samples of a webdataset tar in order, as the download index and the encode stage both read them.
+
+    A sample is a run of consecutive members KEY.jpg, KEY.txt, KEY.json, ... (img2dataset's layout); its
+    key is the base name up to the first dot, the directory left out. Whoever wrote the tar, every key
+    of a shard is unique and the store's alt-caption keys (KEY#1, ...) cannot collide with one: the first
+    sample of a key is kept and a later one is refused, as is a key that is not UTF-8 or holds
+    CAPTION_SEP, and a sample with a member over MAX_MEMBER_BYTES. Members nothing reads are left out.
+    """
+    kept_in: dict[str, str] = {}  # key -> the directory of the sample kept under it
+    for directory, key, run in _runs(tar):
+        shown = _printable(key)
+        where = f"{_printable(directory)}/" if directory else "the top level"
+        problem = None
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = f"member name is not UTF-8: {_printable(run[0][1].name)}"
+        if problem is None and CAPTION_SEP in key:
+            problem = (f"key {shown} contains {CAPTION_SEP!r}, which the store keeps for the rows of alt captions "
+                       f"(KEY{CAPTION_SEP}1, KEY{CAPTION_SEP}2, ...); rename the sample")
+        elif problem is None and key in kept_in:
+            first = f"{kept_in[key]}/" if kept_in[key] else "the top level"
+            problem = (f"duplicate key: {shown} (kept the first)" if kept_in[key] == directory else
+                       f"ambiguous key: {shown} names samples in {first} and in {where} (members in "
+                       "subdirectories; kept the first)")
+        if problem is not None:
+            yield TarSample(shown, problem=problem)
+            continue
+        kept_in[key] = directory
+        members: dict[str, tarfile.TarInfo] = {}
+        too_big: list[str] = []
+        for ext, m in run:
+            limit = MAX_MEMBER_BYTES.get("image" if ext in IMAGE_EXTS else ext)
+            if limit is None:
+                continue  # a member nothing reads (.npy, .cls, ...)
+            if m.size > limit:  # e.g. a sparse member: a few KB in the tar, gigabytes once read
+                too_big.append(f"{_printable(m.name)} is {m.size:,} bytes (limit {limit:,})")
+            else:
+                members[ext] = m
+        yield TarSample(shown, members, "member too large: " + "; ".join(too_big) if too_big else None)
+
+
 def index_tar(tar_path: Path, origin: str) -> tuple[pa.Table, dict[str, Any]]:
     """One row per sample of a webdataset tar (key, url, caption, status, error_message) and its stats.
 
-    Reads only the small members (captions, json); image members are skipped by seeking.
-    A sample without an image or a caption counts as failed, the way img2dataset counts a
-    url it could not fetch, so the download summary shows it.
+    Samples are read by `tar_samples`, as the encode stage reads them; only the small members
+    (captions, json) are read. A sample without an image or a caption, or one `tar_samples`
+    refuses, counts as failed, the way img2dataset counts a url it could not fetch, so the
+    download summary shows it.
     """
     t0 = time.monotonic()
-    samples: dict[str, dict[str, Any]] = {}
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.rpartition("/")[2].partition(".")
-            s = samples.setdefault(key, {"image": False, "caption": None, "url": None})
-            ext = ext.lower()
-            if ext in IMAGE_EXTS:
-                s["image"] = True
-            elif ext in ("txt", "json"):
-                if m.size > MAX_MEMBER_BYTES[ext]:  # a hostile tar's 1 GiB caption is not read (encode skips it)
-                    continue
-                data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                if ext == "txt":
-                    s["caption"] = data.decode("utf-8", errors="replace")
-                else:
-                    with contextlib.suppress(ValueError, AttributeError):
-                        s["url"] = json.loads(data).get("url")
     rows: dict[str, list[Any]] = {"key": [], "url": [], "caption": [], "status": [], "error_message": []}
     failed = 0
-    for key, s in samples.items():
-        problem = ("no image member" if not s["image"] else
-                   "no caption" if not (s["caption"] or "").strip() else None)
-        failed += problem is not None
-        rows["key"].append(key)
-        rows["url"].append(s["url"] or f"{origin}#{key}")  # hub copies drop the source url; name the sample
-        rows["caption"].append(s["caption"])
-        rows["status"].append("success" if problem is None else "failed_to_download")
-        rows["error_message"].append(problem)
-    stats = {"count": len(samples), "successes": len(samples) - failed, "failed_to_download": failed,
+    with tarfile.open(tar_path) as tar:
+        for s in tar_samples(tar):
+            caption = url = None
+            if "txt" in s.members:
+                caption = tar.extractfile(s.members["txt"]).read().decode("utf-8", errors="replace")  # type: ignore[union-attr]
+            if "json" in s.members:
+                with contextlib.suppress(ValueError, AttributeError):
+                    url = json.loads(tar.extractfile(s.members["json"]).read()).get("url")  # type: ignore[union-attr]
+                url = url if isinstance(url, str) else None
+            problem = (s.problem or ("no image member" if not any(e in s.members for e in IMAGE_EXTS) else
+                                     "no caption" if not (caption or "").strip() else None))
+            failed += problem is not None
+            rows["key"].append(s.key)
+            rows["url"].append(url or f"{origin}#{s.key}")  # hub copies drop the source url; name the sample
+            rows["caption"].append(caption)
+            rows["status"].append("success" if problem is None else "failed_to_download")
+            rows["error_message"].append(problem)
+    count = len(rows["key"])
+    stats = {"count": count, "successes": count - failed, "failed_to_download": failed,
              "failed_to_resize": 0, "duration": round(time.monotonic() - t0, 3), "source": origin}
     return pa.table(rows, schema=pa.schema([(c, pa.string()) for c in rows])), stats
 

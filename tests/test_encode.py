@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from storefixtures import tiny_info
-from wdsfixtures import good_shard, render, write_tar
+from wdsfixtures import good_shard, render, run_measured, write_members, write_tar
 
 from pipeline.encode import (
     EncodeConfig,
@@ -378,3 +378,82 @@ def test_a_tar_of_image_bombs_costs_no_more_memory_than_a_clean_one(tmp_path):
     assert peak["bombs"][0] < peak["clean"][0] + (200 << 20), peak  # one decoded bomb alone would be 507 MB
     assert (peak["clean"][1], peak["bombs"][1]) == (4, 0)
 
+
+
+# -- keys a hostile (or careless) tar may hold -------------------------------------------------------------
+
+
+def _skips(result: ShardResult) -> list[tuple[str, str]]:
+    return [(s["key"], s["reason"]) for s in result.skipped]
+
+
+def test_a_key_used_twice_is_skipped_and_the_rest_of_the_shard_written(tmp_path):
+    samples = [{"key": "x", "jpg": render(0), "txt": "the first x"}, {"key": "a", "jpg": render(1), "txt": "a"},
+               {"key": "x", "jpg": render(2), "txt": "x again, later"},  # not adjacent to the first
+               {"key": "x", "jpg": render(3), "txt": "x again, right after"},  # adjacent to the second
+               {"key": "m", "jpg": render(4), "txt": "m", "alt_captions": ["m's second caption"]},
+               {"key": "m#1", "jpg": render(5), "txt": "a sample named like m's alt caption row"}]
+    tar = write_tar(tmp_path / "img" / "00000.tar", samples)
+    result = encode_shard(tar, tmp_path / "store", CFG)
+    rows = _rows(tmp_path / "store")
+    assert list(rows) == ["x", "a", "m", "m#1"] and result.rows == 4
+    assert rows["x"]["caption"] == "the first x" and rows["m#1"]["caption"] == "m's second caption"
+    assert _skips(result)[:2] == [("x", "duplicate key: x (kept the first)")] * 2
+    assert _skips(result)[2][0] == "m#1" and _skips(result)[2][1].startswith("key m#1 contains '#', which the store ")
+    assert len(result.skipped) == 3 and read_manifest(tmp_path / "store")["shards"]["00000.parquet"]["skipped"] == \
+        result.skipped
+
+
+def test_samples_in_two_directories_under_one_base_name_are_not_merged(tmp_path):
+    members = [("dirA/x.jpg", render(0)), ("dirA/x.txt", b"x in dirA"), ("dirB/x.jpg", render(1)),
+               ("dirB/x.txt", b"x in dirB"), ("y.jpg", render(2)), ("y.txt", b"y at the top level")]
+    tar = write_members(tmp_path / "img" / "00000.tar", members, count=3)
+    result = encode_shard(tar, tmp_path / "store", CFG)
+    rows = _rows(tmp_path / "store")
+    assert list(rows) == ["x", "y"] and rows["x"]["caption"] == "x in dirA"
+    assert _skips(result) == [("x", "ambiguous key: x names samples in dirA/ and in dirB/ (members in subdirectories; "
+                                    "kept the first)")]
+    # A tar whose samples all sit in one directory (some webdatasets' layout) keeps the base names as keys.
+    one_dir = write_members(tmp_path / "img2" / "00000.tar", [(f"./shard/{m}", d) for m, d in members[4:]], count=1)
+    assert [(s.key, s.caption, s.problem) for s in iter_webdataset(one_dir)] == [("y", "y at the top level", None)]
+
+
+def test_a_member_name_that_is_not_utf8_is_skipped_with_the_reason(tmp_path):
+    members = [("caf\udce9.jpg", render(0)), ("caf\udce9.txt", b"named in latin-1"),
+               ("ok.jpg", render(1)), ("ok.txt", b"a good row")]
+    tar = write_members(tmp_path / "img" / "00000.tar", members, count=2)
+    assert b"caf\xe9.jpg" in tar.read_bytes()
+    result = encode_shard(tar, tmp_path / "store", CFG)
+    assert list(_rows(tmp_path / "store")) == ["ok"]
+    assert _skips(result) == [("caf\\xe9", "member name is not UTF-8: caf\\xe9.jpg")]
+    assert read_manifest(tmp_path / "store")["shards"]["00000.parquet"]["skipped"] == result.skipped
+
+
+# What a child process that encodes `argv[1]` into the store `argv[2]` prints: its rows and its skipped list.
+_ENCODE_CHILD = ("import json, sys; from pipeline.encode import EncodeConfig, encode_shard; "
+                 "r = encode_shard(sys.argv[1], sys.argv[2], EncodeConfig(encoder='tiny-clip', batch_size=4)); "
+                 "print(json.dumps({'rows': r.rows, 'skipped': r.skipped}))")
+
+
+@pytest.mark.slow
+def test_a_sparse_member_declaring_gigabytes_is_skipped_without_reading_it(tmp_path):
+    """A 10 KB tar whose GNU sparse members declare a 2 GiB image and a 1 GiB caption: read, they would cost
+    their declared size (and more). The encoding child's peak memory is held against the same child's on a
+    clean tar of the same samples (importing torch alone takes most of a gigabyte on some builds)."""
+    import json
+
+    members = [("good.jpg", render(0)), ("good.txt", b"a good row"),
+               ("huge.jpg", 2 << 30), ("huge.txt", b"an image of 2 GiB"),
+               ("long.jpg", render(1)), ("long.txt", 1 << 30)]
+    tar = write_members(tmp_path / "img" / "00000.tar", members, count=3)
+    assert tar.stat().st_size < 64 << 10
+    clean = write_members(tmp_path / "clean" / "00000.tar", [(n, d if isinstance(d, bytes) else b"small")
+                                                             for n, d in members], count=3)
+    _, clean_peak = run_measured(_ENCODE_CHILD, str(clean), str(tmp_path / "store-clean"))
+    stdout, peak = run_measured(_ENCODE_CHILD, str(tar), str(tmp_path / "store"))
+    assert peak < clean_peak + (300 << 20), f"peak RSS {peak / 2**20:.0f} MiB, clean {clean_peak / 2**20:.0f} MiB"
+    result = json.loads(stdout)
+    assert result["rows"] == 1 and list(_rows(tmp_path / "store")) == ["good"]
+    assert result["skipped"] == [
+        {"key": "huge", "reason": "member too large: huge.jpg is 2,147,483,648 bytes (limit 33,554,432)"},
+        {"key": "long", "reason": "member too large: long.txt is 1,073,741,824 bytes (limit 65,536)"}]

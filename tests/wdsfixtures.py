@@ -2,7 +2,11 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +43,34 @@ def write_tar(path: Path, samples: list[dict], finished: bool = True) -> Path:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     if finished:
-        stats = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
-        stats.write_text(json.dumps({"count": len(samples), "successes": len(samples), "failed_to_download": 0}))
+        _finish(path, len(samples))
+    return path
+
+
+def _finish(path: Path, count: int) -> None:
+    stats = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
+    stats.write_text(json.dumps({"count": count, "successes": count, "failed_to_download": 0}))
+
+
+def write_members(path: Path, members: list[tuple[str, bytes | int]], count: int) -> Path:
+    r"""A finished shard of exactly these members, in order: (name, data), or (name, declared size) for a sparse one.
+
+    Names may repeat or hold directories; a name with surrogate escapes ("caf\udce9.jpg") is stored as those
+    raw bytes (b"caf\xe9.jpg", not UTF-8). A sparse member (GNU sparse 0.1, in PAX headers) holds 16 bytes in
+    the tar and declares the given size: what tarfile hands out, zero-filled, when it is read. `count`: samples,
+    for the stats file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, errors="surrogateescape") as tar:
+        for name, content in members:
+            data = b"sparse member 16" if isinstance(content, int) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if isinstance(content, int):
+                info.pax_headers = {"GNU.sparse.size": str(content), "GNU.sparse.numblocks": "1",
+                                    "GNU.sparse.map": f"0,{len(data)}", "GNU.sparse.name": name}
+            tar.addfile(info, io.BytesIO(data))
+    _finish(path, count)
     return path
 
 
@@ -50,3 +80,37 @@ def good_shard(path: Path, shard: int, n: int) -> Path:
          "url": f"http://127.0.0.1/img/{shard}-{i}.jpg"}
         for i in range(n)
     ])
+
+
+# Runs argv[3:] as its child and writes "peak_rss_kib exit_status" to argv[1]; argv[2]: RLIMIT_DATA for the child.
+# A small go-between because a child's ru_maxrss counts the memory of the process it was forked (or vforked) from
+# until its exec: spawned by the test process (torch loaded), every child would start at the test process's peak.
+_MEASURE = """
+import os, resource, sys
+report, limit, *cmd = sys.argv[1:]
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_DATA, (int(limit), int(limit)))
+    os.execv(cmd[0], cmd)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def run_measured(code: str, *args: str, data_limit: int = 3 << 30) -> tuple[str, int]:
+    """(stdout, peak RSS in bytes) of a child `python -c code args` run in the repo, as the kernel counts it for
+    that child alone (wait4 in a small go-between, see _MEASURE).
+
+    `data_limit` (RLIMIT_DATA) turns a regression into the child's MemoryError instead of a machine out of memory.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report"
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", _MEASURE, str(report), str(data_limit),
+                              sys.executable, "-c", code, *args], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0 and report.exists(), out.stderr.decode(errors="replace")[-3000:]  # the go-between
+        kib, status = map(int, report.read_text().split())
+    err = out.stderr.decode(errors="replace")[-3000:]
+    assert status == 0, f"exit status {status}, peak RSS {kib >> 10} MiB: {err}"
+    return out.stdout.decode(), kib * 1024  # Linux reports KiB
