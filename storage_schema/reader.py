@@ -19,6 +19,7 @@ from storage_schema.schema import (
     COLUMNS,
     IMAGE_EMBED,
     KEY,
+    MANIFEST_NAME,
     SCHEMA_VERSION,
     TEXT_EMBED,
     TEXT_HIDDEN,
@@ -33,6 +34,14 @@ from storage_schema.schema import (
 from storage_schema.writer import StoreError, file_sha256, read_manifest
 
 TEXT_MASK = "text_mask"  # derived batch entry: True on real tokens
+_ORIGIN = "_origin"  # internal chunk entry: shard index << 32 | row within the shard, to name a bad row
+
+# Largest |value| the reader accepts in image_embed, text_embed and text_hidden. Raw CLIP embeddings and
+# hidden states after the final LayerNorm stay within a few tens per component (a LayerNorm output is at most
+# |gamma| x sqrt(H) + |beta|), so a value beyond this is damaged bytes, not data: a flipped high byte of an
+# fp16 value gives NaN, Inf or a huge exponent far more often than a plausible number.
+MAX_ABS = 1e4
+_MAX_BITS = int(np.array(MAX_ABS, dtype=np.float16).view(np.uint16))
 
 
 def hidden_states(cell: bytes, hidden_dim: int, text_len: int) -> np.ndarray:
@@ -56,7 +65,14 @@ def hidden_states(cell: bytes, hidden_dim: int, text_len: int) -> np.ndarray:
 
 
 def validate_shard(store_dir: Path, name: str, entry: dict, encoder: EncoderInfo, verify: bool = False) -> int:
-    """Check one shard against its manifest entry and the store's encoder; return its rows."""
+    """Check one shard against its manifest entry and the store's encoder; return its rows.
+
+    `verify=True` also re-hashes the file against the manifest's sha256: it reads the whole shard from disk."""
+    return _validated_metadata(store_dir, name, entry, encoder, verify).num_rows
+
+
+def _validated_metadata(store_dir: Path, name: str, entry: dict, encoder: EncoderInfo,
+                        verify: bool) -> pq.FileMetaData:
     path = store_dir / name
     if not path.exists():
         raise StoreError(f"shard {name}: listed in the manifest but missing from {store_dir}")
@@ -81,7 +97,44 @@ def validate_shard(store_dir: Path, name: str, entry: dict, encoder: EncoderInfo
         raise StoreError(f"shard {name}: column types differ from the store schema (wrong dims?)")
     if verify and file_sha256(path) != entry["sha256"]:
         raise StoreError(f"shard {name}: checksum mismatch (file changed after it was written)")
-    return meta.num_rows
+    return meta
+
+
+def _boundary_keys(meta: pq.FileMetaData) -> list[str]:
+    """The first and last key of each row group, as the footer's statistics for `key` record them."""
+    schema = meta.schema
+    column = next((i for i in range(len(schema)) if schema.column(i).path == KEY), None)
+    keys: list[str] = []
+    for rg in range(meta.num_row_groups if column is not None else 0):
+        stats = meta.row_group(rg).column(column).statistics
+        if stats is not None and stats.has_min_max:
+            keys += [stats.min, stats.max]
+    return keys
+
+
+def _outside_range(values: np.ndarray) -> bool:
+    """True when an fp16 array holds NaN, Inf or a value beyond +-MAX_ABS.
+
+    An fp16 value's magnitude orders like its low 15 bits (Inf and NaN above every finite value), so two
+    integer max-reductions over the same bits decide it without a temporary array: as int16 the largest
+    positive values, as uint16 the largest negative ones. numpy's isfinite on fp16 is far slower.
+    """
+    if values.size == 0:
+        return False
+    return int(values.view(np.int16).max()) > _MAX_BITS or int(values.view(np.uint16).max()) > 0x8000 + _MAX_BITS
+
+
+def _bad_values(values: np.ndarray) -> np.ndarray:
+    """Bool mask of the values `_outside_range` objects to (the slow path, once a batch failed)."""
+    return (values.view(np.uint16) & 0x7FFF) > _MAX_BITS
+
+
+def _repair_hint(store_dir: Path, shard: str) -> str:
+    return (f"Run `eclipse-prior store inspect {store_dir}` (it re-hashes every shard against the manifest's "
+            f"checksums and lists each damaged one), then re-encode {shard}: delete it and its entry in "
+            f"{store_dir / MANIFEST_NAME}, and rerun the `eclipse-prior encode` command that wrote the store (it "
+            f"encodes only the shards the manifest does not list; the image shard {shard.removesuffix('.parquet')}"
+            f".tar must still be in its images folder).")
 
 
 class EmbeddingStore:
@@ -109,8 +162,11 @@ class EmbeddingStore:
         self.schema = arrow_schema(self.encoder)
         self.shards: list[str] = sorted(manifest["shards"])
         self.shard_rows: dict[str, int] = {}
+        self._boundary_keys: dict[str, list[str]] = {}
         for name in self.shards:
-            self.shard_rows[name] = validate_shard(self.dir, name, manifest["shards"][name], self.encoder, verify)
+            meta = _validated_metadata(self.dir, name, manifest["shards"][name], self.encoder, verify)
+            self.shard_rows[name] = meta.num_rows
+            self._boundary_keys[name] = _boundary_keys(meta)
 
     @property
     def num_rows(self) -> int:
@@ -127,6 +183,19 @@ class EmbeddingStore:
 
     def read_shard(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
         return pq.read_table(self.dir / name, columns=list(columns) if columns else None, use_threads=False)
+
+    def boundary_duplicates(self) -> dict[str, list[str]]:
+        """Keys held by more than one shard, among each row group's first and last key -> the shards holding them.
+
+        Reads nothing: the footers opened to validate the store record these keys. So it finds a shard
+        stored twice (or copied under a second name) for free, but not a duplicate inside a row group;
+        `storage_schema.inspect_store` reads every key.
+        """
+        where: dict[str, list[str]] = {}
+        for name in self.shards:
+            for key in dict.fromkeys(self._boundary_keys[name]):
+                where.setdefault(key, []).append(name)
+        return {k: shards for k, shards in where.items() if len(shards) > 1}
 
     def keys(self) -> Iterator[tuple[str, list[str]]]:
         """(shard, keys) for every shard; reads only the key column."""
@@ -158,6 +227,8 @@ class EmbeddingStore:
         batch's real tokens one row after another, [sum(text_len), H] fp16, with `text_len`
         [B] and no mask or padding (one copy of the payload; `pad_to` only bounds text_len).
         `row_filter(keys) -> bool mask` keeps a subset of rows (e.g. a held-out split).
+        Every batch's image_embed, text_embed and text_hidden are checked for NaN, Inf and values beyond
+        +-MAX_ABS (damaged bytes): StoreError names the shard and rows and how to repair it.
         """
         cols = list(columns) if columns else list(COLUMNS)
         unknown = set(cols) - set(COLUMNS)
@@ -214,15 +285,26 @@ class EmbeddingStore:
 
     def _iter_chunks(self, order, read_cols, row_filter) -> Iterator[dict[str, np.ndarray]]:
         arrow_cols = [c for c in read_cols if c != TEXT_HIDDEN]
+        shard_index = {name: i for i, name in enumerate(self.shards)}
         for name in order:
             # Memory-mapped: uncompressed pages decode straight from the page cache (~1.5x faster than read()).
             pf = pq.ParquetFile(self.dir / name, memory_map=True)
             hidden = _HiddenPages(self.dir / name, pf) if TEXT_HIDDEN in read_cols else None
+            first_row, shard_bits = 0, shard_index[name] << 32
             for rg in range(pf.num_row_groups):
-                table = pf.read_row_group(rg, columns=arrow_cols, use_threads=False)
-                chunk = {c: _to_numpy(table.column(c), c, self.encoder) for c in arrow_cols}
-                if hidden is not None:
-                    chunk[TEXT_HIDDEN] = hidden.cells(rg, chunk[TEXT_LEN], self.encoder)
+                rows = pf.metadata.row_group(rg).num_rows
+                try:
+                    table = pf.read_row_group(rg, columns=arrow_cols, use_threads=False)
+                    chunk = {c: _to_numpy(table.column(c), c, self.encoder) for c in arrow_cols}
+                    if hidden is not None:
+                        chunk[TEXT_HIDDEN] = hidden.cells(rg, chunk[TEXT_LEN], self.encoder)
+                except (OSError, pa.ArrowException) as e:  # a damaged page header or length
+                    raise StoreError(
+                        f"store {self.dir} is corrupt: shard {name}, rows {first_row}-{first_row + rows - 1} (row "
+                        f"group {rg}) cannot be decoded ({e}). {_repair_hint(self.dir, name)}"
+                    ) from e
+                chunk[_ORIGIN] = shard_bits + first_row + np.arange(rows, dtype=np.int64)
+                first_row += rows
                 if row_filter is not None:
                     keep = np.asarray(row_filter(chunk[KEY]), dtype=bool)
                     if not keep.all():
@@ -232,6 +314,9 @@ class EmbeddingStore:
                 yield chunk
 
     def _finish(self, part: dict, cols: list[str], pad_to: int | None, packed: bool) -> dict[str, np.ndarray]:
+        for c in (IMAGE_EMBED, TEXT_EMBED):
+            if c in cols and _outside_range(part[c]):
+                self._refuse(part, c, _bad_values(part[c]).any(axis=1), part[c])
         out = {c: part[c] for c in cols if c != TEXT_HIDDEN}
         if TEXT_HIDDEN in cols:
             lengths = part[TEXT_LEN]
@@ -240,11 +325,36 @@ class EmbeddingStore:
                 if pad_to is not None and longest > pad_to:
                     raise StoreError(f"a caption has {longest} tokens, more than pad_to={pad_to}")
                 out[TEXT_HIDDEN] = _pack_hidden(part[TEXT_HIDDEN], self.encoder.hidden_dim)
+                # Checked once gathered: the batch is one aligned array (the pages' cells may sit at odd offsets).
+                if _outside_range(out[TEXT_HIDDEN]):
+                    token_row = np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
+                    rows = np.zeros(len(lengths), dtype=bool)
+                    rows[token_row[_bad_values(out[TEXT_HIDDEN]).any(axis=1)]] = True
+                    self._refuse(part, TEXT_HIDDEN, rows, out[TEXT_HIDDEN])
             else:
-                out[TEXT_HIDDEN], out[TEXT_MASK] = _pad_hidden(part[TEXT_HIDDEN], lengths, self.encoder.hidden_dim,
-                                                               pad_to)
+                out[TEXT_HIDDEN], out[TEXT_MASK], bad = _pad_hidden(part[TEXT_HIDDEN], lengths,
+                                                                    self.encoder.hidden_dim, pad_to)
+                if bad.any():
+                    self._refuse(part, TEXT_HIDDEN, bad, out[TEXT_HIDDEN][bad])
             out.setdefault(TEXT_LEN, lengths)
         return out
+
+    def _refuse(self, part: dict, column: str, bad_rows: np.ndarray, values: np.ndarray) -> None:
+        """Raise StoreError for a batch holding damaged values: the shard, its rows, a value, the repair."""
+        origin = part[_ORIGIN][bad_rows]
+        shard = self.shards[int(origin[0]) >> 32]
+        rows = sorted(int(o) & 0xFFFFFFFF for o in origin if int(o) >> 32 == int(origin[0]) >> 32)
+        shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        keys = f" (keys {list(part[KEY][bad_rows][:3])})" if KEY in part else ""
+        others = len({int(o) >> 32 for o in origin}) - 1
+        value = float(values.reshape(-1)[np.argmax(_bad_values(values).reshape(-1))])
+        raise StoreError(
+            f"store {self.dir} is corrupt: shard {shard}, row(s) {shown}{keys} hold {column} values that are NaN, "
+            f"Inf or beyond +-{MAX_ABS:g} (e.g. {value:g}): the writer refuses NaN and Inf and no CLIP encoder gives "
+            f"values this large, so the file's bytes most likely changed after it was written (a disk or copy error)"
+            + (f"; this batch has such rows from {others} other shard(s) too" if others else "")
+            + f". {_repair_hint(self.dir, shard)}"
+        )
 
 
 class _HiddenPages:
@@ -297,6 +407,7 @@ def _to_numpy(col: pa.ChunkedArray, name: str, info: EncoderInfo) -> np.ndarray:
 
 
 def _pad_hidden(cells: np.ndarray, lengths: np.ndarray, hidden_dim: int, pad_to: int | None):
+    """Cells -> zero-padded [n, width, H], mask [n, width], and which rows hold values `_outside_range`."""
     longest = int(lengths.max()) if len(lengths) else 0
     width = pad_to or longest
     if longest > width:
@@ -305,12 +416,14 @@ def _pad_hidden(cells: np.ndarray, lengths: np.ndarray, hidden_dim: int, pad_to:
     # batch this big are fresh mmap pages every time, and their page faults cost ~5x the copy.
     n = len(cells)
     out = np.frombuffer(pa.allocate_buffer(n * width * hidden_dim * 2), dtype=np.float16).reshape(n, width * hidden_dim)
+    bad = np.zeros(n, dtype=bool)
     for i, (cell, k) in enumerate(zip(cells, lengths.tolist(), strict=True)):
         out[i, : k * hidden_dim] = cell
         out[i, k * hidden_dim :] = 0
+        bad[i] = _outside_range(out[i, : k * hidden_dim])  # each row while it is in cache, not the padding
     out = out.reshape(n, width, hidden_dim)
     mask = np.arange(width)[None, :] < lengths[:, None].astype(np.int64)
-    return out, mask
+    return out, mask, bad
 
 
 def _pack_hidden(cells: np.ndarray, hidden_dim: int) -> np.ndarray:

@@ -65,3 +65,21 @@ def test_a_length_prefix_that_disagrees_with_text_len_is_not_trusted(tmp_path):
     data[at - 4] ^= 0x02  # the first cell's length prefix
     assert _page_cells(path, pf, 0, info, data) is None
     assert pages.hidden_cells(data[: start + 10], pf.metadata.row_group(0), 5, np.zeros(30, dtype=np.int64)) is None
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_damaged_hidden_state_bytes_in_a_page_are_refused_with_the_shard_and_row_named(tmp_path, packed):
+    from storage_schema import StoreError
+
+    _, rows = write_store(tmp_path / "s", shards=2, rows=600)  # row 530 sits in the second row group
+    path = tmp_path / "s" / "00000.parquet"
+    data = bytearray(path.read_bytes())
+    cell = rows[0]["text_hidden"][530]
+    at = bytes(data).index(cell.tobytes())
+    data[at + 2 * cell.size - 2 : at + 2 * cell.size] = np.array([np.inf], dtype=np.float16).tobytes()  # its last value
+    path.write_bytes(bytes(data))
+    store = EmbeddingStore(tmp_path / "s")
+    pf = pq.ParquetFile(path)
+    assert _page_cells(path, pf, 1, store.encoder) is not None  # the pages still parse: the fast path reads them
+    with pytest.raises(StoreError, match=r"is corrupt: shard 00000.parquet, row\(s\) 530 .*text_hidden .*e\.g\. inf"):
+        list(store.iter_batches(64, columns=["key", "text_hidden"], packed=packed))

@@ -151,3 +151,50 @@ def test_hidden_states_reads_h_from_the_store_and_refuses_a_wrong_one(tmp_path):
         hidden_states(cell, 32, n)
     with pytest.raises(ValueError, match=rf"not text_len x H = {n + 1} x 16"):
         hidden_states(cell, 16, n + 1)
+
+
+def test_the_range_check_agrees_with_isfinite_and_the_bound_on_every_fp16_value():
+    from storage_schema.reader import MAX_ABS, _bad_values, _outside_range
+
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    with np.errstate(invalid="ignore"):
+        want = ~(np.isfinite(every) & (np.abs(every.astype(np.float32)) <= MAX_ABS))
+    assert np.array_equal(_bad_values(every), want)
+    assert not _outside_range(every[~want]) and not _outside_range(every[:0])
+    assert all(_outside_range(every[[i]]) for i in np.flatnonzero(want))
+
+
+def _overwrite_row_values(path, row_values: np.ndarray, new: list[float]) -> None:
+    """Overwrite, in place, the first values of one row's fp16 payload (found by its raw bytes): the file keeps
+    its size and parses, as after a disk or copy error inside a data page."""
+    data = bytearray(path.read_bytes())
+    old = np.ascontiguousarray(row_values, dtype=np.float16).tobytes()
+    at = data.find(old)
+    assert at > 0 and data.find(old, at + 1) < 0
+    patch = np.array(new, dtype=np.float16).tobytes()
+    data[at : at + len(patch)] = patch
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("column, new", [("image_embeds", [np.nan]), ("text_embeds", [1.0, -2.8e4])])
+def test_damaged_embedding_bytes_are_refused_with_the_shard_and_row_named(tmp_path, column, new):
+    _, rows = write_store(tmp_path / "s", shards=3, rows=50)
+    path = tmp_path / "s" / "00001.parquet"
+    _overwrite_row_values(path, rows[1][column][7], new)
+    store = EmbeddingStore(tmp_path / "s")  # size and footer still agree: the cheap open passes
+    name = column.removesuffix("s")
+    got = _column_rows(path, name)[7]
+    assert not np.isfinite(got).all() or np.abs(got).max() > 1e4  # what a reader without the check returns
+    for kw in ({}, {"shuffle": True, "seed": 1}):
+        with pytest.raises(StoreError) as e:
+            list(store.iter_batches(16, columns=["key", name], **kw))
+        msg = str(e.value)
+        assert "is corrupt: shard 00001.parquet, row(s) 7 (keys ['s1-000007'])" in msg
+        assert f"store inspect {tmp_path / 's'}" in msg and "re-encode 00001.parquet" in msg
+        assert "_manifest.json" in msg and "eclipse-prior encode" in msg
+    # the other columns of the shard still read
+    assert len(_keys(store.iter_batches(16, columns=["key", "text_hidden"]))) == 150
+
+
+def _column_rows(path, column: str) -> np.ndarray:
+    return np.stack(pq.read_table(path, columns=[column]).column(column).to_numpy(zero_copy_only=False))
