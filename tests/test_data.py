@@ -1,6 +1,7 @@
 """Streaming training batches from a real (small) embedding store."""
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -116,6 +117,60 @@ def test_background_reader_matches_synchronous_reading_and_stops_cleanly(store):
 def test_reader_errors_reach_the_training_loop(store):
     with pytest.raises(StoreError, match="no full batch"):
         next(iter(StoreLoader(store, 10_000, prefetch=2)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_store_too_small_for_the_batch_names_a_batch_size_that_fits(tmp_path, world_size):
+    write_synthetic_store(tmp_path / "s", rows=300, dim=16, shards=2, seed=4)
+    small = EmbeddingStore(tmp_path / "s")
+    keys = [k for _, ks in small.keys() for k in ks]
+    kw = dict(heldout_fraction=0.2, heldout_seed=1, world_size=world_size, seed=3, prefetch=0)
+    mine = {k for b in StoreLoader(small, 1, infinite=False, drop_last=False, **kw) for k in b.keys}
+    train_rows = len(mine)
+    assert train_rows < 256 and (world_size > 1 or train_rows == (~is_heldout(keys, 0.2, 1)).sum())
+    fits = 1 << (train_rows.bit_length() - 1)
+    with pytest.raises(StoreError) as e:
+        next(iter(StoreLoader(small, 256, **kw)))
+    msg = str(e.value)
+    assert f"got no full batch of 256 train rows in epoch 0: its shards hold {train_rows} train rows" in msg
+    assert f"--batch-size {fits} (config key batch_size" in msg and "heldout_fraction 0.2" in msg
+    assert len(next(iter(StoreLoader(small, fits, **kw)))) == fits  # and that batch size does train
+
+
+def test_a_store_of_one_row_says_no_batch_fits_eclipse(tmp_path):
+    write_synthetic_store(tmp_path / "s", rows=1, dim=16, shards=1)
+    with pytest.raises(StoreError, match="hold 1 train row, and the eclipse objective needs at least 2 rows"):
+        next(iter(StoreLoader(EmbeddingStore(tmp_path / "s"), 256, prefetch=0)))
+
+
+def _store_with_a_repeated_shard(path) -> EmbeddingStore:
+    from storefixtures import random_rows
+
+    from storage_schema import StoreWriter, build_table
+
+    info = tiny_info()
+    writer = StoreWriter(path, info)
+    writer.write_shard("00000", build_table(info, **random_rows(700, info, seed=0, prefix="a-")))
+    writer.write_shard("00001", build_table(info, **random_rows(40, info, seed=1, prefix="b-")))
+    writer.write_shard("00002", build_table(info, **random_rows(700, info, seed=2, prefix="a-")))  # 00000 again
+    return EmbeddingStore(path)
+
+
+def test_keys_repeated_across_shards_are_warned_about_once_at_train_start(tmp_path, caplog, store):
+    dup = _store_with_a_repeated_shard(tmp_path / "s")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        StoreLoader(dup, 16)
+        StoreLoader(dup, 16, split="heldout", heldout_fraction=0.1)  # evaluation loaders: no second warning
+        StoreLoader(dup, 16, rank=1, world_size=2)  # nor the other ranks
+    (record,) = caplog.records
+    msg = record.getMessage()
+    assert "4 key(s) are held by more than one shard" in msg  # a-000000, -000511, -000512, -000699
+    assert "'a-000000' in 00000.parquet and 00002.parquet" in msg
+    assert f"store inspect {tmp_path / 's'}" in msg and "_manifest.json" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        StoreLoader(store, 16)  # unique keys: nothing to say
+    assert not caplog.records
 
 
 def test_store_of_another_width_is_refused():

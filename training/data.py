@@ -9,6 +9,7 @@ resumed run restarts at exactly the next batch.
 """
 
 import hashlib
+import logging
 import queue
 import threading
 import warnings
@@ -30,7 +31,10 @@ from storage_schema import (
     StoreError,
     image_key,
 )
+from storage_schema.schema import MANIFEST_NAME
 from training.objectives import PriorBatch
+
+log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = (KEY, IMAGE_EMBED, TEXT_EMBED, TEXT_HIDDEN)
 
@@ -53,6 +57,26 @@ def is_heldout(keys: Sequence[str], fraction: float, seed: int = 0) -> np.ndarra
     return np.fromiter(
         (digest(str(k)) < threshold for k in keys),
         dtype=bool, count=len(keys),
+    )
+
+
+def warn_duplicate_keys(store: EmbeddingStore) -> None:
+    """Log a warning when shards of the store share keys, as far as the footers already read tell.
+
+    Only each row group's first and last key are compared (`EmbeddingStore.boundary_duplicates`, no read):
+    enough to catch a shard stored twice or copied under a second name, the usual way keys repeat.
+    A full check reads every key, which `eclipse-prior store inspect` does.
+    """
+    dups = store.boundary_duplicates()
+    if not dups:
+        return
+    shown = "; ".join(f"{key!r} in {' and '.join(shards)}" for key, shards in list(dups.items())[:3])
+    log.warning(
+        "%s: %d key(s) are held by more than one shard (e.g. %s; found among each row group's first and last "
+        "key, so there may be more). Their rows train once per copy and an evaluation counts them once per "
+        "copy. `eclipse-prior store inspect %s` reads every key and lists the duplicates. Fix: delete the "
+        "shard that repeats another (the file and its entry in %s), or encode the images into a new store.",
+        store.dir, len(dups), shown, store.dir, store.dir / MANIFEST_NAME,
     )
 
 
@@ -226,6 +250,8 @@ class StoreLoader:
         self.prefetch, self.pin_memory = prefetch, pin_memory
         self.shards = shards
         self.pad_on_device = pad_on_device
+        if split != "heldout" and rank == 0:  # once per run: the training loader of rank 0
+            warn_duplicate_keys(store)
 
     def _row_filter(self):
         if self.split == "all" or self.heldout_fraction <= 0:
@@ -249,14 +275,28 @@ class StoreLoader:
                 if index >= skip:
                     yield StoreBatch.from_numpy(raw, epoch, index, self.pad_to if self.pad_on_device else None)
             if produced == 0 and skip == 0 and self.infinite:  # would spin forever
-                raise StoreError(
-                    f"{self.store.dir}: rank {self.rank} of {self.world_size} got no full batch of "
-                    f"{self.batch_size} {self.split} rows in epoch {epoch}; use a smaller batch size, fewer "
-                    f"processes or a bigger store"
-                )
+                raise StoreError(self._no_full_batch(epoch, row_filter))
             if not self.infinite:
                 return
             epoch, skip = epoch + 1, 0
+
+    def _no_full_batch(self, epoch: int, row_filter) -> str:
+        """Why an epoch gave no batch, with a batch size that fits: this rank's rows of the split, counted from
+        the key column (read once, only here)."""
+        rows = sum(len(raw[KEY]) for raw in self.store.iter_batches(
+            4096, [KEY], rank=self.rank, world_size=self.world_size, shuffle=self.shuffle, seed=self.seed,
+            epoch=epoch, row_filter=row_filter, shards=self.shards,
+        ))
+        held = (f" (heldout_fraction {self.heldout_fraction:g} keeps the other rows for evaluation)"
+                if self.split == "train" and self.heldout_fraction > 0 else "")
+        head = (f"{self.store.dir}: rank {self.rank} of {self.world_size} got no full batch of {self.batch_size} "
+                f"{self.split} rows in epoch {epoch}: its shards hold {rows} {self.split} row{'s' * (rows != 1)}{held}")
+        if rows >= 2:
+            fits = 1 << (rows.bit_length() - 1)
+            return (f"{head}. Train with --batch-size {fits} (config key batch_size: the largest power of two <= "
+                    f"{rows}), or with fewer processes or a bigger store.")
+        return (f"{head}, and the eclipse objective needs at least 2 rows per batch (its InfoNCE term contrasts a "
+                f"row with the others). Use a bigger store, fewer processes or a smaller heldout_fraction.")
 
     def __iter__(self) -> Iterator[StoreBatch]:
         if self.prefetch <= 0:
