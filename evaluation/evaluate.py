@@ -178,6 +178,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     result["training"] = {h.name: ({"log": str(h.log_path), "curves": read_training_log(h.log_path)}
                                    if h.log_path else {"log": None}) | {"config": h.train_config}
                           for h in handles}
+    from evaluation.report import prior_budget
+
+    for h in handles:  # recorded, so the report's budgets hold when metrics.json moves away from the runs
+        result["models"][h.name]["budget"] = prior_budget(result, h.name)
 
     # What needs the store's text encoder: prompt suites and decoding.
     enc_name = os.fspath(cfg.encoder) if cfg.encoder is not None else store.encoder.preset

@@ -104,7 +104,8 @@ def fid_between(real: Sequence[Image.Image], fake: Sequence[Image.Image], device
         except (OSError, RuntimeError, ModuleNotFoundError) as e:  # weights download or torch-fidelity missing
             raise WeightsMissingError(
                 f"missing weights: FID's Inception-v3 weights (torch-fidelity `pt_inception-2015-12-05`) could not "
-                f"be loaded; install torchmetrics with torch-fidelity and have the weights cached.\n  cause: {e}") from e
+                f"be loaded; install torchmetrics with torch-fidelity and have the weights cached.\n  cause: {e}"
+            ) from e
         dev = torch.device(device) if device is not None else torch.device("cpu")
         fid = fid.to(dev)
 
@@ -132,6 +133,6 @@ def fid_between(real: Sequence[Image.Image], fake: Sequence[Image.Image], device
                                           f"could not be downloaded.\n  cause: {e}") from e
     raise ImageMetricUnavailable(
         "FID is unavailable: neither torchmetrics (with torch-fidelity) nor clean-fid is installed in this "
-        "environment. Install one of them (`pip install torchmetrics torch-fidelity` or `pip install clean-fid`) where its "
-        "Inception weights can be fetched once."
+        "environment. Install one of them (`pip install torchmetrics torch-fidelity` or `pip install clean-fid`) "
+        "where its Inception weights can be fetched once."
     )

@@ -244,7 +244,10 @@ def prior_budget(result: Mapping, name: str) -> dict | None:
     its weights came from (state.json), else the model card export wrote beside them, else its run's
     train_config.json as metrics.json holds it (planned steps, batch per process: processes unknown).
     None where none of them says."""
-    weights = (result.get("models", {}).get(name) or {}).get("weights")
+    entry = result.get("models", {}).get(name) or {}
+    if entry.get("budget"):  # what evaluate found when it ran
+        return dict(entry["budget"])
+    weights = entry.get("weights")
     if weights:
         w = Path(weights)
         state = _read_json(w.parent / STATE)  # RUN/checkpoints/step_N/{prior,ema}
