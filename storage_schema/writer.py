@@ -135,7 +135,10 @@ def build_table(
     if bad:
         raise ValueError(f"row counts disagree: {n} keys but {bad}")
     if len(set(keys)) != n:
-        raise ValueError("duplicate keys within one shard")
+        seen: set[str] = set()
+        twice = sorted({k for k in keys if k in seen or seen.add(k)})
+        raise ValueError(f"duplicate keys within one shard: {', '.join(map(repr, twice[:5]))}"
+                         + (f" and {len(twice) - 5} more" if len(twice) > 5 else ""))
     hidden_bytes, text_len = [], np.empty(n, dtype=np.int16)
     for i, h in enumerate(text_hidden):
         h = np.ascontiguousarray(h, dtype=np.float16)

@@ -117,6 +117,26 @@ def test_shards_to_encode_leaves_out_what_the_store_lists(tmp_path):
     assert [t.name for t in todo] == ["00000.tar", "00002.tar"] and already == ["00001"]
 
 
+def test_a_store_of_image_shards_downloaded_again_is_refused(tmp_path):
+    good_shard(tmp_path / "img" / "00000.tar", 0, 2)
+    encode_shard(tmp_path / "img" / "00000.tar", tmp_path / "store", CFG)
+    assert shards_to_encode(tmp_path / "img", tmp_path / "store") == ([], ["00000"])
+    good_shard(tmp_path / "img" / "00000.tar", 7, 3)  # the same shard name, other images
+    with pytest.raises(StoreError, match=r"1 shard\(s\) \(00000\) were encoded from image shards .* downloaded "
+                                         r"again"):
+        shards_to_encode(tmp_path / "img", tmp_path / "store")
+
+
+def test_a_finished_store_of_another_encoder_is_refused_before_any_work(tmp_path):
+    good_shard(tmp_path / "img" / "00000.tar", 0, 2)
+    encode_shard(tmp_path / "img" / "00000.tar", tmp_path / "store", CFG)
+    before = (tmp_path / "store" / "_manifest.json").read_bytes()
+    other = EncodeConfig(encoder="open_clip:ViT-B-32", batch_size=4)
+    with pytest.raises(StoreError, match="made by encoder 'tiny-clip', not 'open_clip:ViT-B-32'"):
+        encode(tmp_path / "img", tmp_path / "store", other)  # every shard is done: once, this exited 0
+    assert (tmp_path / "store" / "_manifest.json").read_bytes() == before
+
+
 def _failing_encode_shard(monkeypatch, errors: list[Exception]) -> list[str]:
     """encode_shard raises `errors` in turn, then succeeds; returns the list of calls."""
     calls: list[str] = []

@@ -74,7 +74,7 @@ def test_bad_rows_are_refused_before_anything_is_written(tmp_path):
         build_table(info, **{**r, "image_embeds": r["image_embeds"][:, :8]})
     with pytest.raises(ValueError, match="row counts disagree"):
         build_table(info, **{**r, "captions": r["captions"][:4]})
-    with pytest.raises(ValueError, match="duplicate keys"):
+    with pytest.raises(ValueError, match="duplicate keys within one shard: 'a'$"):
         build_table(info, **{**r, "keys": ["a"] * 5})
     with pytest.raises(ValueError, match="text_hidden of row"):
         build_table(info, **{**r, "text_hidden": [np.zeros((3, 4), np.float16)] * 5})
