@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.webdataset import IMAGE_EXTS
+from pipeline.webdataset import IMAGE_EXTS, tar_samples
 
 
 class ImageSource:
@@ -35,10 +35,10 @@ class ImageSource:
         for path in sorted(self.root.rglob("*")):
             if path.suffix == ".tar":
                 with tarfile.open(path) as tar:
-                    for member in tar:
-                        key, _, ext = member.name.rpartition("/")[2].partition(".")
-                        if member.isfile() and ext.lower() in IMAGE_EXTS:
-                            index.setdefault(key, (path, member.name))
+                    for sample in tar_samples(tar):  # the keys the encode stage stored, its refusals left out
+                        member = next((sample.members[e] for e in IMAGE_EXTS if e in sample.members), None)
+                        if sample.problem is None and member is not None:
+                            index.setdefault(sample.key, (path, member.name))
             elif path.suffix.lstrip(".").lower() in IMAGE_EXTS:
                 index.setdefault(path.stem, (path, None))
         return index
