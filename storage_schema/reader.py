@@ -96,7 +96,8 @@ def _validated_metadata(store_dir: Path, name: str, entry: dict, encoder: Encode
     if meta.schema.to_arrow_schema().remove_metadata() != arrow_schema(encoder).remove_metadata():
         raise StoreError(f"shard {name}: column types differ from the store schema (wrong dims?)")
     if verify and file_sha256(path) != entry["sha256"]:
-        raise StoreError(f"shard {name}: checksum mismatch (file changed after it was written)")
+        raise StoreError(f"shard {name}: checksum mismatch (file changed after it was written); "
+                         f"{_reencode_hint(store_dir, name)}")
     return meta
 
 
@@ -130,11 +131,14 @@ def _bad_values(values: np.ndarray) -> np.ndarray:
 
 
 def _repair_hint(store_dir: Path, shard: str) -> str:
-    return (f"Run `eclipse-prior store inspect {store_dir}` (it re-hashes every shard against the manifest's "
-            f"checksums and lists each damaged one), then re-encode {shard}: delete it and its entry in "
-            f"{store_dir / MANIFEST_NAME}, and rerun the `eclipse-prior encode` command that wrote the store (it "
-            f"encodes only the shards the manifest does not list; the image shard {shard.removesuffix('.parquet')}"
-            f".tar must still be in its images folder).")
+    return (f"`eclipse-prior store inspect {store_dir}` tells which (it re-hashes every shard against the "
+            f"manifest's checksums and lists each damaged one). Either way, {_reencode_hint(store_dir, shard)}")
+
+
+def _reencode_hint(store_dir: Path, shard: str) -> str:
+    return (f"re-encode {shard}: delete it and its entry in {store_dir / MANIFEST_NAME}, and rerun the "
+            f"`eclipse-prior encode` command that wrote the store (it encodes only the shards the manifest does not "
+            f"list; the image shard {shard.removesuffix('.parquet')}.tar must still be in its images folder).")
 
 
 class EmbeddingStore:
@@ -301,7 +305,8 @@ class EmbeddingStore:
                 except (OSError, pa.ArrowException) as e:  # a damaged page header or length
                     raise StoreError(
                         f"store {self.dir} is corrupt: shard {name}, rows {first_row}-{first_row + rows - 1} (row "
-                        f"group {rg}) cannot be decoded ({e}). {_repair_hint(self.dir, name)}"
+                        f"group {rg}) cannot be decoded ({' '.join(str(e).split())}): its bytes changed after it "
+                        f"was written (a disk or copy error), or another tool wrote it. {_repair_hint(self.dir, name)}"
                     ) from e
                 chunk[_ORIGIN] = shard_bits + first_row + np.arange(rows, dtype=np.int64)
                 first_row += rows
@@ -350,8 +355,8 @@ class EmbeddingStore:
         value = float(values.reshape(-1)[np.argmax(_bad_values(values).reshape(-1))])
         raise StoreError(
             f"store {self.dir} is corrupt: shard {shard}, row(s) {shown}{keys} hold {column} values that are NaN, "
-            f"Inf or beyond +-{MAX_ABS:g} (e.g. {value:g}): the writer refuses NaN and Inf and no CLIP encoder gives "
-            f"values this large, so the file's bytes most likely changed after it was written (a disk or copy error)"
+            f"Inf or beyond +-{MAX_ABS:g} (e.g. {value:g}), which no CLIP encoder gives: the shard's bytes changed "
+            f"after it was written (a disk or copy error), or a writer older than its NaN/Inf check stored them"
             + (f"; this batch has such rows from {others} other shard(s) too" if others else "")
             + f". {_repair_hint(self.dir, shard)}"
         )

@@ -86,3 +86,23 @@ def test_console_script_help_explains_itself():
     out = subprocess.run([sys.executable, "-m", "cli.main", "store", "inspect", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--json" in out and "Validate a store" in out
+
+
+def test_inspect_says_what_verifying_read_and_what_skipping_it_misses(tmp_path, capsys):
+    write_store(tmp_path / "s", shards=3, rows=20)
+    report = inspect_store(tmp_path / "s")
+    assert report["verify"]["rehashed"] and report["verify"]["shards"] == 3
+    assert report["verify"]["bytes"] == report["bytes_on_disk"] > 0 and report["verify"]["seconds"] >= 0
+    assert main(["store", "inspect", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert f"checksums  3 shards re-hashed against the manifest: {report['bytes_on_disk'] / 1e6:.1f} MB read" in out
+    assert "the whole store; --no-verify skips it" in out
+    path = tmp_path / "s" / "00001.parquet"
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # same size, other bytes: only the re-hash sees it
+    path.write_bytes(bytes(data))
+    assert main(["store", "inspect", str(tmp_path / "s"), "--no-verify"]) == 0
+    assert "checksums  not checked (--no-verify): bytes changed inside a shard go unseen" in capsys.readouterr().out
+    assert main(["store", "inspect", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "shard 00001.parquet: checksum mismatch" in out and "re-encode 00001.parquet: delete it" in out

@@ -198,3 +198,15 @@ def test_damaged_embedding_bytes_are_refused_with_the_shard_and_row_named(tmp_pa
 
 def _column_rows(path, column: str) -> np.ndarray:
     return np.stack(pq.read_table(path, columns=[column]).column(column).to_numpy(zero_copy_only=False))
+
+
+def test_a_damaged_page_header_is_named_with_the_shard_and_its_rows(tmp_path):
+    write_store(tmp_path / "s", shards=2, rows=600)
+    path = tmp_path / "s" / "00001.parquet"
+    key_chunk = pq.read_metadata(path).row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    data[key_chunk.data_page_offset : key_chunk.data_page_offset + 4] = b"\xff" * 4
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"is corrupt: shard 00001.parquet, rows 512-599 \(row group 1\) cannot be "
+                                         r"decoded \(.*\).*re-encode 00001.parquet"):
+        list(EmbeddingStore(tmp_path / "s").iter_batches(64, columns=["key"]))
