@@ -30,22 +30,38 @@ new shard ids at ``max(existing stats ids) + 1``, so retry shards never collide
 with the original ones, and keys stay unique because the key is
 ``shard_id * 10**ceil(log10(N)) + row`` with the same ``N``.
 
-img2dataset spawns its worker pool with the ``spawn`` start method: a script that
-calls :func:`download` needs the usual ``if __name__ == "__main__":`` guard.
+img2dataset runs in a child process of ours (:func:`_run_img2dataset`), which spawns its
+worker pool with the ``spawn`` start method: a script that calls :func:`download` needs the
+usual ``if __name__ == "__main__":`` guard. That child leads a new session, so a terminal's
+Ctrl-C reaches only the caller (one ``KeyboardInterrupt``, not one traceback per worker); the
+caller then stops the child, which stops its whole process group, and the child does the same
+when the caller dies (SIGKILL included): no worker outlives the download.
+
+Hostile servers: img2dataset's timeout is per socket read and it reads a body whole, so a
+server trickling a byte every few seconds, or sending an endless body, would hold a worker
+forever. In the workers, each url's fetch is replaced (:class:`_LimitedDownloader`) by one
+that stops at ``max_image_bytes`` and after ``max_download_seconds`` in all; the url fails
+with the reason (``body over 32 MiB``, ``download took over 30 s``) and the shard goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import http.client
+import importlib
+import io
 import logging
 import math
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +82,7 @@ from pipeline.shards import (
     shard_name,
 )
 from pipeline.sources import WEB_URL, prepare_url_list, read_url_list_report, resolve_source, source_spec
-from pipeline.webdataset import materialize_webdataset
+from pipeline.webdataset import MAX_MEMBER_BYTES, materialize_webdataset
 from storage_schema.atomic import atomic_path, atomic_write_text
 
 # albumentations (imported by img2dataset) checks PyPI for updates at import time: a
@@ -105,7 +121,12 @@ class DownloadConfig:
     thread_count: int = 64
     number_sample_per_shard: int = 10_000
     incremental_mode: str = "incremental"  # or "overwrite" (wipes out_dir first)
-    timeout: int = 10  # seconds per url (urllib timeout)
+    timeout: int = 10  # seconds per socket read (urllib's timeout): a url that trickles bytes never hits it
+    # One url's whole fetch (connect, headers, body) is cut after this many seconds; None: 3 x timeout.
+    max_download_seconds: float | None = None
+    # A body over this fails its url ("body over 32 MiB") without being read further: the same
+    # ceiling as an image member of a tar (pipeline.webdataset).
+    max_image_bytes: int = MAX_MEMBER_BYTES["image"]
     retries: int = 0  # immediate per-url retries inside img2dataset
     max_shard_retry: int = 1  # img2dataset's retry of whole shards that raised
     encode_format: str = "jpg"
@@ -131,6 +152,15 @@ class DownloadConfig:
             raise ValueError("image_size and number_sample_per_shard must be positive")
         if not 0.0 <= self.error_rate_warning <= 1.0 or not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError("error_rate_warning and max_error_rate are fractions in [0, 1]")
+        if self.timeout <= 0 or self.max_image_bytes <= 0 or (
+            self.max_download_seconds is not None and self.max_download_seconds <= 0
+        ):
+            raise ValueError("timeout, max_download_seconds and max_image_bytes must be positive")
+
+    @property
+    def download_seconds(self) -> float:
+        """The cap on one url's whole fetch."""
+        return self.max_download_seconds if self.max_download_seconds is not None else 3.0 * self.timeout
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -223,29 +253,217 @@ def _img2dataset_kwargs(url_list: Path, out: Path, config: DownloadConfig, extra
     return kw
 
 
-def _child_download(kwargs: dict[str, Any]) -> None:
-    import img2dataset
+# ---------------------------------------------------------------------------- bounded fetches (img2dataset's workers)
 
-    img2dataset.download(**kwargs)
+_CHUNK = 1 << 16
+# img2dataset's own user agent (downloader.download_image): servers see the same client as before.
+_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
-def _run_img2dataset(kwargs: dict[str, Any]) -> None:
-    if threading.current_thread() is threading.main_thread():
-        import img2dataset
+def _size_text(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
 
-        # img2dataset installs a SIGINT handler that exits with status 0 and never restores
-        # the previous one: put ours back so Ctrl-C stays a KeyboardInterrupt afterwards.
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            img2dataset.download(**kwargs)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        return
-    # signal.signal() only works on the main thread, and Prefect / Dask run tasks in worker
-    # threads: there, run img2dataset in a spawned child process instead.
-    proc = multiprocessing.get_context("spawn").Process(target=_child_download, args=(kwargs,), name="img2dataset")
+
+class _Deadline:
+    """One url's connections, shut down by a timer when its time is up.
+
+    urllib's timeout bounds each socket read, not the fetch. Shutting a socket down makes a read
+    blocked on it return at once, wherever it is (headers, body, a redirect). Each socket is held
+    through a duplicate of its descriptor (TLS wraps and detaches the original), closed when the
+    fetch ends: a descriptor number the system has since reused is never shut.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def connect(self, *args: Any, **kwargs: Any) -> socket.socket:
+        """``socket.create_connection``, for http.client's connections of this fetch."""
+        sock = socket.create_connection(*args, **kwargs)
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.expired:
+                self._shut()
+        return sock
+
+    def _shut(self) -> None:
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the server
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._shut()
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for s in self._socks:
+                s.close()
+            self._socks.clear()
+
+
+class _DeadlineHandler:
+    """An HTTP(S) handler whose connections open their sockets through ``deadline.connect``."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        def connection(*args: Any, **conn_kwargs: Any) -> http.client.HTTPConnection:
+            conn = http_class(*args, **conn_kwargs)
+            conn._create_connection = self.deadline.connect  # the one hook http.client has for its socket
+            return conn
+
+        return super().do_open(connection, req, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
+    pass
+
+
+def _fetch(row: tuple[int, str], timeout: float, user_agent_token: str | None,
+           disallowed_header_directives: set[str] | None, *, max_bytes: int,
+           max_seconds: float) -> tuple[int, io.BytesIO | None, str | None]:
+    """img2dataset's ``downloader.download_image`` (same arguments and result), with its bytes and time bounded."""
+    from img2dataset.downloader import is_disallowed
+
+    key, url = row
+    agent = _USER_AGENT
+    if user_agent_token:
+        agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+    too_big = f"body over {_size_text(max_bytes)} (max_image_bytes)"
+    deadline = _Deadline(max_seconds)
+    # build_opener keeps its other default handlers (proxies from the environment, file:, redirects): as urlopen
+    opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": agent})  # raises on a url it cannot parse
+        with deadline, opener.open(request, timeout=timeout) as r:
+            if disallowed_header_directives and is_disallowed(r.headers, user_agent_token,
+                                                              disallowed_header_directives):
+                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            declared = r.headers.get("Content-Length", "").strip()
+            if declared.isdigit() and int(declared) > max_bytes:
+                return key, None, too_big
+            body = io.BytesIO()
+            while chunk := r.read(_CHUNK):
+                body.write(chunk)
+                if body.tell() > max_bytes:
+                    return key, None, too_big
+            if deadline.expired:  # the cut socket ended a body of unknown length early
+                raise TimeoutError
+        body.seek(0)
+        return key, body, None
+    except Exception as err:  # img2dataset records any error as the url's failure
+        if deadline.expired:
+            return key, None, f"download took over {max_seconds:g} s (max_download_seconds): timed out"
+        return key, None, str(err)
+
+
+class _LimitedDownloader:
+    """img2dataset's ``Downloader`` (one call per shard) whose url fetches are :func:`_fetch`.
+
+    Built in our img2dataset child in place of ``Downloader`` and pickled to each pool worker
+    (spawned: nothing patched in the parent reaches them), so the fetch is replaced in the
+    process that runs the shard, whichever that is.
+    """
+
+    def __init__(self, max_bytes: int, max_seconds: float, **kwargs: Any) -> None:
+        from img2dataset.downloader import Downloader
+
+        self.downloader = Downloader(**kwargs)
+        self.max_bytes, self.max_seconds = max_bytes, max_seconds
+
+    def __call__(self, row: Any) -> Any:
+        # The shard's ThreadPool takes its locks from the default context, spawn here: named semaphores,
+        # which a worker stopped by SIGTERM would leave to the resource tracker (and its "leaked semaphore"
+        # warning). Threads need no names; "fork" locks are unlinked as soon as they are made.
+        multiprocessing.set_start_method("fork", force=True)
+        module = importlib.import_module("img2dataset.downloader")
+        module.download_image = functools.partial(_fetch, max_bytes=self.max_bytes, max_seconds=self.max_seconds)
+        return self.downloader(row)
+
+
+# ---------------------------------------------------------------------------- the img2dataset child
+
+
+_STOP_GRACE_S = 20.0  # after SIGTERM, how long the child may take to stop before it is killed outright
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM in the child: kill img2dataset's pool and logger, then exit through Python's shutdown.
+
+    Exiting normally (not by SIGKILL) releases the pool's named semaphores: killed, they would be left
+    to the resource tracker, which cleans them up with a "leaked semaphore" warning on the terminal.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)  # the whole group but this process, which now ignores it
+    raise SystemExit(128 + signum)
+
+
+def _die_with(parent: int) -> None:
+    """Stop this process group (this process and img2dataset's pool) once ``parent`` is gone, SIGKILL included."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(_STOP_GRACE_S)
+    os.killpg(0, signal.SIGKILL)
+
+
+def _child_download(kwargs: dict[str, Any], max_bytes: int, max_seconds: float, parent: int) -> None:
+    # A session of its own: a terminal's Ctrl-C goes to the caller alone (one KeyboardInterrupt, not one
+    # traceback per worker), and the group reaches img2dataset's pool and logger process, which inherit it.
+    os.setsid()
+    signal.signal(signal.SIGTERM, _stop)
+    threading.Thread(target=_die_with, args=(parent,), name="die-with-parent", daemon=True).start()
+    main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is a function
+    main.Downloader = functools.partial(_LimitedDownloader, max_bytes, max_seconds)
+    main.download(**kwargs)
+
+
+def _run_img2dataset(kwargs: dict[str, Any], config: DownloadConfig) -> None:
+    """img2dataset.download(**kwargs) in a child process that takes its workers with it when stopped.
+
+    Always a child: img2dataset's SIGINT handler exits with status 0 (an interrupted download
+    would look finished), Prefect / Dask call from worker threads where signal.signal() fails,
+    and the child's process group is what lets an interrupt stop every worker.
+    """
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_child_download, name="img2dataset",
+        args=(kwargs, config.max_image_bytes, config.download_seconds, os.getpid()),
+    )
     proc.start()
-    proc.join()
+    try:
+        proc.join()
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) or any other way out: no worker may go on
+        proc.terminate()
+        proc.join(_STOP_GRACE_S)
+        if proc.exitcode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # no group yet: the child has not started anything
+                proc.kill()
+            proc.join()
+        shutil.rmtree(Path(kwargs["output_folder"]) / "_tmp", ignore_errors=True)  # as img2dataset's own handler
+        raise
     if proc.exitcode != 0:
         # Not a DownloadError: a killed child (OOM, signal) may well succeed when run again.
         raise RuntimeError(f"img2dataset child process exited with status {proc.exitcode}; rerun to resume")
@@ -370,7 +588,7 @@ def download(url_list: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     todo = [i for i in range(state["primary_shards"]) if i not in before]
     log.info("download %s -> %s: %d rows, %d shards, %d to do", url_list, out, rows, state["primary_shards"],
              len(todo))
-    _run_img2dataset(_img2dataset_kwargs(url_list, out, config, extras, "incremental"))
+    _run_img2dataset(_img2dataset_kwargs(url_list, out, config, extras, "incremental"), config)
     return _finish(out, before, t0, config, check)
 
 
@@ -439,7 +657,7 @@ def retry_failed(out_dir: str | os.PathLike[str], config: DownloadConfig | None 
     })
     save_state(out, state)
     kwargs = _img2dataset_kwargs(retry_list, out, config, [c for c in extras if c in failed.columns], "extend")
-    _run_img2dataset(kwargs)
+    _run_img2dataset(kwargs, config)
     return _finish(out, before, t0, config, check, retry=True)
 
 

@@ -14,6 +14,13 @@ and compare pixels against :func:`render_image`):
 ``/corrupt/<name>.jpg``                     200, ``Content-Type: image/jpeg``, bytes that are
                                             not an image
 ``/status/<code>/<anything>``               that HTTP status (e.g. 500, 403), empty body
+``/trickle/<seconds>/<name>``               200 and no length, then one body byte every
+                                            ``seconds``, forever (until the client goes away)
+``/trickle-headers/<seconds>/<name>``       a status line, then one byte of a header line
+                                            every ``seconds``, forever
+``/endless/<name>``                         200 and no length, then a body as fast as the
+                                            client reads it, forever
+``/big/<bytes>/<name>``                     200, ``Content-Length: <bytes>`` and that many bytes
 ``/healthz``                                200 ``ok`` (readiness probe)
 anything else (e.g. ``/missing/x.jpg``)     404
 ==========================================  =================================================
@@ -53,6 +60,7 @@ from demo.server import (
 )
 
 DEFAULT_SIZE = (64, 48)
+ENDLESS_PIECE = 1 << 16  # bytes per write of /endless
 CORRUPT_BYTES = b"\xff\xd8\xff\xe0 this is not a jpeg, only its first bytes look like one " * 8
 
 
@@ -88,6 +96,19 @@ class _Handler(LoopbackHandler):
         height = int(query.get("h", [DEFAULT_SIZE[1]])[0])
         self.send(200, encode_image(int(stem), ext, width, height), CONTENT_TYPES[ext])
 
+    def _forever(self, first: bytes, piece: bytes, every: float) -> None:
+        """Write ``first``, then ``piece`` every ``every`` seconds until the client goes away (a write fails)."""
+        self.close_connection = True
+        self.wfile.write(first)
+        while True:
+            if every:
+                time.sleep(every)
+            self.wfile.write(piece)
+
+    def _endless_headers(self) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\n\r\n"
+                + CORRUPT_BYTES[:4])
+
     def route(self) -> None:
         parsed = urllib.parse.urlsplit(self.path)
         parts = [p for p in parsed.path.split("/") if p]
@@ -99,6 +120,14 @@ class _Handler(LoopbackHandler):
             self._image(parts[2], query)
         elif len(parts) == 2 and parts[0] == "corrupt":
             self.send(200, CORRUPT_BYTES, "image/jpeg")
+        elif len(parts) == 3 and parts[0] == "trickle":
+            self._forever(self._endless_headers(), b"\x00", float(parts[1]))
+        elif len(parts) == 3 and parts[0] == "trickle-headers":
+            self._forever(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a", float(parts[1]))
+        elif len(parts) == 2 and parts[0] == "endless":
+            self._forever(self._endless_headers(), bytes(ENDLESS_PIECE), 0)
+        elif len(parts) == 3 and parts[0] == "big" and parts[1].isdigit():
+            self.send(200, CORRUPT_BYTES[:4] + bytes(int(parts[1]) - 4), "image/jpeg")
         elif len(parts) >= 2 and parts[0] == "status" and parts[1].isdigit():
             self.send(int(parts[1]))
         else:

@@ -3,13 +3,20 @@
 import io
 import json
 import logging
+import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from imageserver import ImageServer, image_server  # noqa: F401 - the fixture is used by name
 from PIL import Image
@@ -29,6 +36,9 @@ from pipeline.download_summary import DownloadSummary, summarize
 from pipeline.errors import DownloadError, is_permanent
 from pipeline.shards import STATE_PATH, completed_shard_ids, completed_shards
 from pipeline.sources import read_url_list_report
+from pipeline.webdataset import MAX_MEMBER_BYTES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SLOW_S = 5  # the /slow url sleeps this long ...
 TIMEOUT_S = 2  # ... which is longer than the download timeout of the first run
@@ -270,3 +280,146 @@ def test_download_failures_are_permanent_and_a_crash_is_not():
     empty: DownloadSummary = summarize("/nonexistent")
     assert is_permanent(DownloadFailed("all failed", empty)) and is_permanent(DownloadError("other list"))
     assert not is_permanent(RuntimeError("img2dataset child process exited with status -9"))
+
+
+# ---------------------------------------------------------------------------- hostile servers and interrupts
+
+
+def test_caps_default_to_the_tar_member_limit_and_the_timeout():
+    cfg = DownloadConfig(timeout=7)
+    assert cfg.max_image_bytes == MAX_MEMBER_BYTES["image"] and cfg.download_seconds == 21
+    assert DownloadConfig(timeout=7, max_download_seconds=2.5).download_seconds == 2.5
+    with pytest.raises(ValueError, match="max_image_bytes"):
+        DownloadConfig(max_image_bytes=0)
+
+
+# Run in a child process: the test bounds how long it waits, and reads the peak RSS of the
+# child's own children (img2dataset's processes, reaped before download() returns).
+_CAPPED_RUN = textwrap.dedent("""
+    import json, resource, sys
+    from pipeline.download import DownloadConfig, download
+
+    if __name__ == "__main__":
+        cfg = DownloadConfig(**json.loads(sys.argv[1]))
+        peaks = []
+        for url_list, out in zip(sys.argv[2::2], sys.argv[3::2]):
+            download(url_list, out, cfg, check=False)
+            peaks.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+        print(json.dumps(peaks))
+""")
+
+
+@pytest.mark.slow
+def test_trickling_endless_and_oversized_bodies_fail_alone_and_memory_stays_bounded(image_server, tmp_path):  # noqa: F811
+    cap = 1 << 20
+    good = [image_server.url(f"/img/{i}.jpg") for i in range(3)]
+    bad = {
+        image_server.url("/trickle/1/a.jpg"): "download took over 4 s (max_download_seconds): timed out",
+        image_server.url("/trickle-headers/1/b.jpg"): "download took over 4 s (max_download_seconds): timed out",
+        image_server.url("/endless/c.jpg"): "body over 1 MiB (max_image_bytes)",
+        image_server.url(f"/big/{2 * cap}/d.jpg"): "body over 1 MiB (max_image_bytes)",
+    }
+    lists = []
+    for name, urls in (("good", good), ("hostile", [*good[:2], *bad, good[2]])):  # one shard: the bad among good
+        pd.DataFrame({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}).to_parquet(tmp_path / name)
+        lists += [str(tmp_path / name), str(tmp_path / f"{name}-out")]
+    # Without the time cap the trickles never end (a read timeout never fires: a byte comes every second);
+    # without the byte cap the endless body is read for the whole 4 s, gigabytes on loopback.
+    cfg = {**CFG, "number_sample_per_shard": 8, "timeout": 3, "max_download_seconds": 4, "max_image_bytes": cap}
+    (tmp_path / "run.py").write_text(_CAPPED_RUN)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), json.dumps(cfg), *lists], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the download with trickling and endless urls did not finish within 240 s")
+    assert proc.returncode == 0
+    baseline, peak = json.loads(stdout.strip().splitlines()[-1])
+    # The endless body was dropped at the cap, not buffered: the downloading processes' peak RSS is
+    # within a few caps of a download of the good urls alone.
+    assert peak - baseline < 64 * cap, (baseline, peak)
+
+    out = tmp_path / "hostile-out"
+    summary = summarize(out)
+    assert summary.successes == 3 and summary.count == 7
+    assert {json.loads(s["json"])["url"] for s in _read_tars(out).values()} == set(good)
+    rows = pd.read_parquet(out / "00000.parquet", columns=["url", "status", "error_message"])
+    failed = rows[rows["status"] != "success"]
+    assert dict(zip(failed["url"], failed["error_message"], strict=True)) == bad
+    assert summary.failure_reasons == {"timeout": 2, "other": 2}
+
+
+def _start_cli_download(image_server, tmp_path: Path) -> tuple[subprocess.Popen, Path]:  # noqa: F811
+    """`python -m cli download` of 4 urls that each take SLOW_CLI_S, in a session of its own (as from a terminal)."""
+    csv = tmp_path / "pairs.csv"
+    pd.DataFrame({"url": [image_server.url(f"/slow/{SLOW_CLI_S}/{i}.jpg") for i in range(4)],
+                  "caption": [f"slow {i}" for i in range(4)]}).to_csv(csv, index=False)
+    out = tmp_path / "shards"
+    # Output to files, not pipes: a surviving worker would hold a pipe open and hang the reader.
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "download", str(csv), "--out", str(out), "--processes", "1",
+             "--threads", "4", "--shard-size", "2", "--timeout", "60", "--image-size", "32"],
+            cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True)
+    # A worker is fetching once it has opened its shard's tar (and the urls take SLOW_CLI_S to answer).
+    deadline = time.monotonic() + 120
+    while not (out / "00000.tar").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_all(proc, [])
+            pytest.fail(f"the download never started a shard: {(tmp_path / 'stderr').read_text()}")
+        time.sleep(0.1)
+    return proc, out
+
+
+def _kill_all(proc: subprocess.Popen, others: list[psutil.Process]) -> None:
+    """Clean up after a failed test: the CLI's group and whatever of its processes is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in others:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+SLOW_CLI_S = 8  # longer than the test takes to interrupt a run, shorter than its timeout
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_download_with_status_130_and_one_line(image_server, tmp_path):  # noqa: F811
+    proc, out = _start_cli_download(image_server, tmp_path)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground group gets SIGINT
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+    finally:
+        _kill_all(proc, workers)
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 130, err
+    # The last line (img2dataset's progress bar redraws with \r) is the CLI's; nothing else but progress.
+    assert re.split(r"[\r\n]+", err.strip())[-1] == "interrupted; rerun the same command to resume", err
+    assert not re.search("Traceback|KeyboardInterrupt|Warning", err), err
+    assert alive == []
+    assert completed_shard_ids(out) == []
+
+
+@pytest.mark.slow
+def test_a_killed_download_takes_its_workers_with_it(image_server, tmp_path):  # noqa: F811
+    proc, out = _start_cli_download(image_server, tmp_path)
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    assert len(descendants) >= 2  # img2dataset's pool worker(s) and the processes around them
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert alive == [], [p.cmdline() for p in alive]
+        # Past the time the slow urls answer: had a worker lived, it would have finished the shard now.
+        time.sleep(SLOW_CLI_S + 2)
+        assert not list(out.glob("*_stats.json")) and completed_shard_ids(out) == []
+    finally:
+        _kill_all(proc, descendants)
