@@ -25,21 +25,19 @@ import numpy as np
 
 from evaluation import metrics as M
 from storage_schema.atomic import atomic_write_text
+from training.objectives import objective_type
 
 FAMILIES = ("color", "shape", "texture", "spatial")
 METRICS = tuple(f"probe_{f}" for f in FAMILIES) + ("cos_image", "r1")
 METRIC_LABELS = {**{f"probe_{f}": f"{f} probe AUC" for f in FAMILIES}, "cos_image": "cos to real image",
                  "r1": "R@1 (image retrieval)", "caption_r1": "caption R@1 (prototypes)"}
 BASELINES = ("TextEmb", "text-shift", "ridge", "mean-image")
-OBJECTIVES = ("projection", "eclipse", "diffusion")
 MIN_EFFECT = M.MIN_EFFECT  # the smallest paired difference the table calls an effect
 
 
 def objective_label(objective: str, lam: float | None = None) -> str:
-    """A column name: eclipse carries its λ (`eclipse-0.2`), the others their objective's name."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose from {list(OBJECTIVES)}")
-    return f"eclipse-{lam:g}" if objective == "eclipse" else objective
+    """A column name: an objective with a swept value carries it (`eclipse-0.2`), the others their name."""
+    return objective_type(objective).label(lam)
 
 
 def _slug(text: str) -> str:

@@ -27,7 +27,7 @@ from flows.train import finished_prior, train
 from pipeline.cluster import ClusterConfig, dask_task_runner
 from storage_schema import EmbeddingStore
 from storage_schema.atomic import atomic_write_text
-from training.objectives import DEFAULT_REDUCTION
+from training.objectives import DEFAULT_REDUCTION, objective_type
 
 PAPER_LAMBDA = 0.2  # the eclipse run the diffusion baseline is paired with
 STATE_FILE = "demo_state.json"  # the settings and world-server port of the run in a folder
@@ -202,7 +202,7 @@ def _train_priors(st: EmbeddingStore, shards: list[str], kept_rows: int, p: Demo
                                                 text_length=context, heldout_fraction=0.1,
                                                 ckpt_every=max(p.prior_steps // 4, 1), eval_every=0, num_threads=1,
                                                 proj_reduction=reduction,
-                                                **({"eclipse_lambda": lam} if obj == "eclipse" else {}))))
+                                                **objective_type(obj).sweep(lam))))
     todo = [j for j in jobs if finished_prior(Path(j["out"]), p.prior_steps) is None]  # a rerun skips finished ones
     workers = max(1, min(os.cpu_count() or 1, len(todo)))
     print(f"3/5 training {len(jobs)} priors ({len(jobs) - len(todo)} finished earlier) on the held-in shards {shards}, "

@@ -47,7 +47,7 @@ from flows.train import train
 from pipeline.cluster import ClusterConfig, dask_task_runner
 from storage_schema import EmbeddingStore
 from storage_schema.atomic import atomic_write_text
-from training.objectives import ObjectiveName
+from training.objectives import ObjectiveName, objective_type
 from training.prior import PresetName
 
 WORLD_PREFIX = "world:"
@@ -121,7 +121,7 @@ class ReproduceParams(_Params):
     def columns(self) -> list[tuple[str, float | None]]:
         out: list[tuple[str, float | None]] = []
         for o in self.objectives:
-            out += [(o, lam) for lam in self.lambdas] if o == "eclipse" else [(o, None)]
+            out += [(o, lam) for lam in self.lambdas] if objective_type(o).sweep_key else [(o, None)]
         return out
 
 
@@ -328,7 +328,7 @@ def _jobs(rows: list[Row], p: ReproduceParams, root: Path, threads: int) -> tupl
                 train = TrainParams(batch_size=p.batch_size, lr=p.lr, seed=seed,
                                     heldout_fraction=p.heldout_fraction,  # world rows too: the baselines' split
                                     ckpt_every=max(p.steps // 4, 1), eval_every=0, num_threads=threads,
-                                    **({"eclipse_lambda": lam} if objective == "eclipse" else {}), **dims)
+                                    **objective_type(objective).sweep(lam), **dims)
                 jobs.append(CellJob(cell, row, str(record), p.steps, train.model_dump(), p.eval_seeds, p.eval_rows,
                                     None if row.heldout_shards else p.heldout_fraction))
     return jobs, known

@@ -151,3 +151,28 @@ def test_architecture_md_names_every_module_and_only_existing_ones():
             if path.name not in ("__init__.py", "__main__.py") and rel not in covered and f"{package}/" not in covered:
                 unnamed.append(rel)
     assert unnamed == [], f"ARCHITECTURE.md does not say what these modules do: {unnamed}"
+
+
+def objective_name_branches(path: Path, names: tuple[str, ...]) -> list[str]:
+    """Comparisons of something with an objective's name (`x == "eclipse"`, `x in ("diffusion", ...)`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in (node.left, *node.comparators):
+            consts = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+            if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
+                found.append(f"{path}:{node.lineno}")
+    return found
+
+
+def test_no_branch_on_an_objective_name_outside_the_objectives_module(tmp_path):
+    from training.objectives import OBJECTIVES
+
+    owner = ROOT / "training" / "objectives.py"
+    branches = [b for package in LAYERS for path in sorted((ROOT / package).rglob("*.py")) if path != owner
+                for b in objective_name_branches(path, OBJECTIVES)]
+    assert branches == [], "what differs about an objective belongs on its class in training/objectives.py"
+    probe = tmp_path / "probe.py"
+    probe.write_text('if cfg.objective == "eclipse" or name in ("diffusion",):\n    pass\n')
+    assert len(objective_name_branches(probe, OBJECTIVES)) == 2  # the check sees both forms

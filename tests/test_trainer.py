@@ -156,9 +156,17 @@ def test_a_non_finite_loss_stops_the_run_and_says_where_to_look(tmp_path, monkey
     rows["image_embeds"][5] = np.nan
     monkeypatch.setattr(writer, "_refuse_non_finite", lambda *a: None)  # an older writer
     StoreWriter(tmp_path / "s", info).write_shard("00000", build_table(info, **rows))
+    # the reader refuses the batch holding it, naming the shard and row
+    with pytest.raises(StoreError, match=r"is corrupt: shard 00000.parquet, row\(s\) 5 .*image_embed"):
+        train(tiny(tmp_path / "s", tmp_path / "run-1", steps=8, batch_size=16, objective="eclipse"))
+    assert not (tmp_path / "run-1" / "prior").exists()
+    # and were a NaN to get past the reader (its value check off here), the loss check stops the run
+    import storage_schema.reader as reader
+
+    monkeypatch.setattr(reader, "_outside_range", lambda values: False)
     with pytest.raises(FloatingPointError, match=r"step \d+: loss is nan.*stopping.*store inspect"):
-        train(tiny(tmp_path / "s", tmp_path / "run", steps=8, batch_size=16, objective="eclipse"))
-    assert not (tmp_path / "run" / "prior").exists()
+        train(tiny(tmp_path / "s", tmp_path / "run-2", steps=8, batch_size=16, objective="eclipse"))
+    assert not (tmp_path / "run-2" / "prior").exists()
 
 
 def test_projection_logs_its_one_term_and_no_ratio(tmp_path, store):

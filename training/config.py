@@ -19,6 +19,7 @@ from training.objectives import (
     LEGACY_REDUCTION,
     OBJECTIVES,
     REDUCTIONS,
+    objective_type,
 )
 from training.prior import PRESETS
 
@@ -100,18 +101,18 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"config: {name} must be positive, got {getattr(self, name)!r}")
-        if self.objective == "eclipse" and int(self.batch_size) < 2:
-            raise ValueError(f"config: eclipse needs batch_size >= 2 per process (the InfoNCE term's negatives are the "
-                             f"other rows of the batch), got {self.batch_size}")
+        if int(self.batch_size) < (least := objective_type(self.objective).min_batch):
+            raise ValueError(f"config: {self.objective} needs batch_size >= {least} per process (its loss compares "
+                             f"the rows of a batch), got {self.batch_size}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"config: heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.num_layers is not None and int(self.num_layers) <= 0:
             raise ValueError(f"config: num_layers must be positive, got {self.num_layers!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"config: dropout must be in [0, 1), got {self.dropout}")
-        if not self.text_hidden and self.objective == "diffusion":
-            raise ValueError("config: text_hidden=false is for the time-free priors; the diffusion baseline's "
-                             "stock prior always reads the text hidden states")
+        if not self.text_hidden and objective_type(self.objective).needs_text_hidden:
+            raise ValueError(f"config: text_hidden=false is for the time-free priors; the {self.objective} "
+                             "objective's prior always reads the text hidden states")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.proj_reduction not in REDUCTIONS:

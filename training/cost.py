@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from training.objectives import objective_type
 from training.prior import preset_config
 
 #: CLIPVisionConfig kwargs of the decoders' image towers (from the repos' config.json):
@@ -57,8 +58,7 @@ def objective_train_flops_per_sample(preset: str, objective: str) -> float:
     """Training FLOPs per sample of a prior preset under an objective. The diffusion baseline's prior has
     one more position (the timestep token); its small time-embedding MLP is not counted (< 0.1 %)."""
     cfg = preset_config(preset)
-    if objective == "diffusion":
-        cfg["additional_embeddings"] = 4
+    cfg["additional_embeddings"] += objective_type(objective).extra_tokens
     return prior_train_flops_per_sample(cfg)
 
 

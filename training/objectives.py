@@ -216,12 +216,41 @@ def sample_diffusion_prior(
 
 
 class Objective:
-    """Builds its model, computes the training loss, and predicts image embeddings for evaluation."""
+    """Builds its model, computes the training loss, and predicts image embeddings for evaluation.
+
+    What differs between objectives is written here, as class attributes the config, the trainer, the
+    cost model and the experiment grids read: nothing outside this module branches on an objective's name.
+    """
 
     name: str = ""
     #: (numerator, denominator): the two parts whose gradient norms the trainer compares at its
     #: logging steps (`training.monitor.grad_ratio`); None for a loss of one term.
     balance: tuple[str, str] | None = None
+    #: the fewest rows a batch may have for the loss to mean anything
+    min_batch: int = 1
+    #: the TrainConfig field an experiment grid sweeps for this objective (columns NAME-VALUE), or None
+    sweep_key: str | None = None
+    #: its model reads the text hidden states whatever the config's `text_hidden` says
+    needs_text_hidden: bool = False
+    #: sequence positions beyond the released prior's, for the cost model (`training.cost`)
+    extra_tokens: int = 0
+    #: a fresh run first fits the model's target standardisation from the store (`training.trainer`)
+    standardises: bool = False
+
+    @classmethod
+    def create(cls, **kw) -> "Objective":
+        """An instance from `make_objective`'s keywords (each class takes the ones it uses)."""
+        return cls()
+
+    @classmethod
+    def sweep(cls, value: float | None) -> dict:
+        """The config override of one grid column: {sweep_key: value}, or {} for an objective without one."""
+        return {cls.sweep_key: value} if cls.sweep_key and value is not None else {}
+
+    @classmethod
+    def label(cls, value: float | None = None) -> str:
+        """A grid column's name: `eclipse-0.2` for a swept value, else the objective's name."""
+        return f"{cls.name}-{value:g}" if cls.sweep_key and value is not None else cls.name
 
     def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None,
                     **arch) -> nn.Module:
@@ -249,6 +278,10 @@ class ProjectionObjective(Objective):
     def __init__(self, reduction: str = DEFAULT_REDUCTION):
         self.reduction = reduction
 
+    @classmethod
+    def create(cls, **kw) -> "ProjectionObjective":
+        return cls(kw.get("reduction", DEFAULT_REDUCTION))
+
     def loss(self, model, batch, generator):
         loss = projection_loss(self._forward(model, batch, generator), batch.image_embed, self.reduction)
         return loss, {PROJ: loss}
@@ -257,9 +290,15 @@ class ProjectionObjective(Objective):
 class EclipseObjective(Objective):
     name = "eclipse"
     balance = (CLS_WEIGHTED, PROJ)  # the trainer logs ||grad lambda*L_CLS|| / ||grad L_proj||
+    min_batch = 2  # InfoNCE's negatives are the other rows of the batch
+    sweep_key = "eclipse_lambda"
 
     def __init__(self, lam: float = DEFAULT_LAMBDA, tau: float = DEFAULT_TAU, reduction: str = DEFAULT_REDUCTION):
         self.lam, self.tau, self.reduction = lam, tau, reduction
+
+    @classmethod
+    def create(cls, **kw) -> "EclipseObjective":
+        return cls(kw.get("lam", DEFAULT_LAMBDA), kw.get("tau", DEFAULT_TAU), kw.get("reduction", DEFAULT_REDUCTION))
 
     def loss(self, model, batch, generator):
         pred = self._forward(model, batch, generator)
@@ -268,12 +307,19 @@ class EclipseObjective(Objective):
 
 class DiffusionObjective(Objective):
     name = "diffusion"
+    needs_text_hidden = True  # diffusers' stock prior
+    extra_tokens = 1  # the timestep token
+    standardises = True  # clip_mean / clip_std of the target
 
     def __init__(self, text_drop_prob: float = 0.1, num_inference_steps: int = 25, guidance_scale: float = 4.0):
         self.text_drop_prob = text_drop_prob
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.scheduler = make_scheduler()
+
+    @classmethod
+    def create(cls, **kw) -> "DiffusionObjective":
+        return cls(kw.get("text_drop_prob", 0.1), kw.get("num_inference_steps", 25), kw.get("guidance_scale", 4.0))
 
     def build_model(self, preset: str, embedding_dim: int | None = None, text_length: int | None = None,
                     **arch) -> nn.Module:
@@ -286,7 +332,7 @@ class DiffusionObjective(Objective):
             raise ValueError("the diffusion baseline's stock prior always reads the text hidden states "
                              "(text_hidden=False is for the time-free priors)")
         cfg = preset_config(preset, embedding_dim, text_length, **arch)
-        cfg["additional_embeddings"] = 4  # + the timestep token
+        cfg["additional_embeddings"] += self.extra_tokens
         model = DiffusionPriorTransformer(**cfg)
         with torch.no_grad():
             model.clip_std.fill_(1.0)
@@ -305,15 +351,22 @@ class DiffusionObjective(Objective):
         )
 
 
+# The one registry of objectives: a new one is a class above and a line here (and in ObjectiveName).
+OBJECTIVE_TYPES: dict[str, type[Objective]] = {
+    c.name: c for c in (EclipseObjective, ProjectionObjective, DiffusionObjective)
+}
+assert tuple(OBJECTIVE_TYPES) == OBJECTIVES
+
+
+def objective_type(name: str) -> type[Objective]:
+    """The class of objective `name`: what differs about it, without building anything."""
+    if name not in OBJECTIVE_TYPES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {list(OBJECTIVES)}")
+    return OBJECTIVE_TYPES[name]
+
+
 def make_objective(name: str, **kw) -> Objective:
     reduction = kw.get("reduction", DEFAULT_REDUCTION)
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown projection-loss reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
-    if name == "eclipse":
-        return EclipseObjective(kw.get("lam", DEFAULT_LAMBDA), kw.get("tau", DEFAULT_TAU), reduction)
-    if name == "projection":
-        return ProjectionObjective(reduction)
-    if name == "diffusion":
-        return DiffusionObjective(kw.get("text_drop_prob", 0.1), kw.get("num_inference_steps", 25),
-                                  kw.get("guidance_scale", 4.0))
-    raise ValueError(f"unknown objective {name!r}; choose one of {list(OBJECTIVES)}")
+    return objective_type(name).create(**kw)

@@ -212,8 +212,8 @@ def evaluate(objective: Objective, model: torch.nn.Module, store: EmbeddingStore
             if i >= cfg.eval_batches:
                 break
             batch = raw.to(device)
-            if len(raw) < 2 and cfg.objective == "eclipse":
-                continue  # a contrastive loss needs at least two rows
+            if len(raw) < objective.min_batch:
+                continue  # e.g. a contrastive loss needs at least two rows
             with autocast():
                 loss, _ = objective.loss(model, batch, gen)
                 pred = objective.predict(model, batch, gen).float()
@@ -493,7 +493,7 @@ def _build_model(cfg: TrainConfig, objective: Objective, store: EmbeddingStore, 
             raise ValueError(f"init_from {cfg.init_from}: a {type(init).__name__}, but objective "
                              f"{cfg.objective!r} trains a {type(model).__name__}")
         model.load_state_dict(init.state_dict())  # shapes are checked here: a wrong D fails loudly
-    elif cfg.objective == "diffusion" and fresh:
+    elif objective.standardises and fresh:
         fit_standardisation(model, store, cfg)
     return model
 
