@@ -68,12 +68,14 @@ def test_served_local_precompute_deployment_runs_to_completion(image_server, tmp
             assert store.num_rows == 4 and len(store.shards) == 2
             assert f"wrote {data / 'out'}: store {data / 'out' / 'store'} (4 rows in 2 shards)" in run.stdout
 
-            # Offline: one attempt, and --watch shows why the run failed, not only "Failed".
+            # Offline: the encoder's files are checked before the download (hours at this size), in one
+            # attempt, and --watch shows why the run failed, not only "Failed".
             offline = _watch(env, "precompute/laion-highres-5m")
             shown = offline.stdout + offline.stderr
             assert offline.returncode == 1, shown[-3000:]
-            assert "SourceUnavailableError" in shown and "ECLIPSE_OFFLINE is set" in shown, shown[-3000:]
-            assert "not retrying, a retry cannot fix this" in shown and "Retrying" not in shown, shown[-3000:]
+            assert "EncoderLoadError" in shown and "hf download kandinsky-community/kandinsky-2-2-prior" in shown, \
+                shown[-3000:]
+            assert "Retrying" not in shown and "prefect.task-run" not in shown, shown[-3000:]  # no task started
 
             # An unknown encoder fails before the download, and the message (which once held rich markup,
             # `[/<pretrained tag>]`, that crashed --watch) reaches the watcher whole.
