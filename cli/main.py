@@ -65,7 +65,11 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=None, help="download processes (default: one per core)")
     p.add_argument("--threads", type=int, default=64, help="download threads per process (default 64)")
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
-    p.add_argument("--timeout", type=int, default=10, help="seconds per url (default 10)")
+    p.add_argument("--timeout", type=int, default=10, help="seconds per network read of a url (default 10)")
+    p.add_argument("--max-download-seconds", type=float, default=None,
+                   help="one url's whole download: connect, headers, body (default 3 x --timeout)")
+    p.add_argument("--max-image-mib", type=int, default=None, help="a larger image body is dropped as it arrives "
+                   "(default: the encode stage's limit for a tar's image member, 32)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming (wipes the folder)")
     p.add_argument("--metadata-dir", default=None,
                    help="a preset's files downloaded by hand (any names matching the preset's glob, e.g. *.parquet "
@@ -87,7 +91,9 @@ def _download_config(args: argparse.Namespace):
     kw = dict(image_size=args.image_size, resize_mode=args.resize_mode, thread_count=args.threads,
               number_sample_per_shard=args.shard_size, timeout=args.timeout, max_error_rate=args.max_error_rate,
               incremental_mode="overwrite" if args.overwrite else "incremental",
-              allow_local_files=args.allow_local_files)
+              allow_local_files=args.allow_local_files, max_download_seconds=args.max_download_seconds)
+    if args.max_image_mib:
+        kw["max_image_bytes"] = args.max_image_mib << 20
     if args.processes:
         kw["processes_count"] = args.processes
     return DownloadConfig(**kw)
@@ -321,13 +327,15 @@ def _add_store_command(sub) -> None:
     insp = _subcommand(
         store_sub, "inspect", _cmd_store_inspect,
         help="rows, shards, dims, encoder, size and problems of a store",
-        description="Validate a store (manifest, every shard, checksums, duplicate keys) and summarise it. "
-        "Exit status 1 when problems are found.",
+        description="Validate a store (manifest, every shard, duplicate keys, and checksums: re-hashing every shard "
+        "reads the whole store from disk once, as long as reading it through) and summarise it. Exit status 1 when "
+        "problems are found.",
     )
     insp.add_argument("store", help="store directory (holds _manifest.json and *.parquet shards)")
     insp.add_argument("--json", action="store_true", help="print a JSON report (keys: rows, shards, image_dim, "
                       "text_dim, encoder, problems, ...)")
-    insp.add_argument("--no-verify", action="store_true", help="skip re-hashing every shard (faster)")
+    insp.add_argument("--no-verify", action="store_true", help="skip re-hashing every shard (that reads the whole "
+                      "store once; without it, bytes changed inside a shard of the same size go unseen)")
 
 
 def _add_download_command(sub) -> None:

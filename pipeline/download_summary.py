@@ -82,6 +82,8 @@ def failure_category(status: str | None, message: str | None) -> str:
         return f"http_{code}" if code < 500 else "http_5xx"
     if "timed out" in msg or "timeout" in msg:
         return "timeout"
+    if msg.startswith("body over"):  # pipeline.download's max_image_bytes
+        return "too_large"
     if "x-robots-tag" in msg:
         return "disallowed_by_robots"
     if "hash mismatch" in msg:

@@ -20,6 +20,7 @@ from storage_schema.schema import (
     IMAGE_EMBED,
     KEY,
     MANIFEST_NAME,
+    MAX_ABS,
     SCHEMA_VERSION,
     TEXT_EMBED,
     TEXT_HIDDEN,
@@ -36,11 +37,6 @@ from storage_schema.writer import StoreError, file_sha256, read_manifest
 TEXT_MASK = "text_mask"  # derived batch entry: True on real tokens
 _ORIGIN = "_origin"  # internal chunk entry: shard index << 32 | row within the shard, to name a bad row
 
-# Largest |value| the reader accepts in image_embed, text_embed and text_hidden. Raw CLIP embeddings and
-# hidden states after the final LayerNorm stay within a few tens per component (a LayerNorm output is at most
-# |gamma| x sqrt(H) + |beta|), so a value beyond this is damaged bytes, not data: a flipped high byte of an
-# fp16 value gives NaN, Inf or a huge exponent far more often than a plausible number.
-MAX_ABS = 1e4
 _MAX_BITS = int(np.array(MAX_ABS, dtype=np.float16).view(np.uint16))
 
 

@@ -19,6 +19,11 @@ KEY, CAPTION, URL = "key", "caption", "url"
 # Rows that share one image (e.g. MS-COCO's five captions) have keys IMAGEKEY#1, IMAGEKEY#2, ...:
 # the part before "#" names the image, and held-out splits keep such rows on one side.
 CAPTION_SEP = "#"
+# Largest |value| writers store and readers accept in image_embed, text_embed and text_hidden. Raw CLIP
+# embeddings and hidden states after the final LayerNorm stay within a few tens per component (a LayerNorm
+# output is at most |gamma| x sqrt(H) + |beta|), so a value beyond this is damaged bytes or a broken encoder,
+# not data: a flipped high byte of an fp16 value gives NaN, Inf or a huge exponent far more often than not.
+MAX_ABS = 1e4
 
 
 def image_key(key: str) -> str:

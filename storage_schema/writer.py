@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from storage_schema.atomic import TEMP_PREFIX, atomic_write_bytes, fsync_path, temp_path
 from storage_schema.schema import (
     MANIFEST_NAME,
+    MAX_ABS,
     SCHEMA_VERSION,
     EncoderInfo,
     arrow_schema,
@@ -104,12 +105,15 @@ def _fixed_list(values: np.ndarray, dim: int, name: str, keys: Sequence[str]) ->
 
 
 def _refuse_non_finite(values: np.ndarray, name: str, keys: Sequence[str]) -> None:
-    """NaN or Inf (in fp16: also any value beyond +-65504) would reach every reader and train a NaN prior."""
-    bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))  # per row; a shard may have no rows
+    """NaN or Inf (in fp16: also any value beyond +-65504) would reach every reader and train a NaN prior; a
+    value beyond MAX_ABS is refused by every reader, so it is refused here, before it is stored."""
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(values) & (np.abs(values) <= MAX_ABS)
+    bad = ~ok.all(axis=tuple(range(1, values.ndim)))  # per row; a shard may have no rows
     if bad.any():
         rows = [keys[i] for i in np.flatnonzero(bad)[:5]]
-        raise ValueError(f"{name}: {int(bad.sum())} row(s) hold NaN or Inf after the cast to float16 (e.g. keys "
-                         f"{rows}): the encoder produced non-finite values or values beyond float16's range")
+        raise ValueError(f"{name}: {int(bad.sum())} row(s) hold NaN, Inf or values beyond +-{MAX_ABS:g} after the "
+                         f"cast to float16 (e.g. keys {rows}): the encoder produced values no CLIP tower gives")
 
 
 def build_table(

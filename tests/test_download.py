@@ -348,7 +348,7 @@ def test_trickling_endless_and_oversized_bodies_fail_alone_and_memory_stays_boun
     rows = pd.read_parquet(out / "00000.parquet", columns=["url", "status", "error_message"])
     failed = rows[rows["status"] != "success"]
     assert dict(zip(failed["url"], failed["error_message"], strict=True)) == bad
-    assert summary.failure_reasons == {"timeout": 2, "other": 2}
+    assert summary.failure_reasons == {"timeout": 2, "too_large": 2}
 
 
 def _start_cli_download(image_server, tmp_path: Path) -> tuple[subprocess.Popen, Path]:  # noqa: F811

@@ -12,6 +12,8 @@ from pipeline.download_summary import failure_category, format_summary, summariz
     ("failed_to_download", "HTTP Error 404: Not Found", "http_404"),
     ("failed_to_download", "HTTP Error 503: Service Unavailable", "http_5xx"),
     ("failed_to_download", "timed out", "timeout"),
+    ("failed_to_download", "download took over 30 s (max_download_seconds): timed out", "timeout"),
+    ("failed_to_download", "body over 32 MiB (max_image_bytes)", "too_large"),
     ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection_error"),
     ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns_error"),
     ("failed_to_resize", "Image decoding error", "decode_error"),

@@ -82,18 +82,20 @@ def test_bad_rows_are_refused_before_anything_is_written(tmp_path):
 
 
 def test_non_finite_embeddings_are_refused_naming_the_rows():
-    """NaN, Inf and values beyond float16's range (they become Inf in the store) never reach a reader."""
+    """NaN, Inf, values beyond float16's range (they become Inf in the store) and values beyond the readers'
+    bound (schema.MAX_ABS) never reach a reader."""
     info = tiny_info()
     r = random_rows(5, info)
-    for column, bad in (("image_embeds", np.nan), ("text_embeds", np.inf), ("image_embeds", 1e5)):
+    for column, bad in (("image_embeds", np.nan), ("text_embeds", np.inf), ("image_embeds", 1e5),
+                        ("text_embeds", -2e4)):
         values = np.array(r[column], dtype=np.float32)
         values[3, 2] = bad
-        with pytest.raises(ValueError, match=rf"{column}: 1 row\(s\) hold NaN or Inf.*'{r['keys'][3]}'"):
+        with pytest.raises(ValueError, match=rf"{column}: 1 row\(s\) hold NaN, Inf or values beyond.*'{r['keys'][3]}'"):
             build_table(info, **{**r, column: values})
     hidden = list(r["text_hidden"])
     hidden[1] = hidden[1].copy()
     hidden[1][0, 0] = np.nan
-    with pytest.raises(ValueError, match=rf"text_hidden: 1 row\(s\) hold NaN or Inf.*'{r['keys'][1]}'"):
+    with pytest.raises(ValueError, match=rf"text_hidden: 1 row\(s\) hold NaN, Inf or values beyond.*'{r['keys'][1]}'"):
         build_table(info, **{**r, "text_hidden": hidden})
     assert build_table(info, **r).num_rows == 5  # finite rows pass
     none = random_rows(0, info)  # a shard whose every row was skipped
