@@ -87,20 +87,14 @@ def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards
     Returns model name -> summary (priors under `seeds` noise seeds; TextEmb, text-shift, ridge; oracle).
     """
     from evaluation.baselines import Baselines, scan_training_split
-    from evaluation.predict import load_heldout, predict_heldout
+    from evaluation.predict import merge_heldout, predict_heldout
     from evaluation.priors import open_prior
     from evaluation.split import resolve_split
 
     handles = [open_prior(p, "cpu") for p in priors]
     split = resolve_split(handles, None, None, train_shards, heldout_shards, store)
     if predictions is not None:
-        files = [predictions] if isinstance(predictions, str | os.PathLike) else list(predictions)
-        held = load_heldout(files[0])
-        for f in files[1:]:
-            other = load_heldout(f)
-            if other.keys != held.keys:
-                raise ValueError(f"{f} holds predictions for other rows than {files[0]}: evaluated with other settings")
-            held.preds.update(other.preds)
+        held = merge_heldout([predictions] if isinstance(predictions, str | os.PathLike) else list(predictions))
         missing = [h.name for h in handles if h.name not in held.preds]
         if missing:
             raise ValueError(f"{predictions} has no predictions of {missing} (only of {sorted(held.preds)})")

@@ -83,6 +83,20 @@ def save_heldout(held: Heldout, path: str | os.PathLike) -> Path:
     return path
 
 
+def merge_heldout(paths: Sequence[str | os.PathLike]) -> Heldout:
+    """The rows of the first file with every file's predictions, aligned by key: runs over the same rows may
+    hold them in another order (a store encoded again from the same images); other rows are refused."""
+    held = load_heldout(paths[0])
+    for path in paths[1:]:
+        other = load_heldout(path)
+        if sorted(other.keys) != sorted(held.keys):
+            raise ValueError(f"{path} holds predictions for other rows than {paths[0]}: evaluated with other settings")
+        at = {k: i for i, k in enumerate(other.keys)}
+        order = np.array([at[k] for k in held.keys], dtype=np.int64)
+        held.preds.update({name: p[:, order] for name, p in other.preds.items()})
+    return held
+
+
 def load_heldout(path: str | os.PathLike) -> Heldout:
     """The `Heldout` that `save_heldout` wrote (no pickles: strings are stored as numpy unicode arrays)."""
     with np.load(path, allow_pickle=False) as z:

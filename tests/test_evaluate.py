@@ -187,6 +187,25 @@ def test_the_heldout_predictions_are_kept_and_read_back(full, world):
         assert float(cos) == pytest.approx(res["models"][name]["metrics"]["cos_image"]["value"], abs=1e-5)
 
 
+def test_predictions_of_runs_over_the_same_rows_in_another_order_merge_by_key(full, tmp_path):
+    from evaluation.predict import PREDICTIONS_FILE, Heldout, load_heldout, merge_heldout, save_heldout
+
+    _, out = full
+    held = load_heldout(out / PREDICTIONS_FILE)
+    perm = np.random.default_rng(0).permutation(len(held.keys))
+    shuffled = Heldout([held.keys[i] for i in perm], [held.captions[i] for i in perm], [held.urls[i] for i in perm],
+                       held.image[perm], held.text[perm], {"other": held.preds["eclipse-a"][:, perm] + 1.0})
+    save_heldout(shuffled, tmp_path / "shuffled.npz")
+    merged = merge_heldout([out / PREDICTIONS_FILE, tmp_path / "shuffled.npz"])
+    assert merged.keys == held.keys and sorted(merged.preds) == ["eclipse-a", "eclipse-b", "other"]
+    np.testing.assert_array_equal(merged.preds["other"], held.preds["eclipse-a"] + 1.0)  # back in the rows' order
+    fewer = Heldout(held.keys[1:], held.captions[1:], held.urls[1:], held.image[1:], held.text[1:],
+                    {"other": held.preds["eclipse-a"][:, 1:]})
+    save_heldout(fewer, tmp_path / "fewer.npz")
+    with pytest.raises(ValueError, match="holds predictions for other rows"):
+        merge_heldout([out / PREDICTIONS_FILE, tmp_path / "fewer.npz"])
+
+
 def test_probe_families_of_the_callers_vocabulary(world, tmp_path):
     families = {"hue": list(COLORS), "form": list(SHAPES), "where": ["left", "right"]}
     res = evaluate(EvalConfig(world["priors"][:1], world["store"], tmp_path, heldout_fraction=FRACTION, n_boot=50,
