@@ -59,6 +59,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -378,6 +379,38 @@ def _fetch(row: tuple[int, str], timeout: float, user_agent_token: str | None,
         return key, None, str(err)
 
 
+PROGRESS_EVERY_S = 30.0  # a shard of 10,000 urls takes minutes: say how far it got, this often
+
+
+class ShardProgress:
+    """A line on stderr at most every `interval` seconds while a shard downloads: its urls fetched so far."""
+
+    def __init__(self, shard_id: int, interval: float = PROGRESS_EVERY_S) -> None:
+        self.shard, self.interval = shard_name(shard_id), interval
+        self.done = self.ok = 0
+        self.t0 = self.last = time.monotonic()
+        self.lock = threading.Lock()  # img2dataset fetches a shard's urls in threads
+
+    def tick(self, ok: bool) -> None:
+        with self.lock:
+            self.done += 1
+            self.ok += ok
+            now = time.monotonic()
+            if now - self.last < self.interval:
+                return
+            self.last = now
+            line = (f"download shard {self.shard}: {self.done:,} urls fetched ({self.ok:,} ok) in "
+                    f"{now - self.t0:.0f} s")
+        print(line, file=sys.stderr, flush=True)
+
+
+def _fetch_counted(row: tuple[int, str], *args: Any, progress: ShardProgress, **kw: Any
+                   ) -> tuple[int, io.BytesIO | None, str | None]:
+    result = _fetch(row, *args, **kw)
+    progress.tick(result[2] is None)
+    return result
+
+
 class _LimitedDownloader:
     """img2dataset's ``Downloader`` (one call per shard) whose url fetches are :func:`_fetch`.
 
@@ -398,7 +431,8 @@ class _LimitedDownloader:
         # warning). Threads need no names; "fork" locks are unlinked as soon as they are made.
         multiprocessing.set_start_method("fork", force=True)
         module = importlib.import_module("img2dataset.downloader")
-        module.download_image = functools.partial(_fetch, max_bytes=self.max_bytes, max_seconds=self.max_seconds)
+        module.download_image = functools.partial(_fetch_counted, progress=ShardProgress(row[0]),
+                                                  max_bytes=self.max_bytes, max_seconds=self.max_seconds)
         return self.downloader(row)
 
 

@@ -423,3 +423,17 @@ def test_a_killed_download_takes_its_workers_with_it(image_server, tmp_path):  #
         assert not list(out.glob("*_stats.json")) and completed_shard_ids(out) == []
     finally:
         _kill_all(proc, descendants)
+
+
+def test_a_long_shard_says_how_far_it_got(capsys):
+    from pipeline.download import ShardProgress
+
+    quiet = ShardProgress(3, interval=3600)
+    for ok in (True, False, True):
+        quiet.tick(ok)
+    assert capsys.readouterr().err == ""  # at most one line per interval
+    loud = ShardProgress(3, interval=0)
+    for ok in (True, False, True):
+        loud.tick(ok)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("download shard 00003: 3 urls fetched (2 ok) in ") and len(lines) == 3
