@@ -1,9 +1,11 @@
 """docker/ and prefect.yaml, checked statically (no Docker engine runs on these machines)."""
 
 import importlib
+import typing
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from cli.main import build_parser
 
@@ -53,3 +55,43 @@ def test_prefect_yaml_entrypoints_are_flows():
         assert isinstance(flow, Flow)
         names.add(f"{flow.name}/{dep['name']}")
     assert {"precompute/laion-highres-5m", "precompute/local", "train/kandinsky22", "retrain/kandinsky22"} <= names
+
+
+def _normalized(flow, parameters: dict) -> dict:
+    """`parameters` as the flow will see them: a pydantic-model parameter given as a partial dict gets its
+    defaults, so prefect.yaml may name only what differs from them."""
+    hints = typing.get_type_hints(flow.fn)
+    out = {}
+    for name, value in parameters.items():
+        hint = hints.get(name)
+        if isinstance(hint, type) and issubclass(hint, BaseModel):
+            value = hint.model_validate(value).model_dump(mode="json")
+        out[name] = value
+    return out
+
+
+def test_prefect_yaml_declares_the_deployments_serve_runs():
+    """`prefect deploy --all` (many machines) and `eclipse-prior serve --data /data` (one machine) offer the same
+    deployments, with the same parameters and schedules: the yaml's Dask address template stands in for serve's
+    --dask-address."""
+    from flows.deployments import build_deployments
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    address = spec["definitions"]["cluster"]["address"]
+    served = {f"{d.flow_name}/{d.name}": d for d in build_deployments("/data", address)}
+    declared = {}
+    for dep in spec["deployments"]:
+        module, _, attr = dep["entrypoint"].partition(":")
+        flow = getattr(importlib.import_module(module), attr)
+        name = f"{flow.name}/{dep['name']}"
+        assert name not in declared, f"prefect.yaml declares {name} twice"
+        declared[name] = (flow, dep)
+    assert sorted(declared) == sorted(served), (
+        f"only in prefect.yaml: {sorted(set(declared) - set(served))}; "
+        f"only in serve (flows/deployments.py): {sorted(set(served) - set(declared))}")
+    for name, (flow, dep) in declared.items():
+        runner = served[name]
+        assert runner.entrypoint == dep["entrypoint"].replace(":", "."), name
+        assert _normalized(flow, dep.get("parameters", {})) == _normalized(flow, runner.parameters), name
+        crons = [s.schedule.cron for s in runner.schedules or []]
+        assert [s["cron"] for s in dep.get("schedules", [])] == crons, name
