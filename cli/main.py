@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+from pipeline.families import DEFAULT_FAMILY, FAMILIES
+
 DESCRIPTION = """\
 Train ECLIPSE text-to-image priors over a precomputed CLIP embedding store.
 
@@ -33,7 +35,7 @@ def _cmd_store_inspect(args: argparse.Namespace) -> int:
 
 def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", required=True,
-                   help="kandinsky22 | karlo | tiny-clip | open_clip:MODEL[/TAG] | an encoder folder")
+                   help=f"{' | '.join(FAMILIES)} | tiny-clip | open_clip:MODEL[/TAG] | an encoder folder")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: fp16 on GPU, fp32 on CPU)")
@@ -490,7 +492,7 @@ def _add_reproduce_command(sub) -> None:
                       help="the paper's grid: its datasets and decoders, 60k steps x 1024 (needs GPUs and the hub)")
     rp.set_defaults(grid="rehearsal")
     rp.add_argument("--datasets", nargs="+", help="override: presets, url lists, store folders or world:N")
-    rp.add_argument("--decoders", nargs="+", choices=["kandinsky22", "karlo"], help="override the decoders")
+    rp.add_argument("--decoders", nargs="+", choices=list(FAMILIES), help="override the decoders")
     rp.add_argument("--objectives", nargs="+", choices=["projection", "eclipse", "diffusion"])
     rp.add_argument("--lambdas", type=float, nargs="+", metavar="L", help="eclipse's λ values (one column each)")
     rp.add_argument("--seeds", type=int, help="training seeds per cell")
@@ -538,7 +540,7 @@ def _add_plan_command(sub) -> None:
     pl.add_argument("--paper", action="store_true", help="the paper's grid and setting (other flags override it)")
     pl.add_argument("--datasets", help="comma-separated presets (mscoco, cc3m, cc12m, laion-highres-5m) or local url "
                     "lists (read for rows, images and tokens per caption); default laion-highres-5m")
-    pl.add_argument("--decoders", help="comma-separated: kandinsky22, karlo (default kandinsky22)")
+    pl.add_argument("--decoders", help=f"comma-separated: {', '.join(FAMILIES)} (default {DEFAULT_FAMILY})")
     pl.add_argument("--objectives", help="comma-separated: eclipse, projection, diffusion (default eclipse)")
     pl.add_argument("--seeds", type=int, help="seeds per cell (default 1)")
     pl.add_argument("--steps", type=int, help="training steps per cell (default: train's, 60000)")

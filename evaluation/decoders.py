@@ -24,21 +24,14 @@ from PIL import Image
 
 from evaluation.priors import PriorHandle, prompt_embeddings
 from evaluation.weights import default_device, dtype_kw, load_pretrained
+from pipeline.families import FAMILIES
 
-DecoderKind = Literal["kandinsky22", "karlo"]
+# The decoders are the families' (pipeline.families: hub repo, title, sampling defaults, which pipeline).
+DecoderKind = Literal[tuple(FAMILIES)]
 DECODERS: tuple[str, ...] = get_args(DecoderKind)
-DECODER_HUB_IDS: dict[str, str] = {
-    "kandinsky22": "kandinsky-community/kandinsky-2-2-decoder",
-    "karlo": "kakaobrain/karlo-v1-alpha",
-}
-DECODER_TITLES = {"kandinsky22": "Kandinsky 2.2 decoder", "karlo": "Karlo v1 alpha decoder"}
-# The paper: "Image diffusion decoders are set to 50 DDIM steps and 7.5 classifier-free guidance".
-# Karlo's decoder predicts a learned variance for its own UnCLIPScheduler, which has no DDIM
-# variant; it keeps diffusers'/ECLIPSE's Karlo defaults of 25 decoder and 7 super-resolution steps.
-DECODER_DEFAULTS: dict[str, dict] = {
-    "kandinsky22": {"steps": 50, "guidance_scale": 7.5, "height": 512, "width": 512},
-    "karlo": {"steps": 25, "guidance_scale": 7.5, "super_res_steps": 7},
-}
+DECODER_HUB_IDS: dict[str, str] = {name: f.decoder_repo for name, f in FAMILIES.items()}
+DECODER_TITLES = {name: f.title for name, f in FAMILIES.items()}
+DECODER_DEFAULTS: dict[str, dict] = {name: f.sampling for name, f in FAMILIES.items()}
 
 
 class Decoder:
@@ -56,7 +49,7 @@ class Decoder:
         ref = os.fspath(path) if path is not None else DECODER_HUB_IDS[kind]
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-        if kind == "kandinsky22":
+        if FAMILIES[kind].pipeline == "kandinsky":
             from diffusers import DDIMScheduler, KandinskyV22Pipeline
 
             # low_cpu_mem_usage=False: the fast path needs `accelerate`, which this project does not install
@@ -64,13 +57,13 @@ class Decoder:
                                    local_files_only, low_cpu_mem_usage=False, **dtype_kw(dt))
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the paper's DDIM decoder sampling
         else:
-            pipe = _load_karlo(ref, dt, local_files_only)
+            pipe = _load_karlo(kind, ref, dt, local_files_only)
         pipe.set_progress_bar_config(disable=True)
         return cls(kind, pipe.to(dev), ref)
 
     @property
     def embedding_dim(self) -> int:
-        if self.kind == "kandinsky22":
+        if FAMILIES[self.kind].pipeline == "kandinsky":
             return int(self.pipe.unet.config.encoder_hid_dim)
         return int(self.pipe.text_proj.config.clip_embeddings_dim)
 
@@ -105,7 +98,7 @@ class Decoder:
         gen = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same images on any device
         dt = self.pipe.dtype
         emb = image_embeds.to(self.device, dt)
-        if self.kind == "kandinsky22":
+        if FAMILIES[self.kind].pipeline == "kandinsky":
             if negative_image_embeds is None:
                 raise ValueError("the Kandinsky decoder needs negative_image_embeds (e.g. zero_image_embedding)")
             neg = negative_image_embeds.to(self.device, dt).expand(emb.shape[0], -1)
@@ -122,7 +115,7 @@ def decoder_steps(kind: str, steps: int | None, super_res_steps: int | None) -> 
     decoder does not have, before any weights are loaded."""
     d = DECODER_DEFAULTS[kind]
     steps = d["steps"] if steps is None else int(steps)
-    if kind == "kandinsky22":
+    if FAMILIES[kind].pipeline == "kandinsky":
         if super_res_steps is not None:
             raise ValueError("super-resolution steps are Karlo's (its 64->256 px stage); the Kandinsky 2.2 decoder "
                              "has one denoising stage, set by --steps")
@@ -136,7 +129,7 @@ def decoder_steps(kind: str, steps: int | None, super_res_steps: int | None) -> 
     return steps, sr_steps
 
 
-def _load_karlo(ref: str, dtype: torch.dtype, local_files_only: bool):
+def _load_karlo(kind: str, ref: str, dtype: torch.dtype, local_files_only: bool):
     """Karlo's UnCLIPPipeline from its parts, without its prior.
 
     Built by hand: its model_index.json names text_proj's library "unclip" (Karlo's repo) or
@@ -147,7 +140,7 @@ def _load_karlo(ref: str, dtype: torch.dtype, local_files_only: bool):
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    what, default = DECODER_TITLES["karlo"], DECODER_HUB_IDS["karlo"]
+    what, default = DECODER_TITLES[kind], DECODER_HUB_IDS[kind]
 
     def part(cls, sub: str, **kw):
         return load_pretrained(cls, ref, f"{what} ({sub})", default, local_files_only, subfolder=sub, **kw)
@@ -231,7 +224,7 @@ def negative_embeddings(decoder: Decoder, handle: PriorHandle, encoder, n: int, 
                         seed: int) -> torch.Tensor | None:
     """Kandinsky's guidance negative [n, D]: our prior's embedding of `negative_prompt`, else the zero image's
     CLIP embedding. Karlo has none (None)."""
-    if decoder.kind != "kandinsky22":
+    if FAMILIES[decoder.kind].pipeline != "kandinsky":
         if negative_prompt:
             raise ValueError("the Karlo decoder has no negative image embedding (its guidance uses a learned null "
                              "embedding); drop the negative prompt")

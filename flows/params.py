@@ -7,18 +7,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.families import DEFAULT_FAMILY, FAMILIES
 from training.objectives import DEFAULT_LAMBDA, DEFAULT_REDUCTION, Reduction
 
-# deployment name -> (dataset preset, encoder preset): the encoder is the decoder's own.
-DATASET_DEPLOYMENTS = {
-    "laion-highres-5m": ("laion-highres-5m", "kandinsky22"),  # the paper's Kandinsky setting
-    "mscoco": ("mscoco", "kandinsky22"),
-    "cc3m": ("cc3m", "kandinsky22"),
-    "cc12m": ("cc12m", "kandinsky22"),
-    "cc12m-karlo": ("cc12m", "karlo"),  # Karlo's decoder needs ViT-L/14 embeddings
-}
+
+def _deployment(dataset: str, family: str) -> str:
+    """A precompute deployment's name: the dataset's, with the family's when it is not the default one."""
+    return dataset if family == DEFAULT_FAMILY else f"{dataset}-{family}"
+
+
+# deployment name -> (dataset preset, encoder preset): the encoder is the decoder's own (pipeline.families).
+DATASET_DEPLOYMENTS = {_deployment(d, name): (d, name) for name, f in FAMILIES.items() for d in f.deploy_datasets}
 # decoder preset -> the precompute deployment whose store its train/evaluate/retrain use by default
-DECODER_STORES = {"kandinsky22": "laion-highres-5m", "karlo": "cc12m-karlo"}
+DECODER_STORES = {name: _deployment(f.deploy_datasets[0], name) for name, f in FAMILIES.items() if f.deploy_datasets}
 
 
 class _Params(BaseModel):

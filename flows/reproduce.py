@@ -45,6 +45,7 @@ from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParam
 from flows.precompute import precompute
 from flows.train import train
 from pipeline.cluster import ClusterConfig, dask_task_runner
+from pipeline.families import DEFAULT_FAMILY, FAMILIES
 from storage_schema import EmbeddingStore
 from storage_schema.atomic import atomic_write_text
 from training.objectives import ObjectiveName, objective_type
@@ -52,7 +53,7 @@ from training.prior import PresetName
 
 WORLD_PREFIX = "world:"
 TEACHER = "teacher"  # the decoder column of world rows: the demo's teacher CLIP stands in for a decoder
-Decoder = Literal["kandinsky22", "karlo"]
+Decoder = Literal[tuple(FAMILIES)]
 
 
 class WorldParams(_Params):
@@ -68,7 +69,7 @@ class WorldParams(_Params):
 
 class ReproduceParams(_Params):
     datasets: list[str] = Field(min_length=1, description="dataset presets, url lists, store folders, or world:N")
-    decoders: list[Decoder] = Field(["kandinsky22"], min_length=1, description="each row is dataset x decoder")
+    decoders: list[Decoder] = Field([DEFAULT_FAMILY], min_length=1, description="each row is dataset x decoder")
     pairs: list[tuple[str, Decoder]] | None = Field(None, description="explicit (dataset, decoder) rows instead of "
                                                     "datasets x decoders (the paper's Table 2 pairs them)")
     objectives: list[ObjectiveName] = Field(["projection", "eclipse", "diffusion"], min_length=1)
@@ -136,7 +137,7 @@ class Row:
     train_shards: list[str] | None = None  # world rows: the size's held-in shards
     heldout_shards: list[str] | None = None  # world rows: the held-out compositions
     images: str | None = None  # webdataset folder, for the report's nearest-real-image examples
-    preset: str = "kandinsky22"  # the prior's size
+    preset: str = DEFAULT_FAMILY  # the prior's size
     dims: tuple[int, int] | None = None  # (embedding_dim, text_length) overrides for small encoders
     probe_families: dict[str, list[str]] | None = None
 

@@ -24,6 +24,7 @@ from flows.evaluate import evaluate
 from flows.failures import missing_store_message, require_store, store_exists
 from flows.params import GateParams, TrainParams
 from flows.train import train
+from pipeline.families import DEFAULT_FAMILY
 from storage_schema import EmbeddingStore
 from training.export import STATE, latest_checkpoint
 from training.objectives import ObjectiveName
@@ -43,7 +44,7 @@ def retrain(
     store: str,
     registry: str,
     objective: ObjectiveName = "eclipse",
-    preset: PresetName = "kandinsky22",
+    preset: PresetName = DEFAULT_FAMILY,
     steps: int = 5_000,
     data: Literal["all", "new"] = "all",
     params: TrainParams = TrainParams(),

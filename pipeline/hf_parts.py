@@ -2,85 +2,41 @@
 
 An encoder of the transformers backend is four parts (image tower, image processor, text tower,
 tokenizer), each a hub repo or a local folder, optionally a subfolder of it (:class:`Part`). The
-hub presets name theirs here (:data:`HUB_PRESETS`); :func:`load_part` turns every failure into an
-:class:`~pipeline.errors.EncoderLoadError` naming the part, :func:`tower_kwargs` fixes the
-projection width of LAION's joint configs, and :func:`hub_commit` reads the commit a hub part was
-loaded from, for the store's encoder metadata. :mod:`pipeline.encoders` builds encoders from them.
+hub presets are the decoder families' encoders (:data:`HUB_PRESETS`, from :mod:`pipeline.families`);
+:func:`load_part` turns every failure into an :class:`~pipeline.errors.EncoderLoadError` naming the
+part, :func:`tower_kwargs` fixes the projection width of LAION's joint configs, and :func:`hub_commit`
+reads the commit a hub part was loaded from, for the store's encoder metadata. :mod:`pipeline.encoders`
+builds encoders from them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import EncoderLoadError
+from pipeline.families import (  # noqa: F401 - re-exported: the encoders read them from here
+    FAMILIES,
+    IMAGE_ENCODER,
+    IMAGE_PROCESSOR,
+    TEXT_ENCODER,
+    TOKENIZER,
+    HFLayout,
+    Part,
+)
+from pipeline.hub import offline_flag
 
-# Subfolder names: the Kandinsky 2.2 prior repo's (diffusers) layout, reused for saved encoders.
-IMAGE_ENCODER, IMAGE_PROCESSOR = "image_encoder", "image_processor"
-TEXT_ENCODER, TOKENIZER = "text_encoder", "tokenizer"
-
-
-@dataclass(frozen=True)
-class Part:
-    """Where one component lives: a hub repo id or a local folder, plus an optional subfolder."""
-
-    repo: str
-    subfolder: str | None = None
-    revision: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.repo}/{self.subfolder}" if self.subfolder else self.repo
-
-    def kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
-        if self.subfolder:
-            kw["subfolder"] = self.subfolder
-        if self.revision:
-            kw["revision"] = self.revision
-        return kw
-
-
-@dataclass(frozen=True)
-class HFLayout:
-    image_encoder: Part
-    image_processor: Part
-    text_encoder: Part
-    tokenizer: Part
-
-
-# The hub presets: each part comes from where the decoder's official pipelines take it. Revisions
-# are left at `main`; the resolved commit is recorded in EncoderInfo.
-#  - kandinsky22: the image tower + processor of the Kandinsky 2.2 prior repo; the text tower +
-#    tokenizer of LAION's bigG repo, which ECLIPSE's own inference code loads for its Kandinsky prior.
-#  - karlo: the text tower + tokenizer from Karlo's own `text_encoder/` and `tokenizer/` (what
-#    diffusers' UnCLIPPipeline reads; diffusers converted them from openai/clip-vit-large-patch14,
-#    the tokenizer with pad token "!"); the image tower + processor of openai/clip-vit-large-patch14,
-#    which Karlo's image-variation pipeline (karlo-v1-alpha-image-variations) was built with.
-_KANDINSKY_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
-_LAION_BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
-_KARLO = "kakaobrain/karlo-v1-alpha"
-_OPENAI_L14 = "openai/clip-vit-large-patch14"
-HUB_PRESETS: dict[str, HFLayout] = {
-    "kandinsky22": HFLayout(
-        image_encoder=Part(_KANDINSKY_PRIOR, IMAGE_ENCODER),
-        image_processor=Part(_KANDINSKY_PRIOR, IMAGE_PROCESSOR),
-        text_encoder=Part(_LAION_BIGG),
-        tokenizer=Part(_LAION_BIGG),
-    ),
-    "karlo": HFLayout(
-        image_encoder=Part(_OPENAI_L14),
-        image_processor=Part(_OPENAI_L14),
-        text_encoder=Part(_KARLO, TEXT_ENCODER),
-        tokenizer=Part(_KARLO, TOKENIZER),
-    ),
-}
+# Part, HFLayout and the subfolder names (the Kandinsky 2.2 prior repo's diffusers layout, reused for saved
+# encoders) live with the families; the hub presets are the families' encoders.
+HUB_PRESETS: dict[str, HFLayout] = {name: f.encoder for name, f in FAMILIES.items()}
 
 
 def load_part(cls: Any, part: Part, what: str, **kw: Any) -> Any:
     """cls.from_pretrained for one part; every failure becomes an EncoderLoadError that names the
-    model and says what to do."""
+    model and says what to do. Our offline switch (ECLIPSE_OFFLINE, which transformers does not read) means
+    the cache only."""
+    if offline_flag() and not Path(part.repo).is_dir():
+        kw.setdefault("local_files_only", True)
     try:
         return cls.from_pretrained(part.repo, **part.kwargs(), **kw)
     except OSError as e:  # hub/cache misses, gated repos and missing files surface as OSError

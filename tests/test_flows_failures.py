@@ -87,11 +87,19 @@ def test_train_without_a_store_fails_naming_the_precompute(prefect_harness, tmp_
 def test_encoder_that_cannot_load_fails_every_shard_once_with_the_cause(prefect_harness, tmp_path):
     for i in range(2):
         write_tar(tmp_path / "images" / f"{i:05d}.tar", [{"key": f"{i}0", "jpg": render(i), "txt": "a photo"}])
+    # A folder that looks like a CLIPModel snapshot (its name passes the check before any work) but is broken.
+    (tmp_path / "broken-encoder").mkdir()
+    (tmp_path / "broken-encoder" / "config.json").write_text("{}")
+    state = encode_shards_flow(str(tmp_path / "images"), str(tmp_path / "store"),
+                               EncodeConfig(encoder=str(tmp_path / "broken-encoder")), return_state=True)
+    assert state.is_failed()
+    assert "EncodeFailed: 2 of 2 shard(s) failed (not retried: EncoderLoadError: could not load" in state.message
+    assert sorted(r.run_count for r in _task_runs(state).values()) == [1, 1]
+    # A name that is no encoder at all fails before any shard's task
     state = encode_shards_flow(str(tmp_path / "images"), str(tmp_path / "store"),
                                EncodeConfig(encoder=str(tmp_path / "no-such-encoder")), return_state=True)
-    assert state.is_failed()
-    assert "EncodeFailed: 2 of 2 shard(s) failed (not retried: EncoderLoadError: unknown encoder" in state.message
-    assert sorted(r.run_count for r in _task_runs(state).values()) == [1, 1]
+    assert state.is_failed() and "EncoderLoadError: unknown encoder" in state.message
+    assert _task_runs(state) == {}
 
 
 def test_no_message_of_the_library_holds_rich_markup():

@@ -176,3 +176,35 @@ def test_no_branch_on_an_objective_name_outside_the_objectives_module(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text('if cfg.objective == "eclipse" or name in ("diffusion",):\n    pass\n')
     assert len(objective_name_branches(probe, OBJECTIVES)) == 2  # the check sees both forms
+
+
+def family_name_literals(path: Path, names: tuple[str, ...]) -> list[str]:
+    """A decoder family's name used as code: compared with, a dict key, a Literal's value, a default argument."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    spots: list[ast.AST] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            spots += [node.left, *node.comparators]
+        elif isinstance(node, ast.Dict):
+            spots += [k for k in node.keys if k is not None]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "Literal":
+            spots.append(node.slice)
+        elif isinstance(node, ast.arguments):
+            spots += [d for d in (*node.defaults, *node.kw_defaults) if d is not None]
+    found = []
+    for spot in spots:
+        consts = spot.elts if isinstance(spot, ast.Tuple | ast.List | ast.Set) else [spot]
+        found += [f"{path}:{c.lineno}: {c.value}" for c in consts if isinstance(c, ast.Constant) and c.value in names]
+    return found
+
+
+def test_a_decoder_family_is_named_in_code_only_by_its_record(tmp_path):
+    from pipeline.families import FAMILIES
+
+    owner = ROOT / "pipeline" / "families.py"
+    found = [f for package in LAYERS for path in sorted((ROOT / package).rglob("*.py")) if path != owner
+             for f in family_name_literals(path, tuple(FAMILIES))]
+    assert found == [], "a decoder family's facts belong in its record in pipeline/families.py"
+    probe = tmp_path / "probe.py"
+    probe.write_text('X = {"karlo": 1}\nY = Literal["kandinsky22"]\ndef f(d="karlo"):\n    return d == "karlo"\n')
+    assert len(family_name_literals(probe, tuple(FAMILIES))) == 4

@@ -15,27 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.families import FAMILIES
 from training.objectives import objective_type
 from training.prior import preset_config
 
-#: CLIPVisionConfig kwargs of the decoders' image towers (from the repos' config.json):
-#: kandinsky22 = kandinsky-community/kandinsky-2-2-prior/image_encoder (OpenCLIP ViT-bigG/14),
-#: karlo = openai/clip-vit-large-patch14 (ViT-L/14). 224 px, patch 14.
-VISION_TOWERS: dict[str, dict] = {
-    "kandinsky22": dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16,
-                        patch_size=14, image_size=224, projection_dim=1280, hidden_act="gelu"),
-    "karlo": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  patch_size=14, image_size=224, projection_dim=768, hidden_act="quick_gelu"),
-}
-#: CLIPTextConfig kwargs of the text towers: kandinsky22 = laion/CLIP-ViT-bigG-14-laion2B-39B-b160k's
-#: text tower, karlo = kakaobrain/karlo-v1-alpha/text_encoder (OpenAI ViT-L/14's). Context 77.
-TEXT_TOWERS: dict[str, dict] = {
-    "kandinsky22": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                        projection_dim=1280, max_position_embeddings=77),
-    "karlo": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  projection_dim=768, max_position_embeddings=77),
-}
-TOWER_NAMES = {"kandinsky22": "ViT-bigG/14", "karlo": "ViT-L/14"}
+#: CLIPVisionConfig / CLIPTextConfig kwargs of the decoders' towers, and their names: the families' records.
+VISION_TOWERS: dict[str, dict] = {name: f.vision_tower for name, f in FAMILIES.items()}
+TEXT_TOWERS: dict[str, dict] = {name: f.text_tower for name, f in FAMILIES.items()}
+TOWER_NAMES = {name: f.tower for name, f in FAMILIES.items()}
 
 
 def _blocks(layers: int, tokens: int, width: int, mlp: int) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.families import DEFAULT_FAMILY, FAMILIES
 from pipeline.sources import PRESETS as SOURCE_PRESETS
 from pipeline.sources import SourceError, prepare_url_list, resolve_source
 from training.config import TrainConfig
@@ -42,7 +43,7 @@ from training.cost import (
 )
 from training.objectives import OBJECTIVES
 
-DECODERS = tuple(VISION_TOWERS)  # kandinsky22, karlo: each trains the prior preset of the same name
+DECODERS = tuple(FAMILIES)  # each trains the prior preset of the same name
 CONTEXT_LENGTH = 77
 
 
@@ -89,10 +90,7 @@ ROW_OVERHEAD_BYTES = 96.0
 
 #: The paper's grid (ECLIPSE, CVPR 2024, Sec. 4.1): Karlo on MSCOCO, CC3M and CC12M, Kandinsky v2.2
 #: on MSCOCO and LAION-HighRes; the three objectives; ~60,000 iterations at 4 x 256 on 4 x RTX A6000.
-PAPER_PAIRS: tuple[tuple[str, str], ...] = (
-    ("mscoco", "karlo"), ("cc3m", "karlo"), ("cc12m", "karlo"),
-    ("mscoco", "kandinsky22"), ("laion-highres-5m", "kandinsky22"),
-)
+PAPER_PAIRS: tuple[tuple[str, str], ...] = tuple((d, name) for name, f in FAMILIES.items() for d in f.paper_datasets)
 PAPER_STEPS, PAPER_BATCH, PAPER_DEVICE, PAPER_GPUS = 60_000, 4 * 256, "a6000", 4
 
 
@@ -105,7 +103,7 @@ class PlanConfig:
     """What to cost. `pairs` (explicit (dataset, decoder) pairs) wins over datasets x decoders."""
 
     datasets: tuple[str, ...] = ("laion-highres-5m",)
-    decoders: tuple[str, ...] = ("kandinsky22",)
+    decoders: tuple[str, ...] = (DEFAULT_FAMILY,)
     objectives: tuple[str, ...] = ("eclipse",)
     seeds: int = 1
     steps: int = field(default_factory=lambda: _train_default("steps"))

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,22 +25,22 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from pipeline.families import FAMILIES
+
 # Additive mask value of the released class; finite, so a fully padded text row cannot
 # produce NaNs (the unconditional "null text" of the diffusion baseline relies on it).
 MASK_VALUE = -10000.0
 
-# Presets: the released ECLIPSE configs (16 heads x 32 dims, 10 layers) for the two
-# decoders, a tiny one for tests, and the demo's (sized to fit its held-in rows on 2 CPU cores).
-# `embedding_dim` is the CLIP dim D of the store.
-PresetName = Literal["kandinsky22", "karlo", "tiny", "demo"]  # typed params (flows) use this one list
+# Presets: the released ECLIPSE configs (16 heads x 32 dims, 10 layers), one per decoder family
+# (pipeline.families: its D), a tiny one for tests, and the demo's (sized to fit its held-in rows on
+# 2 CPU cores). `embedding_dim` is the CLIP dim D of the store.
 PRESETS: dict[str, dict] = {
-    "kandinsky22": dict(num_attention_heads=16, attention_head_dim=32, num_layers=10, embedding_dim=1280),
-    "karlo": dict(num_attention_heads=16, attention_head_dim=32, num_layers=10, embedding_dim=768),
+    **{name: {**f.prior, "embedding_dim": f.embedding_dim} for name, f in FAMILIES.items()},
     "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32),
     "demo": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, embedding_dim=64),
 }
-assert tuple(PRESETS) == get_args(PresetName)
-RELEASED_PRESETS: tuple[PresetName, ...] = ("kandinsky22", "karlo")
+PresetName = Literal[tuple(PRESETS)]  # typed params (flows) use this one list
+RELEASED_PRESETS: tuple[str, ...] = tuple(FAMILIES)
 # Everything else is shared by all presets and equals the released config.
 COMMON = dict(
     num_embeddings=77,
