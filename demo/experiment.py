@@ -15,11 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from evaluation import figures as F
 from evaluation import metrics as M
-from evaluation.metrics import MIN_EFFECT, verdict
+from evaluation.metrics import MIN_EFFECT, over_seeds, t_interval, verdict
 from evaluation.report import budget_label, build_verdict, environment, load_images, prior_budget, report_context
 from storage_schema import CAPTION, IMAGE_EMBED, TEXT_EMBED, EmbeddingStore
 from storage_schema.atomic import atomic_write_text
@@ -125,15 +124,6 @@ def caption_retrieval(store: EmbeddingStore, priors: Sequence[str], train_shards
     return {"rows": len(held.keys), "captions_in_gallery": len(names), "models": out}
 
 
-def _t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
-    """Student's t interval of the mean; None for fewer than two values."""
-    if len(values) < 2:
-        return None
-    a = np.asarray(values, dtype=np.float64)
-    half = stats.t.ppf(0.5 + level / 2, df=len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))
-    return [float(a.mean() - half), float(a.mean() + half)]
-
-
 def summarize(results: dict[str, dict], runs: dict[str, list[str]], oracle: dict[str, dict] | None = None,
               pairs: Sequence[tuple[str, str]] = (("eclipse", "projection"), ("eclipse", "diffusion"))) -> dict:
     """results: split name ("heldin", "heldout") -> evaluate() result; runs: objective -> model names in
@@ -144,7 +134,7 @@ def summarize(results: dict[str, dict], runs: dict[str, list[str]], oracle: dict
         table["budgets"][obj] = {n: next((b for res in results.values() if n in res.get("models", {})
                                           and (b := prior_budget(res, n))), None) for n in names}
         table["objectives"][obj] = {
-            split: {m: _over_seeds([model_value(res, n, m) for n in names]) for m in HEADLINE + FAMILIES}
+            split: {m: over_seeds([model_value(res, n, m) for n in names]) for m in HEADLINE + FAMILIES}
             for split, res in results.items()
         }
     for base in BASELINES:
@@ -169,16 +159,9 @@ def summarize(results: dict[str, dict], runs: dict[str, list[str]], oracle: dict
                 table["paired"].append({
                     "a": a, "b": b, "split": split, "metric": m, "per_seed": per_seed,
                     "mean": float(np.mean(per_seed)), "worst_seed": float(min(per_seed)),
-                    "ci_over_seeds": _t_interval(per_seed), "row_ci_per_seed": rows_ci,
+                    "ci": t_interval(per_seed), "row_ci_per_seed": rows_ci,
                 })
     return table
-
-
-def _over_seeds(values: list[float | None]) -> dict:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "seeds": values}
-    return {"mean": float(np.mean(vals)), "seeds": values, "ci_over_seeds": _t_interval(vals)}
 
 
 #: The testbed's goals (a world worth testing priors on): zero-shot accuracy of the teacher per
@@ -223,7 +206,7 @@ def tradeoff(table: dict, lambdas: Mapping[str, float], split: str = "heldout",
         if by_metric is None:
             continue
         points.append({"objective": name, "lambda": lam, "split": split,
-                       **{m: {"mean": by_metric[m]["mean"], "ci_over_seeds": by_metric[m].get("ci_over_seeds"),
+                       **{m: {"mean": by_metric[m]["mean"], "ci": by_metric[m].get("ci"),
                               "seeds": by_metric[m]["seeds"]} for m in metrics}})
     return points
 
@@ -262,7 +245,7 @@ def format_table(table: dict, splits: Sequence[str] = ("heldin", "heldout")) -> 
     lines.append(f"paired differences (a - b, same training seed; CI: t-interval over seeds; an effect only where "
                  f"the interval lies at least {MIN_EFFECT:g} from 0)")
     for p in table["paired"]:
-        ci = p["ci_over_seeds"]
+        ci = p["ci"]
         ci_s = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "(one seed: no interval)"
         lines.append(f"  {p['a']} - {p['b']:<13} {p['split']:<8} {p['metric']:<10} {p['mean']:+.3f} {ci_s}  "
                      f"worst seed {p['worst_seed']:+.3f}  {verdict(ci, MIN_EFFECT)}")
@@ -299,7 +282,7 @@ def format_tradeoff(points: Sequence[dict], metrics: Sequence[str] = ("cos_image
         cells = []
         for m in metrics:
             v = pt[m]
-            cells.append(f"{_f(v['mean'])} {_ci(v['ci_over_seeds'])}".rjust(26))
+            cells.append(f"{_f(v['mean'])} {_ci(v['ci'])}".rjust(26))
         lines.append(f"{pt['lambda']:>6g} {pt['objective']:<16}" + "".join(cells))
     return "\n".join(lines)
 
@@ -308,9 +291,9 @@ SWEEP_SCORES = (("caption_r1", "caption R@1 (right composition)"), ("probe_auc",
 
 
 def _point(label: str, x: Mapping, y: Mapping) -> F.Point:
-    """A scatter point from two {"mean", "ci_over_seeds"} entries."""
-    return (label, (x["mean"], *(x.get("ci_over_seeds") or (None, None))),
-            (y["mean"], *(y.get("ci_over_seeds") or (None, None))))
+    """A scatter point from two {"mean", "ci"} entries."""
+    return (label, (x["mean"], *(x.get("ci") or (None, None))),
+            (y["mean"], *(y.get("ci") or (None, None))))
 
 
 def tradeoff_charts(points: Sequence[dict], table: dict, split: str = "heldout") -> list[str]:
@@ -359,7 +342,7 @@ def experiment_verdict(table: dict, splits: Sequence[str] = ("heldin", "heldout"
         for m in HEADLINE:
             values = {obj: by_split[split][m]["mean"] for obj, by_split in table["objectives"].items()
                       if split in by_split}
-            pairs = [{"a": p["a"], "b": p["b"], "diff": p["mean"], "ci": p["ci_over_seeds"]}
+            pairs = [{"a": p["a"], "b": p["b"], "diff": p["mean"], "ci": p["ci"]}
                      for p in table["paired"] if p["split"] == split and p["metric"] == m]
             figures.append({"metric": m, "scope": SPLIT_SCOPES.get(split, f" on {split}"), "better": "higher",
                             "values": values, "pairs": pairs})

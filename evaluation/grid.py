@@ -99,21 +99,6 @@ def cell_record(cell: Cell, result: Mapping) -> CellRecord:
     return CellRecord(cell, "done", model_figures(result, cell.name), baselines)
 
 
-def _interval(vals: Sequence[float]) -> list[float] | None:
-    """The t-interval over seeds; seeds that agree exactly give the point itself (scipy would give NaN)."""
-    if len(vals) < 2:
-        return None
-    if max(vals) == min(vals):
-        return [float(vals[0]), float(vals[0])]
-    return list(M.t_interval(vals))
-
-
-def _over_seeds(values: Sequence[float | None]) -> dict:
-    vals = [v for v in values if v is not None]
-    return {"mean": float(np.mean(vals)) if vals else None, "ci": _interval(vals), "n": len(vals),
-            "seeds": list(values)}
-
-
 def _pairs(columns: Sequence[str]) -> list[tuple[str, str]]:
     eclipses = [c for c in columns if c.startswith("eclipse-")]
     return [(e, b) for e in eclipses for b in ("projection", "diffusion") if b in columns]
@@ -147,7 +132,7 @@ def build_table(records: Iterable[CellRecord], metrics: Sequence[str] = METRICS)
             failed += [{"objective": col, "seed": s, "reason": r.reason} for s, r in by_seed.items()
                        if r.status != "done"]
             out_cells[col] = {"status": _status(len(done), len(by_seed)), "seeds": list(done),
-                              **{m: _over_seeds([r.values.get(m) for r in done.values()]) for m in metrics}}
+                              **{m: M.over_seeds([r.values.get(m) for r in done.values()]) for m in metrics}}
         baselines = next((r.baselines for col in columns for r in seeds_of.get(col, {}).values()
                           if r.status == "done" and r.baselines), {})
         paired = []
@@ -159,7 +144,7 @@ def build_table(records: Iterable[CellRecord], metrics: Sequence[str] = METRICS)
                 diffs = [x - y for x, y in zip(*per_seed, strict=True) if x is not None and y is not None]
                 if not diffs:
                     continue
-                ci = _interval(diffs)
+                ci = M.t_interval(diffs)
                 paired.append({"a": a, "b": b, "metric": m, "seeds": common, "per_seed": diffs,
                                "mean": float(np.mean(diffs)), "ci": ci, "verdict": M.verdict(ci, MIN_EFFECT)})
         out_rows.append({"dataset": dataset, "decoder": decoder, "cells": out_cells, "baselines": baselines,

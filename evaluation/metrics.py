@@ -199,13 +199,24 @@ def set_interval(draws: np.ndarray, value: float, level: float) -> tuple[tuple[f
     return (float("nan"), float("nan")), "none"
 
 
-def t_interval(values, level: float = 0.95) -> tuple[float, float] | None:
-    """Student-t interval of the mean of a few values (e.g. training seeds); None below 2 values."""
+def t_interval(values, level: float = 0.95) -> list[float] | None:
+    """Student-t interval of the mean of a few values (e.g. training seeds); None below 2 values. Values that
+    agree exactly give the point itself (scipy would give NaN)."""
     a = np.asarray(values, dtype=np.float64)
     if len(a) < 2:
         return None
+    if a.max() == a.min():
+        return [float(a[0]), float(a[0])]
     lo, hi = stats.t.interval(level, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
-    return float(lo), float(hi)
+    return [float(lo), float(hi)]
+
+
+def over_seeds(values: Sequence[float | None], level: float = 0.95) -> dict:
+    """One figure over training seeds: {"mean", "ci" (t_interval), "n", "seeds"}; a seed without a value
+    (None) is left out of the mean and the interval."""
+    vals = [v for v in values if v is not None]
+    return {"mean": float(np.mean(vals)) if vals else None, "ci": t_interval(vals, level), "n": len(vals),
+            "seeds": list(values)}
 
 
 # The smallest paired difference the demo and the grid call an effect: their figures lie in [0, 1] (AUC,

@@ -1,7 +1,6 @@
 """The demo's experiment summary on hand-built evaluation results and a small real store."""
 
 import json
-import math
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -10,7 +9,6 @@ from PIL import Image
 from storefixtures import tiny_info
 
 from demo.experiment import (
-    _t_interval,
     experiment_verdict,
     format_table,
     format_testbed,
@@ -33,19 +31,6 @@ def _result(values: dict[str, dict[str, float]]) -> dict:
             "probe": {"models": {n: {"value": ms["probe_auc"]} for n, ms in values.items() if "probe_auc" in ms}}}
 
 
-def test_t_interval_matches_a_hand_computation():
-    # Student's t quantiles from a table: t(0.975; 2) = 4.3027, t(0.975; 11) = 2.2010, t(0.95; 2) = 2.9200
-    lo, hi = _t_interval([0.1, 0.2, 0.3])
-    half = 4.3027 * 0.1 / math.sqrt(3)
-    assert lo == pytest.approx(0.2 - half, rel=1e-4) and hi == pytest.approx(0.2 + half, rel=1e-4)
-    twelve = [0.0, 1.0] * 6  # mean 0.5, sd sqrt(12 / 44)
-    lo, hi = _t_interval(twelve)
-    assert hi - 0.5 == pytest.approx(2.2010 * math.sqrt(12 / 44) / math.sqrt(12), rel=1e-4)
-    lo, hi = _t_interval([0.1, 0.2, 0.3], level=0.9)
-    assert hi - 0.2 == pytest.approx(2.9200 * 0.1 / math.sqrt(3), rel=1e-4)
-    assert _t_interval([0.5]) is None
-
-
 def test_summary_pairs_objectives_by_seed():
     vals = {"eclipse-s0": {"cos_image": 0.9, "probe_auc": 0.95}, "eclipse-s1": {"cos_image": 0.8, "probe_auc": 0.9},
             "projection-s0": {"cos_image": 0.7, "probe_auc": 0.8}, "projection-s1": {"cos_image": 0.75,
@@ -57,7 +42,7 @@ def test_summary_pairs_objectives_by_seed():
     assert table["objectives"]["eclipse"]["heldout"]["cos_image"]["mean"] == pytest.approx(0.85)
     cos = next(p for p in table["paired"] if p["metric"] == "cos_image")
     assert cos["per_seed"] == pytest.approx([0.2, 0.05]) and cos["worst_seed"] == pytest.approx(0.05)
-    assert cos["mean"] == pytest.approx(0.125) and cos["ci_over_seeds"][0] < 0.125 < cos["ci_over_seeds"][1]
+    assert cos["mean"] == pytest.approx(0.125) and cos["ci"][0] < 0.125 < cos["ci"][1]
     assert table["baselines"]["TextEmb"]["heldout"]["cos_image"] == 0.3
     lines = format_table(table, splits=("heldout",)).splitlines()
     assert lines[1].split() == ["eclipse", "(mean", "over", "seeds)", "0.850", "—", "0.925"]
@@ -65,9 +50,9 @@ def test_summary_pairs_objectives_by_seed():
         "  eclipse - projection    heldout  cos_image  +0.125 [-0.828, +1.078]  worst seed +0.050  no clear difference",
         "  eclipse - projection    heldout  probe_auc  +0.100 [-0.535, +0.735]  worst seed +0.050  no clear difference"]
     # an interval that excludes 0 but lies within 0.01 of it is no effect worth claiming
-    cos.update(mean=0.002, ci_over_seeds=[0.001, 0.003])
+    cos.update(mean=0.002, ci=[0.001, 0.003])
     assert format_table(table, splits=("heldout",)).splitlines()[-2].endswith("negligible (< 0.01)")
-    cos.update(mean=0.05, ci_over_seeds=[0.02, 0.08])
+    cos.update(mean=0.05, ci=[0.02, 0.08])
     assert format_table(table, splits=("heldout",)).splitlines()[-2].endswith("a > b")
 
 
@@ -133,7 +118,7 @@ def test_tradeoff_points_follow_lambda_with_seed_intervals():
     pts = tradeoff(table, {"eclipse-2": 2.0, "projection": 0.0, "eclipse-0.2": 0.2})
     assert [p["lambda"] for p in pts] == [0.0, 0.2, 2.0]
     assert pts[2]["cos_image"]["mean"] == pytest.approx(0.51)
-    lo, hi = pts[2]["cos_image"]["ci_over_seeds"]
+    lo, hi = pts[2]["cos_image"]["ci"]
     assert lo < 0.51 < hi and pts[2]["caption_r1"]["mean"] is None  # not evaluated here
     assert "0.2" in format_tradeoff(pts).splitlines()[2]
     charts = tradeoff_charts(pts, table)  # caption R@1 was not evaluated: only the probe's two charts

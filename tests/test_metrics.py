@@ -1,5 +1,7 @@
 """Embedding metrics on hand-built embeddings with known answers."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import linalg
@@ -191,6 +193,27 @@ def test_set_interval_percentile_or_normal_by_draw_count():
     assert M.set_interval(np.array([np.nan, 1.0]), 1.0, 0.95)[1] == "none"  # one finite draw
     s = M.set_summary([1.0, 3.0], draws, 40, 0.9)
     assert s["value"] == 2.0 and s["seed_values"] == [1.0, 3.0] and s["bootstrap_draws"] == 150
+
+
+def test_t_interval_matches_a_hand_computation():
+    # Student's t quantiles from a table: t(0.975; 2) = 4.3027, t(0.975; 11) = 2.2010, t(0.95; 2) = 2.9200
+    lo, hi = M.t_interval([0.1, 0.2, 0.3])
+    half = 4.3027 * 0.1 / math.sqrt(3)
+    assert lo == pytest.approx(0.2 - half, rel=1e-4) and hi == pytest.approx(0.2 + half, rel=1e-4)
+    twelve = [0.0, 1.0] * 6  # mean 0.5, sd sqrt(12 / 44)
+    lo, hi = M.t_interval(twelve)
+    assert hi - 0.5 == pytest.approx(2.2010 * math.sqrt(12 / 44) / math.sqrt(12), rel=1e-4)
+    lo, hi = M.t_interval([0.1, 0.2, 0.3], level=0.9)
+    assert hi - 0.2 == pytest.approx(2.9200 * 0.1 / math.sqrt(3), rel=1e-4)
+    assert M.t_interval([0.5]) is None
+    assert M.t_interval([0.3, 0.3]) == [0.3, 0.3]  # seeds that agree: the point, not scipy's NaN
+
+
+def test_over_seeds_leaves_out_seeds_without_a_value():
+    s = M.over_seeds([0.1, None, 0.3])
+    assert (s["mean"], s["n"], s["seeds"]) == (pytest.approx(0.2), 2, [0.1, None, 0.3])
+    assert s["ci"] == pytest.approx(M.t_interval([0.1, 0.3]))
+    assert M.over_seeds([None]) == {"mean": None, "ci": None, "n": 0, "seeds": [None]}
 
 
 def test_t_interval_uses_students_quantiles():
