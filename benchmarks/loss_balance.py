@@ -1,6 +1,6 @@
 """Does either term of Eq. 5 swamp the other, at initialisation and after training? The released priors' D.
 
-    python benchmarks/loss_balance.py                          # both parts, as in the README
+    python benchmarks/loss_balance.py                          # both parts, as in docs/objectives.md
     python benchmarks/loss_balance.py --part init --batch-size 32 --norms 1 21 40
     python benchmarks/loss_balance.py --part trained --steps 400 --layers 2 --norms 1 21
 

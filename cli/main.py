@@ -160,7 +160,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         print("note: PREFECT_API_URL is not set; deployments go to this profile's server "
-              "(see README: start one with `prefect server start`)", file=sys.stderr)
+              "(see docs/orchestration.md: start one with `prefect server start`)", file=sys.stderr)
     from flows.deployments import serve
 
     serve(args.data, args.dask_address, args.limit)

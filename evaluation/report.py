@@ -213,8 +213,9 @@ def _curve_charts(result: dict, st: Mapping[str, F.Style]) -> list[str]:
 
 # -- the verdict: what the figures let one say, in words, at the top of the page -----------------------------
 
-# The smallest paired difference the summary calls an effect, per figure it judges: README and BENCHMARKS use 0.01
-# for figures in [0, 1] (metrics.MIN_EFFECT: less changes no decoder's image). A figure not listed is never judged.
+# The smallest paired difference the summary calls an effect, per figure it judges (docs/report.md): BENCHMARKS
+# uses 0.01 for figures in [0, 1] (metrics.MIN_EFFECT: less changes no decoder's image). A figure not listed is
+# never judged.
 EFFECT_THRESHOLDS: dict[str, float] = {m: M.MIN_EFFECT for m in ("cos_image", "r1", "caption_r1", "probe_auc")}
 VERDICT_METRICS = ("cos_image", "r1", "probe_auc")  # the evaluation's main figures, in the summary's order
 VERDICT_LABELS = {"cos_image": "held-out cosine to the true image embedding",

@@ -4,7 +4,7 @@ Prefect retries a failed task after a pause; `retry_unless_permanent` (a task's
 `retry_condition_fn`) stops that for :func:`pipeline.errors.is_permanent` errors, so an
 offline machine or a refused metadata request fails in seconds and the flow run's final
 state message is the error itself. `prefect deployment run ... --watch` prints the run's
-state events and, when the server streams logs (README: PREFECT_SERVER_LOGS_*), its logs:
+state events and, when the server streams logs (docs/orchestration.md: PREFECT_SERVER_LOGS_*), its logs:
 the "not retrying" line and Prefect's "Finished in state Failed(...)" carry the error.
 """
 

@@ -77,7 +77,7 @@ def inspect_store(path: str | os.PathLike, verify: bool = True) -> dict:
 
 def _embedding_norms(shard: Path, rows: int = NORM_ROWS) -> dict:
     """The mean L2 norm |z| of the raw image and text embeddings over the first `rows` rows of one shard (a
-    bounded read): eclipse's lambda balances against L_proj, which grows with |z|^2 (README, "The objectives
+    bounded read): eclipse's lambda balances against L_proj, which grows with |z|^2 (docs/objectives.md, "The objectives
     and the balance of Eq. 5")."""
     import numpy as np
     import pyarrow.parquet as pq

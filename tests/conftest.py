@@ -40,6 +40,7 @@ LONGEST_FIRST = [
     "tests/test_reproduce.py",  # reproduce --quick killed and resumed
     "tests/test_atomic.py",  # short: the unit the first worker queues behind the demo
     *(f"tests/{m}.py" for m in ("test_flows_server", "test_multinode", "test_trainer", "test_encode", "test_teacher",
+                                "test_readme", "test_families",
                                 "test_download", "test_evaluate", "test_precompute", "test_flows_evaluate",
                                 "test_encoders", "test_report", "test_flows_precompute", "test_flows_retrain",
                                 "test_install")),

@@ -1,4 +1,4 @@
-"""Beyond one machine, with the README's commands, on loopback: a `dask scheduler` with two
+"""Beyond one machine, with docs/orchestration.md's commands, on loopback: a `dask scheduler` with two
 `dask worker`s under `precompute --scheduler`, `torchrun --nnodes 2` with two launchers and c10d
 rendezvous, and a Prefect process work pool whose `prefect worker` runs a deployment from
 prefect.yaml. Every process is started here and stopped by its pid (its own process group)."""
@@ -192,7 +192,7 @@ def test_torchrun_two_nodes_with_c10d_rendezvous_train_on_disjoint_shards(tmp_pa
 
 
 def test_prefect_process_work_pool_runs_a_deployment_from_prefect_yaml(image_server, dask_cluster, tmp_path):  # noqa: F811
-    """The README's work-pool recipe: `prefect work-pool create gpu --type process`, `prefect deploy --all`
+    """docs/orchestration.md's work-pool recipe: `prefect work-pool create gpu --type process`, `prefect deploy --all`
     from the repository root, `prefect worker start --pool gpu`; a run of precompute/local then goes to the
     worker, whose flow sends its shard tasks to the Dask scheduler named at deploy time."""
     good = _url_list(image_server, tmp_path / "urls.parquet", 4)

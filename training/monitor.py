@@ -4,7 +4,7 @@
 objective's parts on the device between logging steps (no host sync on the step path);
 `grad_ratio` measures the balance of Eq. 5, ||grad lambda*L_CLS|| / ||grad L_proj|| at the
 prior's output layer (`output_layer_params`), and `BalanceWatch` + `balance_warning` say once
-when either term swamps the other early in the run (README, "The objectives and the balance of
+when either term swamps the other early in the run (docs/objectives.md, "The objectives and the balance of
 Eq. 5").
 """
 
@@ -165,4 +165,4 @@ def balance_warning(cfg: TrainConfig, dim: int, ratios: list[float], step: int, 
     return (f"{what} (||grad lambda*L_CLS|| / ||grad L_proj|| at the output layer) over the first {step} of "
             f"{cfg.steps} steps ({bound} {edge:.2g}, last {ratios[-1]:.2g}; measured {len(ratios)}x) at "
             f"lambda = {lam:g}, D = {dim}, proj_reduction = {cfg.proj_reduction} (Eq. 3 {how} D). {effect} {fix} "
-            f"(README: 'The objectives and the balance of Eq. 5').")
+            f"(docs/objectives.md: 'The objectives and the balance of Eq. 5').")

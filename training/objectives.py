@@ -15,7 +15,7 @@ lambda = 0.2 was chosen as the value "balancing knowledge distillation and maint
 and "keeping lambda to a very low value cannot do knowledge distillation well enough". Summed
 over D, L_proj's gradient is D times larger, so lambda = 0.2 *is* such a low value: the contrastive
 term's gradient is about a thousandth of L_proj's (D = 768, 1280) and eclipse trains as projection
-(README, "The objectives and the balance of Eq. 5"; `benchmarks/loss_balance.py`). Under the mean
+(docs/objectives.md, "The objectives and the balance of Eq. 5"; `benchmarks/loss_balance.py`). Under the mean
 the two gradients are of one order at lambda = 0.2. The literal form stays as `reduction="sum"` (`proj_reduction: sum`):
 the sum at lambda trains as the mean at lambda / D would (up to the loss's overall scale, which
 AdamW's update does not follow).

@@ -18,7 +18,7 @@ diffusion: `mse_x0`), lr, grad_norm, samples_per_s, and for eclipse `grad_ratio_
 ||grad lambda*L_CLS|| / ||grad L_proj|| on this step's batch, w.r.t. the prior's output layer
 (`grad_ratio`; not under torch.compile). When that ratio stayed below 0.01 or above 10 at every
 logging step of the first 10 % of the run, a "warning" record says so once (also on stderr and as
-TensorBoard text): one term is then swamping the other (`training.monitor.BalanceWatch`; README,
+TensorBoard text): one term is then swamping the other (`training.monitor.BalanceWatch`; docs/objectives.md,
 "The objectives and the balance of Eq. 5").
 
 Exact resume: a checkpoint holds the weights, optimizer and scheduler state, every rank's
