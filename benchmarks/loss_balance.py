@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.monitor import grad_ratio, output_layer_params  # noqa: E402
 from training.objectives import DEFAULT_LAMBDA, DEFAULT_TAU, REDUCTIONS, contrastive_loss, projection_loss  # noqa: E402
-from training.prior import PRESETS, build_prior  # noqa: E402
+from training.prior import PRIOR_PRESETS, build_prior  # noqa: E402
 
 TEXT_LEN = 77
 REAL_TOKENS = 17  # a typical caption's real tokens
@@ -117,7 +117,7 @@ class PairStream:
 def train_one(preset: str, norm: float, reduction: str, args: argparse.Namespace) -> dict:
     """One eclipse run on the stream; the ratio at step 1 and over the last 10 % of the steps."""
     torch.manual_seed(0)
-    dim = PRESETS[preset]["embedding_dim"]
+    dim = PRIOR_PRESETS[preset]["embedding_dim"]
     model = build_prior(preset, text_length=args.text_length, num_layers=args.layers)
     params = output_layer_params(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -158,7 +158,7 @@ def trained(presets: list[str], norms: list[float], args: argparse.Namespace) ->
           f"{'last-20%':>9}{'L_CLS@end':>10}{'cos@end':>9}{'conv.':>6}{'clipped':>8}{'s':>6}")
     figures = {}
     for preset in presets:
-        dim = PRESETS[preset]["embedding_dim"]
+        dim = PRIOR_PRESETS[preset]["embedding_dim"]
         for norm in norms:
             for reduction in REDUCTIONS:
                 t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def trained(presets: list[str], norms: list[float], args: argparse.Namespace) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["init", "trained", "both"], default="both")
-    ap.add_argument("--presets", nargs="+", default=["kandinsky22", "karlo"], choices=sorted(PRESETS))
+    ap.add_argument("--presets", nargs="+", default=["kandinsky22", "karlo"], choices=sorted(PRIOR_PRESETS))
     ap.add_argument("--norms", type=float, nargs="+", default=None,
                     help="embedding norms |z| (default: 1 21 40 at init, 1 21 trained)")
     ap.add_argument("--batch-size", type=int, default=32)

@@ -384,7 +384,7 @@ def _add_encode_command(sub) -> None:
 
 def _add_train_command(sub) -> None:
     from training.objectives import OBJECTIVES
-    from training.prior import PRESETS
+    from training.prior import PRIOR_PRESETS
 
     tr = _subcommand(
         sub, "train", _cmd_train,
@@ -397,8 +397,8 @@ def _add_train_command(sub) -> None:
     tr.add_argument("--store", help="embedding store directory")
     tr.add_argument("--out", help="run folder RUN")
     tr.add_argument("--objective", choices=OBJECTIVES, help="default: eclipse")
-    tr.add_argument("--preset", choices=list(PRESETS), help="prior size and D; default: kandinsky22 on a store of "
-                    "D=1280, karlo on D=768, else tiny sized to the store")
+    tr.add_argument("--preset", choices=list(PRIOR_PRESETS), help="prior size and D; default: kandinsky22 on a "
+                    "store of D=1280, karlo on D=768, else tiny sized to the store")
     tr.add_argument("--steps", type=int, help="training steps (default 60000)")
     tr.add_argument("--config", help="YAML or JSON file of config keys (see training/config.py)")
     tr.add_argument("--resume", action="store_true", help="continue RUN from its newest complete checkpoint")

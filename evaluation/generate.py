@@ -79,9 +79,9 @@ def decoder_for(handle: PriorHandle, decoder: DecoderKind | None, decoder_path: 
     """The decoder to generate with: `decoder`, else the one whose encoder the prior was trained on (recorded in
     its run) or whose D it predicts. The hub's decoders take their released D: a prior of another D is refused
     here, before gigabytes of weights load (a folder's decoder is checked by its own config after loading)."""
-    from training.prior import PRESETS
+    from training.prior import PRIOR_PRESETS
 
-    released = {kind: PRESETS[kind]["embedding_dim"] for kind in DECODERS}
+    released = {kind: PRIOR_PRESETS[kind]["embedding_dim"] for kind in DECODERS}
     d = handle.embedding_dim
     trained_on = (handle.encoder_info or {}).get("preset")
     if decoder is None:

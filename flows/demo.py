@@ -38,7 +38,7 @@ class DemoParams(_Params):
     heldout_pair_fraction: float = Field(0.75, gt=0, lt=1, description="color x shape pairs the priors never see")
     teacher_steps: int = Field(600, gt=0)
     prior_steps: int = Field(500, gt=0, description="steps of every prior (one budget for all objectives)")
-    prior_preset: Literal["tiny", "demo"] = Field("demo", description="prior size (training.prior.PRESETS)")
+    prior_preset: Literal["tiny", "demo"] = Field("demo", description="prior size (training.prior.PRIOR_PRESETS)")
     # the paper's 0.2, a tenth and ten times it (L_proj averaged over D, the trainer's default: training.objectives)
     lambdas: list[float] = Field([0.02, 0.2, 2.0], min_length=1, description="eclipse's λ values (projection is λ=0)")
     sum_lambdas: list[float] = Field([0.2], description="eclipse's λ values with Eq. 3 summed over D (its letter, "

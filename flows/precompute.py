@@ -33,7 +33,7 @@ from pipeline.encode import (
     shards_to_encode,
 )
 from pipeline.precompute import output_dirs, prepare_store
-from pipeline.sources import PRESETS
+from pipeline.sources import SOURCE_PRESETS
 from storage_schema.writer import read_manifest
 
 
@@ -113,7 +113,7 @@ def precompute(
     base_dir: relative paths (`urls` unless a preset name, `out`, `download.metadata_dir`) are
     taken under it; `eclipse-prior serve --data DIR` sets it to DIR for precompute/local.
     """
-    if urls not in PRESETS:
+    if urls not in SOURCE_PRESETS:
         urls = _resolve(base_dir, urls)
     out = str(Path(_resolve(base_dir, out)).absolute())
     if download.metadata_dir:

@@ -235,7 +235,7 @@ class HFClipEncoder(ClipEncoder):
 
 
 TINY_PRESET = "tiny-clip"
-PRESETS: tuple[str, ...] = (*HUB_PRESETS, TINY_PRESET)
+ENCODER_PRESETS: tuple[str, ...] = (*HUB_PRESETS, TINY_PRESET)
 
 
 def _load_hf(layout: HFLayout, preset: str, device: torch.device, dtype: torch.dtype,
@@ -595,7 +595,7 @@ def load_encoder(
 
 def _unknown(name: str) -> EncoderLoadError:
     return EncoderLoadError(
-        f"unknown encoder {name!r}: not a preset and not a folder. Presets: {', '.join(PRESETS)}; "
+        f"unknown encoder {name!r}: not a preset and not a folder. Presets: {', '.join(ENCODER_PRESETS)}; "
         f"or `{OPEN_CLIP_PREFIX}<model>` or `{OPEN_CLIP_PREFIX}<model>/<pretrained tag>`, or a local encoder folder."
     )
 
@@ -669,7 +669,7 @@ def get_encoder(
     """`load_encoder`, memoised per process on (name or absolute folder, device, dtype)."""
     dev, dt = resolve_device_dtype(device, dtype)
     name = os.fspath(name_or_path)
-    if name not in PRESETS and not name.startswith(OPEN_CLIP_PREFIX):
+    if name not in ENCODER_PRESETS and not name.startswith(OPEN_CLIP_PREFIX):
         name = str(Path(name).expanduser().absolute())
     key = (name, str(dev), str(dt))
     with _CACHE_LOCK:  # held while loading: two threads of one worker must not load twice

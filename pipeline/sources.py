@@ -159,7 +159,7 @@ def _webdataset_preset(name: str, repo: str, title: str, pairs: str) -> Source:
                   file_format="tar", description=f"{title}, webdataset tars from the hub ({repo}, {pairs} pairs)")
 
 
-PRESETS: dict[str, Source] = {
+SOURCE_PRESETS: dict[str, Source] = {
     "laion-highres-5m": Source(
         name="laion-highres-5m",
         files=(),
@@ -197,7 +197,7 @@ PRESETS: dict[str, Source] = {
 
 def list_presets() -> dict[str, str]:
     """Preset name -> one-line description (for a CLI's help)."""
-    return {name: src.description for name, src in PRESETS.items()}
+    return {name: src.description for name, src in SOURCE_PRESETS.items()}
 
 
 def _format_of(path: Path) -> str | None:
@@ -216,13 +216,13 @@ def resolve_source(name_or_path: str | os.PathLike[str], **overrides: object) ->
     replaces individual :class:`Filters` fields.
     """
     key = str(name_or_path)
-    if key in PRESETS:
-        src = PRESETS[key]
+    if key in SOURCE_PRESETS:
+        src = SOURCE_PRESETS[key]
     else:
         path = Path(key).expanduser()
         if not path.exists():
             raise SourceError(
-                f"{key!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file or folder"
+                f"{key!r} is neither a preset ({', '.join(SOURCE_PRESETS)}) nor an existing file or folder"
             )
         if path.is_dir():
             by_format: dict[str, list[Path]] = {}

@@ -34,11 +34,11 @@ def test_help_exits_zero(name, capsys):
 
 def test_train_choices_come_from_the_library():
     from training.objectives import OBJECTIVES
-    from training.prior import PRESETS
+    from training.prior import PRIOR_PRESETS
 
     train = subcommands(build_parser())["train"]
     choices = {a.dest: a.choices for a in train._actions if a.choices}
-    assert tuple(choices["objective"]) == OBJECTIVES and list(choices["preset"]) == list(PRESETS)
+    assert tuple(choices["objective"]) == OBJECTIVES and list(choices["preset"]) == list(PRIOR_PRESETS)
 
 
 def test_a_stage_error_is_one_line_and_status_1(tmp_path, capsys, monkeypatch):

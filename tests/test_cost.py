@@ -15,7 +15,7 @@ from training.cost import (
     text_flops_per_caption,
     vision_flops_per_image,
 )
-from training.prior import PRESETS, preset_config
+from training.prior import PRIOR_PRESETS, preset_config
 
 TOY_PRIOR = dict(embedding_dim=4, num_attention_heads=1, attention_head_dim=2, num_embeddings=3,
                  additional_embeddings=3, num_layers=1)
@@ -54,7 +54,7 @@ def test_real_towers_and_priors_match_the_benchmarked_figures():
 def test_encoder_dims_are_the_prior_presets_d():
     for decoder in VISION_TOWERS:
         dim, hidden = encoder_dims(decoder)
-        assert dim == PRESETS[decoder]["embedding_dim"] == TEXT_TOWERS[decoder]["projection_dim"]
+        assert dim == PRIOR_PRESETS[decoder]["embedding_dim"] == TEXT_TOWERS[decoder]["projection_dim"]
         assert hidden == TEXT_TOWERS[decoder]["hidden_size"]
         assert TEXT_TOWERS[decoder]["max_position_embeddings"] == preset_config(decoder)["num_embeddings"]
 

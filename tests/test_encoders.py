@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from pipeline.encoders import (
-    PRESETS,
+    ENCODER_PRESETS,
     ClipEncoder,
     build_tiny_tokenizer,
     check_encoder,
@@ -264,7 +264,7 @@ def test_open_clip_backend(tmp_path: Path) -> None:
 def test_unknown_name_lists_presets(tmp_path: Path) -> None:
     with pytest.raises(EncoderLoadError) as err:
         load_encoder("kandinsky-2.2-typo")
-    for preset in PRESETS:
+    for preset in ENCODER_PRESETS:
         assert preset in str(err.value)
     with pytest.raises(EncoderLoadError, match="not an encoder folder"):
         load_encoder(tmp_path)  # an empty folder

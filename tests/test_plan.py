@@ -10,7 +10,7 @@ from storefixtures import tiny_info
 
 import training.plan as plan
 from cli.main import main
-from pipeline.sources import PRESETS as SOURCE_PRESETS
+from pipeline.sources import SOURCE_PRESETS
 from storage_schema import StoreWriter, build_table
 from storage_schema.writer import read_manifest
 from training.objectives import OBJECTIVES

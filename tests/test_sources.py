@@ -18,7 +18,7 @@ from hubfixtures import (  # noqa: F401 - fake_hub and hf_env are fixtures, used
 from pipeline.errors import SourceAccessError, SourceError, SourceUnavailableError
 from pipeline.hub import check_reachable
 from pipeline.sources import (
-    PRESETS,
+    SOURCE_PRESETS,
     Source,
     list_presets,
     prepare_url_list,
@@ -201,7 +201,7 @@ def test_presets_are_documented():
     assert resolve_source("laion-highres-5m", sample_size=10, seed=3).sample_size == 10
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(SOURCE_PRESETS))
 @pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "ECLIPSE_OFFLINE"])
 def test_internet_preset_fails_fast_when_offline(tmp_path, monkeypatch, name, flag):
     no_offline_env(monkeypatch)

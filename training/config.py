@@ -21,7 +21,7 @@ from training.objectives import (
     REDUCTIONS,
     objective_type,
 )
-from training.prior import PRESETS
+from training.prior import PRIOR_PRESETS
 
 CONFIG_NAME = "train_config.json"  # the resolved config, saved in the run folder
 
@@ -96,8 +96,8 @@ class TrainConfig:
             raise ValueError("config: `out` (the run folder) is required")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"config: objective {self.objective!r} is not one of {list(OBJECTIVES)}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"config: preset {self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.preset is not None and self.preset not in PRIOR_PRESETS:
+            raise ValueError(f"config: preset {self.preset!r} is not one of {sorted(PRIOR_PRESETS)}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"config: {name} must be positive, got {getattr(self, name)!r}")

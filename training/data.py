@@ -100,14 +100,14 @@ def check_store_dims(encoder: EncoderInfo, embedding_dim: int, what: str = "the 
 
 def fitting_prior(encoder: EncoderInfo) -> str:
     """What to train on a store of this encoder: the prior preset of its D, or a small prior sized to it."""
-    from training.prior import PRESETS, RELEASED_PRESETS, preset_for_store
+    from training.prior import PRIOR_PRESETS, RELEASED_PRESETS, preset_for_store
 
     if encoder.hidden_dim != encoder.image_dim or encoder.text_dim != encoder.image_dim:
         return "No ECLIPSE prior fits it (the released layout needs text, image and hidden widths equal)."
     name, sized = preset_for_store(encoder.image_dim, encoder.context_length)
     if not sized:
         return f"Train with --preset {name} (D={encoder.image_dim}), or on a store encoded for this prior."
-    released = ", ".join(f"{n}, D={PRESETS[n]['embedding_dim']}" for n in RELEASED_PRESETS)
+    released = ", ".join(f"{n}, D={PRIOR_PRESETS[n]['embedding_dim']}" for n in RELEASED_PRESETS)
     return (f"For this store train a small prior sized to it: --preset {name} "
             + " ".join(f"--set {k}={v}" for k, v in sized.items()) + f" (the released presets are {released}).")
 

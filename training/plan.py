@@ -26,8 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.families import DEFAULT_FAMILY, FAMILIES
-from pipeline.sources import PRESETS as SOURCE_PRESETS
-from pipeline.sources import SourceError, prepare_url_list, resolve_source
+from pipeline.sources import SOURCE_PRESETS, SourceError, prepare_url_list, resolve_source
 from training.config import TrainConfig
 from training.cost import (
     DEFAULT_DEVICE,
@@ -59,7 +58,7 @@ class DatasetSize:
 
 
 _ASSUMED = "an assumption (no published figure used)"
-#: The presets' sizes (pipeline.sources.PRESETS describes the same figures in words).
+#: The presets' sizes (pipeline.sources.SOURCE_PRESETS describes the same figures in words).
 DATASET_SIZES: dict[str, DatasetSize] = {
     "mscoco": DatasetSize(
         591_753, 118_287, 18e9 / 118_287,

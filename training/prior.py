@@ -34,12 +34,12 @@ MASK_VALUE = -10000.0
 # Presets: the released ECLIPSE configs (16 heads x 32 dims, 10 layers), one per decoder family
 # (pipeline.families: its D), a tiny one for tests, and the demo's (sized to fit its held-in rows on
 # 2 CPU cores). `embedding_dim` is the CLIP dim D of the store.
-PRESETS: dict[str, dict] = {
+PRIOR_PRESETS: dict[str, dict] = {
     **{name: {**f.prior, "embedding_dim": f.embedding_dim} for name, f in FAMILIES.items()},
     "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32),
     "demo": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, embedding_dim=64),
 }
-PresetName = Literal[tuple(PRESETS)]  # typed params (flows) use this one list
+PresetName = Literal[tuple(PRIOR_PRESETS)]  # typed params (flows) use this one list
 RELEASED_PRESETS: tuple[str, ...] = tuple(FAMILIES)
 # Everything else is shared by all presets and equals the released config.
 COMMON = dict(
@@ -59,7 +59,7 @@ def preset_for_store(image_dim: int, context_length: int) -> tuple[PresetName, d
     """The prior to train on a store of width D = `image_dim` when none is named: the released preset of
     that D, else `tiny` sized to the store (its overrides: `embedding_dim`, `text_length`)."""
     for name in RELEASED_PRESETS:
-        if PRESETS[name]["embedding_dim"] == image_dim:
+        if PRIOR_PRESETS[name]["embedding_dim"] == image_dim:
             return name, {}
     return "tiny", {"embedding_dim": image_dim, "text_length": context_length}
 
@@ -73,9 +73,9 @@ def preset_config(name: str, embedding_dim: int | None = None, text_length: int 
     so the prior loads as it trained: `num_layers` overrides the preset's depth, `dropout` the blocks' dropout
     (0.0 as released), and `text_hidden=False` drops the text hidden-state tokens (`encoder_hid_proj_type`
     None: the prior sees the pooled text embedding, the noise and its `prd` token only)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown prior preset {name!r}; choose one of {sorted(PRESETS)}")
-    cfg = {**PRESETS[name], **COMMON}
+    if name not in PRIOR_PRESETS:
+        raise ValueError(f"unknown prior preset {name!r}; choose one of {sorted(PRIOR_PRESETS)}")
+    cfg = {**PRIOR_PRESETS[name], **COMMON}
     if embedding_dim is not None:
         cfg["embedding_dim"] = int(embedding_dim)
     if text_length is not None:

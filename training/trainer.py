@@ -192,7 +192,7 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 
 @torch.no_grad()
-def evaluate(objective: Objective, model: torch.nn.Module, store: EmbeddingStore, cfg: TrainConfig,
+def heldout_figures(objective: Objective, model: torch.nn.Module, store: EmbeddingStore, cfg: TrainConfig,
              device: torch.device, autocast) -> dict[str, float]:
     """Held-out loss, MSE and cosine of predicted vs real image embeddings (first `eval_batches` batches)."""
     if cfg.heldout_fraction <= 0 or cfg.eval_batches <= 0:
@@ -633,7 +633,7 @@ def _log_train(run: _Run, progress: _Progress, window: LossWindow, log: Logger, 
 def _log_eval(run: _Run, progress: _Progress, log: Logger) -> None:
     if run.world.main:
         model = run.ema.model if run.ema else run.model
-        ev = evaluate(run.objective, model, run.store, run.cfg, run.device, run.autocast)
+        ev = heldout_figures(run.objective, model, run.store, run.cfg, run.device, run.autocast)
         if ev:
             log.log("eval", progress.step, ev)
             progress.metrics |= {f"eval/{k}": v for k, v in ev.items() if k != "rows"}
