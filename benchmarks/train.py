@@ -39,10 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthe
 from storefixtures import write_synthetic_store  # noqa: E402
 
 from storage_schema import EmbeddingStore  # noqa: E402
-from training.cost import VISION_TOWERS, prior_train_flops_per_sample, vision_flops_per_image  # noqa: E402
+from training.cost import (  # noqa: E402
+    TOWER_NAMES,
+    VISION_TOWERS,
+    prior_train_flops_per_sample,
+    vision_flops_per_image,
+)
 from training.data import StoreLoader  # noqa: E402
 from training.objectives import EclipseObjective, PriorBatch  # noqa: E402
 from training.prior import PriorTransformer, count_parameters, preset_config  # noqa: E402
+
+PAIR = "kandinsky22"  # the decoder family whose image tower and prior preset make the real pair
 
 
 def make_step(model: torch.nn.Module, seed: int = 0):
@@ -69,15 +76,20 @@ def seconds(run_one, i: int) -> float:
 
 def scaled_pair(width: float, depth: float) -> tuple[dict, dict]:
     """(CLIPVisionConfig kwargs, prior config) of kandinsky22's pair, widths x `width`, depths x `depth`."""
-    real = VISION_TOWERS["kandinsky22"]
+    real = VISION_TOWERS[PAIR]
     vision = real | {"hidden_size": round(real["hidden_size"] * width),
                      "intermediate_size": round(real["intermediate_size"] * width),
                      "num_hidden_layers": max(1, round(real["num_hidden_layers"] * depth)),
                      "projection_dim": round(real["projection_dim"] * width)}
-    prior = preset_config("kandinsky22")
+    prior = preset_config(PAIR)
     prior |= {"embedding_dim": round(prior["embedding_dim"] * width),
               "attention_head_dim": max(1, round(prior["attention_head_dim"] * width)),
               "num_layers": max(1, round(prior["num_layers"] * depth))}
+    heads = real["num_attention_heads"]
+    if vision["hidden_size"] % heads:
+        raise SystemExit(f"--width-scale {width} gives the image tower width {vision['hidden_size']}, not a multiple "
+                         f"of its {heads} heads: pick a scale that keeps {real['hidden_size']} x scale a multiple "
+                         f"of {heads} (0.25, 0.125, 1/26)")
     return vision, prior
 
 
@@ -150,8 +162,7 @@ def main() -> None:
     n_batches = 1 + args.rounds * k  # one warm-up batch, then k per round
     vision_cfg, prior_cfg = scaled_pair(args.width_scale, args.depth_scale)
     dim = prior_cfg["embedding_dim"]
-    real_v, real_p, real_speedup = predicted_speedup(VISION_TOWERS["ViT-bigG/14 (kandinsky22)"][0],
-                                                     preset_config("kandinsky22"))
+    real_v, real_p, real_speedup = predicted_speedup(VISION_TOWERS[PAIR], preset_config(PAIR))
     v_gflop, p_gflop, scaled_speedup = predicted_speedup(vision_cfg, prior_cfg)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +198,8 @@ def main() -> None:
               f"{count_parameters(PriorTransformer(**prior_cfg)):,} parameters (D={dim}, "
               f"{prior_cfg['num_layers']} layers), {p_gflop:.3f} GFLOP/sample forward+backward; "
               f"batch {bs}; {args.threads} threads")
-        print(f"real pair: ViT-bigG/14 image tower {real_v:.0f} GFLOP/image; 34M prior {real_p:.1f} GFLOP/sample "
-              f"forward+backward")
+        print(f"real pair: {TOWER_NAMES[PAIR]} image tower {real_v:.0f} GFLOP/image; 34M prior {real_p:.1f} "
+              f"GFLOP/sample forward+backward")
         for run_one in modes.values():  # warm-up, untimed
             run_one(0)
         ratios_input, ratios_cache, totals = time_rounds(modes, args.rounds, k)
