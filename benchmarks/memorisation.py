@@ -96,12 +96,17 @@ def world_layout(world: Path) -> tuple[EmbeddingStore, list[str], list[str], int
     return st, st.shards[:n_in], st.shards[n_in:], shard
 
 
-def cells(factors: list[str], lam: float | None) -> list[Cell]:
+def cells(factors: list[str], lam: float | None, scale: float = 1.0) -> list[Cell]:
     out = [Cell("baseline", "demo-like baseline", dict(BASE))]
     for f in factors:
         out += [Cell(f, label, {**BASE, **change}) for label, change in FACTORS[f]]
     if lam is not None:
         out.append(Cell("objective", f"eclipse λ {lam:g}", {**BASE, "objective": "eclipse", "eclipse_lambda": lam}))
+    if scale != 1.0:  # a smaller study (a smoke run): every cell's rows and steps alike, the labels say so
+        for c in out:
+            c.label += f" (rows, steps x {scale:g})"
+            rows, steps = c.settings["rows"], c.settings["steps"]
+            c.settings |= {"rows": round(rows * scale), "steps": max(1, round(steps * scale))}
     return out
 
 
@@ -110,6 +115,9 @@ def train_cell(cell: Cell, st: EmbeddingStore, heldin: list[str], shard: int, se
     """Train the cell's seeds (those of this `part` K/N of the study's runs, numbered from `first`)."""
     s = cell.settings
     n = s["rows"] // shard
+    if n == 0:
+        raise SystemExit(f"{cell.label}: {s['rows']} held-in rows are less than one shard of {shard}: use a larger "
+                         f"--scale or a world with smaller shards")
     if n > len(heldin):
         raise SystemExit(f"{cell.label}: {s['rows']} held-in rows need {n} shards; the world has {len(heldin)} "
                          f"(build it with a larger world:N)")
@@ -274,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1), help="CPU threads per run")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every cell's held-in rows and training steps (a smoke run: 0.03)")
     ap.add_argument("--min-effect", type=float, default=0.01, help="smallest difference called an effect")
     ap.add_argument("--train-only", action="store_true", help="train the cells, skip the evaluation")
     ap.add_argument("--part", default="0/1", help="K/N: train only every N-th run from the K-th (with --train-only, "
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     st, heldin, heldout, shard = world_layout(args.world)
-    all_cells = cells(args.factors, args.eclipse_lambda)
+    all_cells = cells(args.factors, args.eclipse_lambda, args.scale)
     t0 = time.perf_counter()
     k, n = (int(x) for x in args.part.split("/"))
     if n > 1 and not args.train_only:

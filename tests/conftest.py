@@ -43,7 +43,7 @@ LONGEST_FIRST = [
                                 "test_readme", "test_families",
                                 "test_download", "test_evaluate", "test_precompute", "test_flows_evaluate",
                                 "test_encoders", "test_report", "test_flows_precompute", "test_flows_retrain",
-                                "test_install")),
+                                "test_install", "test_benchmarks")),
 ]
 _GROUP_OF = {nodeid: group for group, ids in SAME_WORKER.items() for nodeid in ids}
 

@@ -13,6 +13,8 @@ FLOPs are counted analytically by training/cost.py (matmuls and attention; 2 per
 forward); the peaks per device kind and their datasheet sources are there too.
 Batches are synthetic tensors already on the GPU: this measures the model, not the input path
 (benchmarks/train.py measures that).
+Prints prior_steps_per_s=<x>, prior_60k_steps_hours=<x> and, when the peak is known, prior_mfu=<x>; per tower
+<tower>_images_per_s=<x> (ViT_L_14_images_per_s=...) and <tower>_fraction_of_flop_bound=<x>.
 """
 
 import argparse
@@ -87,7 +89,8 @@ def bench_prior(batch: int, warmup: int, steps: int, compile_model: bool, peak: 
     if peak:
         print(f"prior_mfu={flops / sec / peak:.3f}")
     print(f"prior_steps_per_s={1 / sec:.3f}")
-    print(f"prior_60k_steps_hours={60_000 * sec / 3600:.2f}  (at batch {batch}; the paper: 256 x 4 GPUs)")
+    print(f"the paper's 60,000 steps at batch {batch} (the paper: 256 x 4 GPUs):")
+    print(f"prior_60k_steps_hours={60_000 * sec / 3600:.2f}")
 
 
 @torch.inference_mode()
@@ -131,6 +134,8 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-prior", action="store_true")
     ap.add_argument("--skip-vision", action="store_true")
+    ap.add_argument("--vision-batch", type=int, help="one batch for every image tower (default: per tower, "
+                    + ", ".join(f"{t} {b}" for t, (_, b) in BENCH_TOWERS.items()) + ")")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu.py measures GPU throughput and needs a CUDA GPU; torch.cuda.is_available() is False "
@@ -148,7 +153,7 @@ def main() -> int:
         torch.cuda.empty_cache()  # the prior's memory is freed on return; hand it back before the towers
     if not args.skip_vision:
         for tower, (kwargs, batch) in BENCH_TOWERS.items():
-            bench_vision(tower, kwargs, batch, warmup=3, iters=10, peak=peak)
+            bench_vision(tower, kwargs, args.vision_batch or batch, warmup=3, iters=10, peak=peak)
             torch.cuda.empty_cache()
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
