@@ -182,6 +182,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", dest="max_rows", type=int, default=2000, help="held-out rows (retrieval gallery)")
     p.add_argument("--encoder", default=None, help="the store's text encoder for prompt suites (default: its preset)")
     p.add_argument("--no-prompts", dest="no_prompts", action="store_true", help="skip the T2I-CompBench suites")
+    p.add_argument("--force", action="store_true", help="evaluate again even when OUT holds this evaluation (the "
+                   "same priors' weights, store and settings: otherwise a rerun reads it back)")
     p.add_argument("--max-prompts", dest="max_prompts", type=int, default=None, help="per category (default all)")
     p.add_argument("--image-source", dest="image_source", default=None,
                    help="folder of webdataset tars / image files named by key, for example images; a row whose url "
@@ -234,6 +236,7 @@ def eval_config(args: argparse.Namespace):
         decoder=args.decoder, decoder_path=args.decoder_path, n_generate=args.n_generate,
         generate_from=args.generate_from, clip_model=args.clip_model, pickscore_model=args.pickscore_model,
         pickscore_processor=args.pickscore_processor, fid=args.fid, device=args.device,
+        force=args.force,
     )
 
 

@@ -14,6 +14,8 @@ prompt suites (`evaluation.prompts`); optionally images through a decoder and im
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -113,6 +115,7 @@ class EvalConfig:
     fid: bool = False
     device: str | None = None
     local_files_only: bool = True
+    force: bool = False  # evaluate again even when `out` holds this evaluation (same priors, store, settings)
 
     def __post_init__(self) -> None:
         if self.seeds < 3:
@@ -129,9 +132,38 @@ class EvalConfig:
             raise ValueError(f"unknown decoder {self.decoder!r}; choose one of {list(DECODERS)}")
 
 
+INPUTS = ".evaluate-inputs.json"  # what the evaluation in a folder was made from, written after metrics.json
+
+
+def inputs_fingerprint(cfg: EvalConfig) -> str:
+    """The settings, the priors' weights (names, sizes, times) and the store's manifest: a change in any of them
+    means evaluating again."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "force")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for p in cfg.priors:
+        for f in sorted(Path(p).rglob("*.safetensors")):
+            h.update(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    h.update((Path(cfg.store) / "_manifest.json").read_bytes())
+    return h.hexdigest()
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate cfg.priors on cfg.store; write out/metrics.json and out/report.html (+ out/images/).
-    Returns the metrics dict."""
+    Returns the metrics dict. A folder that holds this evaluation already (same priors' weights, store and
+    settings: `inputs_fingerprint`) is read back instead, unless cfg.force."""
+    out = Path(cfg.out)
+    fingerprint = inputs_fingerprint(cfg)
+    if not cfg.force and (out / "metrics.json").is_file() and (out / INPUTS).is_file() \
+            and (out / INPUTS).read_text() == fingerprint:
+        _log(f"{out} already holds this evaluation (same priors, store and settings); nothing to do (--force "
+             "evaluates again)")
+        return json.loads((out / "metrics.json").read_text())
+    result = _evaluate(cfg)
+    atomic_write_text(out / INPUTS, fingerprint)  # after metrics.json: completion recorded last
+    return result
+
+
+def _evaluate(cfg: EvalConfig) -> dict:
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

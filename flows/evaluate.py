@@ -1,31 +1,18 @@
 """Prefect flow `evaluate`: metrics.json + report.html for one or more priors, as artifacts too.
 
-A rerun with the same priors (same weights), store and settings is a no-op."""
+A rerun with the same priors (same weights), store and settings is a no-op (`evaluation.evaluate.evaluate`)."""
 
-import hashlib
-import json
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from evaluation.decoders import DecoderKind
 from evaluation.evaluate import EvalConfig
 from evaluation.evaluate import evaluate as evaluate_priors
 from flows.failures import require_store
-from storage_schema.atomic import atomic_write_text
 
 SUMMARY_METRICS = ("cos_image", "r1", "r5", "frechet", "norm_ratio")
-INPUTS = ".evaluate-inputs.json"
-
-
-def _inputs_fingerprint(priors: list[str], store: str, settings: dict) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for p in priors:
-        for f in sorted(Path(p).rglob("*.safetensors")):  # weights changed -> evaluate again
-            h.update(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    h.update((Path(store) / "_manifest.json").read_bytes())
-    return h.hexdigest()
 
 
 @task(name="evaluate-priors")
@@ -60,14 +47,7 @@ def evaluate(
                 "prompt_suite": prompt_suite, "decoder": decoder, "decoder_path": decoder_path, "device": device,
                 "heldout_shards": heldout_shards, "image_source": image_source,
                 "probe_families": probe_families}
-    fingerprint = _inputs_fingerprint(priors, store, settings)
-    out_dir = Path(out)
-    if (out_dir / "metrics.json").exists() and (out_dir / INPUTS).exists() \
-            and (out_dir / INPUTS).read_text() == fingerprint:
-        get_run_logger().info("%s already holds this evaluation; nothing to do", out)
-        return json.loads((out_dir / "metrics.json").read_text())
-    result = evaluate_task(priors, store, out, settings)
-    atomic_write_text(out_dir / INPUTS, fingerprint)  # after metrics.json: completion recorded last
+    result = evaluate_task(priors, store, out, settings)  # a no-op when `out` holds this evaluation
 
     rows = []
     for name, model in result["models"].items():
@@ -78,7 +58,7 @@ def evaluate(
     create_markdown_artifact(
         "| model | " + " | ".join(SUMMARY_METRICS) + " |\n|---|" + "---|" * len(SUMMARY_METRICS) + "\n"
         + "\n".join(f"| {r['model']} | " + " | ".join(str(r.get(k, "")) for k in SUMMARY_METRICS) + " |"
-                    for r in rows) + f"\n\nReport: `{out_dir / 'report.html'}`",
+                    for r in rows) + f"\n\nReport: `{Path(out) / 'report.html'}`",
         key="evaluate-summary", description="held-out metrics of every prior and baseline",
     )
     return result

@@ -172,6 +172,23 @@ def test_rerun_gives_the_same_numbers(full, world, tmp_path):
             assert again["models"][name]["metrics"][key] == res["models"][name]["metrics"][key], (name, key)
 
 
+def test_a_folder_holding_this_evaluation_is_read_back_unless_forced_or_changed(world, tmp_path, capsys):
+    def cfg(**kw) -> EvalConfig:
+        return EvalConfig(world["priors"], world["store"], tmp_path, **{
+            "heldout_fraction": FRACTION, "seeds": 3, "n_boot": 50, "prompt_suite": False, "probe": False,
+            "n_examples": 0, "device": "cpu", **kw})
+
+    first = evaluate(cfg())
+    written = (tmp_path / "metrics.json").stat().st_mtime_ns
+    assert evaluate(cfg()) == first and (tmp_path / "metrics.json").stat().st_mtime_ns == written
+    assert "already holds this evaluation" in capsys.readouterr().err
+    evaluate(cfg(force=True))
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns != written
+    forced = (tmp_path / "metrics.json").stat().st_mtime_ns
+    assert evaluate(cfg(seeds=4))["models"]["eclipse-a"]["seeds"] == 4  # other settings: evaluated again
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns != forced
+
+
 def test_the_heldout_predictions_are_kept_and_read_back(full, world):
     from evaluation.metrics import rowwise_cosine
     from evaluation.predict import PREDICTIONS_FILE, load_heldout
