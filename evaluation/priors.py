@@ -62,13 +62,14 @@ class PriorHandle:
     def predict(self, text_embed, text_hidden, text_mask, generator: torch.Generator) -> torch.Tensor:
         """Image embeddings [B, D] (fp32) for text inputs, one draw of the prior's noise."""
         dev = self.device
-        te = torch.as_tensor(np.asarray(text_embed), dtype=torch.float32).to(dev)
+        # torch.tensor copies: the inputs may be read-only views of the store (torch warns on those)
+        te = torch.tensor(np.asarray(text_embed), dtype=torch.float32, device=dev)
         batch = PriorBatch(
             # image_embed is only read for its shape (the noise draw); the target is unknown at inference
             image_embed=torch.zeros(te.shape[0], self.embedding_dim, device=dev),
             text_embed=te,
-            text_hidden=torch.as_tensor(np.asarray(text_hidden), dtype=torch.float32).to(dev),
-            text_mask=torch.as_tensor(np.asarray(text_mask), dtype=torch.bool).to(dev),
+            text_hidden=torch.tensor(np.asarray(text_hidden), dtype=torch.float32, device=dev),
+            text_mask=torch.tensor(np.asarray(text_mask), dtype=torch.bool, device=dev),
         )
         return self.objective.predict(self.model, batch, generator).float()
 
