@@ -3,7 +3,7 @@
     python -m storage_schema.migrate STORE_DIR
 
 Version 2 changed only the Arrow types of `image_embed` and `text_embed`: their list items are
-non-nullable (`fixed_size_list<float16 not null>[D]`), which Parquet decodes ~1.5x faster. The
+non-nullable (`fixed_size_list<float16 not null>[D]`), which Parquet decodes faster. The
 values are the same. Each shard is read, re-typed, written to a hidden temp file, fsynced and
 renamed over the old one, and its manifest entry (bytes, sha256; rows and any recorded skipped
 samples kept) updated under the manifest lock; the manifest's schema version changes only after

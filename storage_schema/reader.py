@@ -287,7 +287,7 @@ class EmbeddingStore:
         arrow_cols = [c for c in read_cols if c != TEXT_HIDDEN]
         shard_index = {name: i for i, name in enumerate(self.shards)}
         for name in order:
-            # Memory-mapped: uncompressed pages decode straight from the page cache (~1.5x faster than read()).
+            # Memory-mapped: uncompressed pages decode straight from the page cache (faster than read()).
             pf = pq.ParquetFile(self.dir / name, memory_map=True)
             hidden = _HiddenPages(self.dir / name, pf) if TEXT_HIDDEN in read_cols else None
             first_row, shard_bits = 0, shard_index[name] << 32
@@ -414,7 +414,7 @@ def _pad_hidden(cells: np.ndarray, lengths: np.ndarray, hidden_dim: int, pad_to:
     if longest > width:
         raise StoreError(f"a caption has {longest} tokens, more than pad_to={width}")
     # The batch comes from Arrow's memory pool, which reuses freed pages: numpy's zeros of a
-    # batch this big are fresh mmap pages every time, and their page faults cost ~5x the copy.
+    # batch this big are fresh mmap pages every time, and their page faults cost more than the copy.
     n = len(cells)
     out = np.frombuffer(pa.allocate_buffer(n * width * hidden_dim * 2), dtype=np.float16).reshape(n, width * hidden_dim)
     bad = np.zeros(n, dtype=bool)

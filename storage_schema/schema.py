@@ -86,7 +86,7 @@ class EncoderInfo:
 
 def embedding_type(dim: int) -> pa.DataType:
     """fixed_size_list<float16 not null>[dim]: an array per row for every tool, and non-nullable items,
-    whose Parquet decode skips the definition levels (~1.5x faster than v1's nullable items)."""
+    whose Parquet decode skips the definition levels (faster than v1's nullable items: BENCHMARKS.md)."""
     return pa.list_(pa.field("item", pa.float16(), nullable=False), int(dim))
 
 
@@ -95,7 +95,7 @@ def arrow_schema(info: EncoderInfo) -> pa.Schema:
 
     Layout, chosen with numbers (BENCHMARKS.md): the pooled embeddings are
     fixed_size_list<float16 not null>[D] so pandas, polars, DuckDB and embedding-reader see one
-    float16 array per row (a fixed_size_binary column would read ~15x faster but reach them as
+    float16 array per row (a fixed_size_binary column would read faster but reach them as
     opaque bytes); every column but `url` is non-nullable (schema version 2). The per-token
     hidden states are one fp16 byte string per row (row-major [text_len, H]): Parquet has
     no fast decode path for nested fp16 lists (apache/arrow#43891), and these bytes are
@@ -133,7 +133,7 @@ def version_problem(version) -> str:
     if version == 1:
         return (
             f"store schema version 1; this code reads version {SCHEMA_VERSION} (non-nullable embedding items, "
-            f"decoded ~1.5x faster; the values are the same). Migrate the store in place: "
+            f"decoded faster; the values are the same). Migrate the store in place: "
             f"`python -m storage_schema.migrate STORE_DIR` (rewrites each shard atomically, resumable)"
         )
     return (

@@ -128,8 +128,9 @@ class StoreBatch:
     Two forms of the hidden states. Padded: text_hidden [B, L, H] zero-padded with text_mask [B, L]
     (L = pad_to, or the batch's longest caption). Packed (`text_len` set, what the trainer reads): text_hidden
     [sum(text_len), H] holds the real tokens one row after another, text_mask is None, and `to()` builds
-    the padded [B, pad_to, H] tensor and its mask on the device: ~4x fewer bytes written, pinned and
-    copied per batch at ~20 tokens per caption. Both give the same PriorBatch, bit for bit.
+    the padded [B, pad_to, H] tensor and its mask on the device: fewer bytes written, pinned and copied
+    per batch when captions are much shorter than pad_to (benchmarks/store_io.py measures it). Both give the
+    same PriorBatch, bit for bit.
     """
 
     image_embed: torch.Tensor  # [B, D] fp16
@@ -210,8 +211,8 @@ class StoreLoader:
     start: (epoch, index) of the first batch to yield, from a checkpoint; earlier batches of
     that epoch are read and skipped, so the sequence continues exactly.
     pad_on_device: the host packs each batch's real tokens without padding (`StoreBatch`'s packed form)
-    and `StoreBatch.to()` pads to `pad_to` on the device (the same PriorBatch; ~4x fewer bytes written,
-    pinned and copied per batch at ~20 tokens per caption, the trainer's setting). Otherwise the host pads.
+    and `StoreBatch.to()` pads to `pad_to` on the device (the same PriorBatch, fewer bytes written, pinned
+    and copied per batch; the trainer's setting on a GPU). Otherwise the host pads.
     """
 
     def __init__(

@@ -568,7 +568,7 @@ def _train_loader(run: _Run, position: tuple[int, int]) -> StoreLoader:
         heldout_seed=cfg.heldout_seed, rank=world.rank, world_size=world.world_size, seed=cfg.seed, shuffle=True,
         infinite=True, start=position, buffer_size=cfg.shuffle_buffer, pad_to=run.model.config.num_embeddings,
         prefetch=cfg.prefetch, pin_memory=run.device.type == "cuda", shards=cfg.shards,
-        # On a GPU the host sends only the real tokens and the device pads (~4x fewer bytes pinned and copied);
+        # On a GPU the host sends only the real tokens and the device pads (fewer bytes pinned and copied);
         # on a CPU host and device are one, and padding once on the host is the cheaper of the two.
         pad_on_device=run.device.type == "cuda",
     )
