@@ -34,14 +34,20 @@ def _cmd_store_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_encode_args(p: argparse.ArgumentParser) -> None:
+    from flows.params import config_default
+    from pipeline.cluster import ClusterConfig
+    from pipeline.encode import EncodeConfig
+
+    batch, wait = config_default(EncodeConfig, "batch_size"), config_default(ClusterConfig, "wait_timeout")
     p.add_argument("--encoder", required=True,
                    help=f"{' | '.join(FAMILIES)} | tiny-clip | open_clip:MODEL[/TAG] | an encoder folder")
-    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"images per model call (default {batch})")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--workers", type=int, default=None, help="local CPU Dask workers (default 1; GPUs: one each)")
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (many machines)")
-    p.add_argument("--wait-timeout", type=float, default=120.0, help="seconds to wait for Dask workers")
+    p.add_argument("--wait-timeout", type=float, default=wait,
+                   help=f"seconds to wait for Dask workers (default {wait:g})")
 
 
 def _run_encode(args: argparse.Namespace, image_dir, store_dir) -> int:
@@ -62,22 +68,35 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _add_download_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int, default=256, help="stored image side in pixels (default 256)")
-    p.add_argument("--resize-mode", default="center_crop", help="img2dataset resize mode (default center_crop)")
+    from flows.params import config_default
+    from pipeline.download import DownloadConfig
+
+    def d(name: str):
+        return config_default(DownloadConfig, name)
+
+    p.add_argument("--image-size", dest="image_size", type=int, default=d("image_size"),
+                   help=f"stored image side in pixels (default {d('image_size')})")
+    p.add_argument("--resize-mode", dest="resize_mode", default=d("resize_mode"),
+                   help=f"img2dataset resize mode (default {d('resize_mode')})")
     p.add_argument("--processes", type=int, default=None, help="download processes (default: one per core)")
-    p.add_argument("--threads", type=int, default=64, help="download threads per process (default 64)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
-    p.add_argument("--timeout", type=int, default=10, help="seconds per network read of a url (default 10)")
+    p.add_argument("--threads", dest="thread_count", type=int, default=d("thread_count"),
+                   help=f"download threads per process (default {d('thread_count')})")
+    p.add_argument("--shard-size", dest="number_sample_per_shard", type=int, default=d("number_sample_per_shard"),
+                   help=f"samples per shard (default {d('number_sample_per_shard')})")
+    p.add_argument("--timeout", dest="timeout", type=int, default=d("timeout"),
+                   help=f"seconds per network read of a url (default {d('timeout')})")
     p.add_argument("--max-download-seconds", type=float, default=None,
                    help="one url's whole download: connect, headers, body (default 3 x --timeout)")
-    p.add_argument("--max-image-mib", type=int, default=None, help="a larger image body is dropped as it arrives "
-                   "(default: the encode stage's limit for a tar's image member, 32)")
+    p.add_argument("--max-image-mib", type=int, default=d("max_image_bytes") >> 20, help="a larger image body is "
+                   f"dropped as it arrives (default {d('max_image_bytes') >> 20}, the encode stage's limit for a tar's "
+                   "image member)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming (wipes the folder)")
     p.add_argument("--metadata-dir", default=None,
                    help="a preset's files downloaded by hand (any names matching the preset's glob, e.g. *.parquet "
                    "or cc3m-train-*.tar; subfolders too): used instead of fetching them")
-    p.add_argument("--max-error-rate", type=float, default=0.5,
-                   help="fail when more than this fraction of the urls could not be fetched (default 0.5)")
+    p.add_argument("--max-error-rate", dest="max_error_rate", type=float, default=d("max_error_rate"),
+                   help=f"fail when more than this fraction of the urls could not be fetched (default "
+                   f"{d('max_error_rate')})")
     p.add_argument("--url-col", default=None, help="the url list's url column (default: guessed from url, URL, "
                    "link, ...; the guess is logged)")
     p.add_argument("--caption-col", default=None, help="the url list's caption column (default: guessed from "
@@ -90,12 +109,11 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
 def _download_config(args: argparse.Namespace):
     from pipeline.download import DownloadConfig
 
-    kw = dict(image_size=args.image_size, resize_mode=args.resize_mode, thread_count=args.threads,
-              number_sample_per_shard=args.shard_size, timeout=args.timeout, max_error_rate=args.max_error_rate,
-              incremental_mode="overwrite" if args.overwrite else "incremental",
-              allow_local_files=args.allow_local_files, max_download_seconds=args.max_download_seconds)
-    if args.max_image_mib:
-        kw["max_image_bytes"] = args.max_image_mib << 20
+    kw = dict(image_size=args.image_size, resize_mode=args.resize_mode, thread_count=args.thread_count,
+              number_sample_per_shard=args.number_sample_per_shard, timeout=args.timeout,
+              max_error_rate=args.max_error_rate, incremental_mode="overwrite" if args.overwrite else "incremental",
+              allow_local_files=args.allow_local_files, max_download_seconds=args.max_download_seconds,
+              max_image_bytes=args.max_image_mib << 20)
     if args.processes:
         kw["processes_count"] = args.processes
     return DownloadConfig(**kw)
@@ -170,6 +188,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `eclipse-prior evaluate` (argparse); `eval_config` turns them into an EvalConfig."""
     from evaluation.decoders import DECODERS
+    from evaluation.evaluate import EvalConfig
+    from flows.params import config_default
+
+    def e(name: str):
+        return config_default(EvalConfig, name)
 
     p.add_argument("--prior", action="append", required=True, help="prior folder, run folder or checkpoint "
                    "(repeat to compare several)")
@@ -178,8 +201,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float, default=None,
                    help="default: the split the runs trained with")
     p.add_argument("--heldout-seed", dest="heldout_seed", type=int, default=None)
-    p.add_argument("--seeds", type=int, default=3, help="noise seeds per prior (>= 3)")
-    p.add_argument("--max-rows", dest="max_rows", type=int, default=2000, help="held-out rows (retrieval gallery)")
+    p.add_argument("--seeds", type=int, default=e("seeds"), help=f"noise seeds per prior (>= 3; default {e('seeds')})")
+    p.add_argument("--max-rows", dest="max_rows", type=int, default=e("max_rows"),
+                   help=f"held-out rows (retrieval gallery; default {e('max_rows')})")
     p.add_argument("--encoder", default=None, help="the store's text encoder for prompt suites (default: its preset)")
     p.add_argument("--no-prompts", dest="no_prompts", action="store_true", help="skip the T2I-CompBench suites")
     p.add_argument("--force", action="store_true", help="evaluate again even when OUT holds this evaluation (the "
@@ -190,9 +214,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    "is a local path is shown only when that path lies inside this folder")
     p.add_argument("--decoder", choices=DECODERS, default=None, help="also render images")
     p.add_argument("--decoder-path", dest="decoder_path", default=None)
-    p.add_argument("--n-generate", dest="n_generate", type=int, default=4)
-    p.add_argument("--generate-from", dest="generate_from", default="heldout",
-                   help="heldout captions or a T2I-CompBench category")
+    p.add_argument("--n-generate", dest="n_generate", type=int, default=e("n_generate"),
+                   help=f"prompts rendered per prior (default {e('n_generate')})")
+    p.add_argument("--generate-from", dest="generate_from", default=e("generate_from"),
+                   help=f"heldout captions or a T2I-CompBench category (default {e('generate_from')})")
     p.add_argument("--clip-model", dest="clip_model", default=None, help="local CLIP weights for CLIPScore")
     p.add_argument("--pickscore-model", dest="pickscore_model", default=None, help="local PickScore weights")
     p.add_argument("--pickscore-processor", dest="pickscore_processor", default=None,
@@ -386,8 +411,13 @@ def _add_encode_command(sub) -> None:
 
 
 def _add_train_command(sub) -> None:
+    from flows.params import config_default
+    from training.config import TrainConfig
     from training.objectives import OBJECTIVES
     from training.prior import PRIOR_PRESETS
+
+    def t(name: str):
+        return config_default(TrainConfig, name)
 
     tr = _subcommand(
         sub, "train", _cmd_train,
@@ -399,20 +429,20 @@ def _add_train_command(sub) -> None:
     )
     tr.add_argument("--store", help="embedding store directory")
     tr.add_argument("--out", help="run folder RUN")
-    tr.add_argument("--objective", choices=OBJECTIVES, help="default: eclipse")
+    tr.add_argument("--objective", choices=OBJECTIVES, help=f"default: {t('objective')}")
     tr.add_argument("--preset", choices=list(PRIOR_PRESETS), help="prior size and D; default: kandinsky22 on a "
                     "store of D=1280, karlo on D=768, else tiny sized to the store")
-    tr.add_argument("--steps", type=int, help="training steps (default 60000)")
+    tr.add_argument("--steps", type=int, help=f"training steps (default {t('steps')})")
     tr.add_argument("--config", help="YAML or JSON file of config keys (see training/config.py)")
     tr.add_argument("--resume", action="store_true", help="continue RUN from its newest complete checkpoint")
-    tr.add_argument("--batch-size", type=int, help="per process (default 256)")
-    tr.add_argument("--lr", type=float, help="learning rate (default 5e-5)")
+    tr.add_argument("--batch-size", type=int, help=f"per process (default {t('batch_size')})")
+    tr.add_argument("--lr", type=float, help=f"learning rate (default {t('lr'):g})")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--ema", dest="ema_decay", type=float, metavar="DECAY", help="keep an EMA of the weights")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"])
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
-    tr.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default 1000)")
-    tr.add_argument("--log-every", type=int, help="log every N steps (default 10)")
+    tr.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (default {t('ckpt_every')})")
+    tr.add_argument("--log-every", type=int, help=f"log every N steps (default {t('log_every')})")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="any other config key, e.g. --set eclipse_tau=0.05 (repeatable)")
 

@@ -41,6 +41,48 @@ def test_train_choices_come_from_the_library():
     assert tuple(choices["objective"]) == OBJECTIVES and list(choices["preset"]) == list(PRIOR_PRESETS)
 
 
+def test_flag_defaults_and_the_defaults_their_help_names_are_the_library_configs():
+    """No default is written twice: a flag named after a config field takes its default from the config, and a
+    help text's "(default X)" shows it; a literal that drifts from the config fails here."""
+    import dataclasses
+    import re
+
+    from evaluation.evaluate import EvalConfig
+    from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams, config_default
+    from pipeline.cluster import ClusterConfig
+    from pipeline.download import DownloadConfig
+    from pipeline.encode import EncodeConfig
+    from training.config import TrainConfig
+
+    subs = subcommands(build_parser())
+    configs = {"download": [DownloadConfig], "precompute": [DownloadConfig, EncodeConfig, ClusterConfig],
+               "encode": [EncodeConfig, ClusterConfig], "evaluate": [EvalConfig], "train": [TrainConfig]}
+    checked = 0
+    for command, classes in configs.items():
+        fields = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
+        for action in subs[command]._actions:
+            cls = fields.get(action.dest)
+            if cls is None or action.dest in ("store", "out", "priors", "encoder", "device", "dtype", "preset"):
+                continue
+            want = config_default(cls, action.dest)
+            if action.default is not None:  # train's flags default to None: the config fills them in
+                assert action.default == want, (command, action.dest)
+            shown = re.search(r"\(default:? ([^;),]+)", action.help or "")
+            if shown and want is not None:  # a None default is described in words ("3 x --timeout")
+                assert shown[1] in (str(want), f"{want:g}" if isinstance(want, float) else str(want)), \
+                    (command, action.dest, shown[1], want)
+            checked += 1
+    assert checked >= 15
+    assert subs["download"].get_default("max_image_mib") << 20 == config_default(DownloadConfig, "max_image_bytes")
+    # the flows' typed parameters take the same defaults (TrainParams.progress differs on purpose)
+    for params, cls in ((DownloadParams, DownloadConfig), (EncodeParams, EncodeConfig),
+                        (ClusterParams, ClusterConfig), (TrainParams, TrainConfig)):
+        names = {f.name for f in dataclasses.fields(cls)} - {"progress", "processes_count"}
+        for name, info in params.model_fields.items():
+            if name in names:
+                assert info.get_default(call_default_factory=True) == config_default(cls, name), (params, name)
+
+
 def test_a_stage_error_is_one_line_and_status_1(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ECLIPSE_PRIOR_DEBUG", raising=False)
     missing = tmp_path / "no-run"
