@@ -15,6 +15,7 @@ Stages (each one resumable; rerunning skips finished work):
   encode      image shards -> embedding store (decoder's CLIP encoders, Dask workers)
   precompute  download + encode in one go
   train       embedding store -> ECLIPSE / projection / diffusion prior
+  export      a training checkpoint -> a prior folder in the released ECLIPSE layout
   evaluate    priors + store -> metrics.json and report.html
   generate    prompt -> image through a prior and a decoder
   demo        all of it on a synthetic world, on a CPU (the README's main command)
@@ -130,8 +131,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
     from pipeline.download import download_main
     from pipeline.download_summary import format_summary
 
+    urls = args.urls or args.urls_flag
+    if not urls or (args.urls and args.urls_flag and args.urls != args.urls_flag):
+        raise ValueError("give the url list once: `download URLS --out DIR` or `download --urls URLS --out DIR`")
     cfg = _download_config(args)
-    summary = download_main(args.urls, args.out, retry=args.retry_failed, source_options=_source_options(args),
+    summary = download_main(urls, args.out, retry=args.retry_failed, source_options=_source_options(args),
                             **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
     print(format_summary(summary))
     return 0
@@ -377,7 +381,9 @@ def _add_download_command(sub) -> None:
         "dropped first; finished shards are kept on a rerun; a summary with failure reasons is printed and "
         "written to OUT/_pipeline/download_summary.json.",
     )
-    dl.add_argument("urls", help="url list file/folder or dataset preset")
+    dl.add_argument("urls", nargs="?", help="url list file/folder or dataset preset (or --urls, as precompute takes "
+                    "it)")
+    dl.add_argument("--urls", dest="urls_flag", metavar="URLS", help="the same as URLS")
     dl.add_argument("--out", required=True, help="folder for the image shards")
     dl.add_argument("--retry-failed", action="store_true", help="afterwards, re-feed urls that failed")
     _add_download_args(dl)
@@ -427,7 +433,8 @@ def _add_train_command(sub) -> None:
         "flags < --set. Multi-GPU: torchrun --nproc_per_node N -m cli.main train ... . RUN gets checkpoints/, "
         "logs/ (train.jsonl, tb/) and the exported prior/.",
     )
-    tr.add_argument("--store", help="embedding store directory")
+    tr.add_argument("--store", help="embedding store directory (required, unless --config or --resume's saved "
+                    "config names it)")
     tr.add_argument("--out", help="run folder RUN")
     tr.add_argument("--objective", choices=OBJECTIVES, help=f"default: {t('objective')}")
     tr.add_argument("--preset", choices=list(PRIOR_PRESETS), help="prior size and D; default: kandinsky22 on a "
@@ -539,8 +546,9 @@ def _add_reproduce_command(sub) -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from training.plan import PlanConfig, make_plan, paper_config
 
-    def names(text: str | None) -> tuple[str, ...] | None:
-        return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+    def names(given: list[str] | None) -> tuple[str, ...] | None:
+        """Space- or comma-separated, as reproduce takes them (`a b`) or as plan once did (`a,b`)."""
+        return tuple(x.strip() for item in given for x in item.split(",") if x.strip()) if given else None
 
     given = {"datasets": names(args.datasets), "decoders": names(args.decoders), "objectives": names(args.objectives),
              "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size, "device": args.device,
@@ -571,10 +579,11 @@ def _add_plan_command(sub) -> None:
         "mscoco, laion-highres-5m, three objectives, 60,000 steps x 1,024 on 4 x a6000.",
     )
     pl.add_argument("--paper", action="store_true", help="the paper's grid and setting (other flags override it)")
-    pl.add_argument("--datasets", help="comma-separated presets (mscoco, cc3m, cc12m, laion-highres-5m) or local url "
-                    "lists (read for rows, images and tokens per caption); default laion-highres-5m")
-    pl.add_argument("--decoders", help=f"comma-separated: {', '.join(FAMILIES)} (default {DEFAULT_FAMILY})")
-    pl.add_argument("--objectives", help="comma-separated: eclipse, projection, diffusion (default eclipse)")
+    pl.add_argument("--datasets", nargs="+", help="presets (mscoco, cc3m, cc12m, laion-highres-5m) or local url "
+                    "lists (read for rows, images and tokens per caption), as `reproduce` takes them (commas work "
+                    "too); default laion-highres-5m")
+    pl.add_argument("--decoders", nargs="+", help=f"{', '.join(FAMILIES)} (default {DEFAULT_FAMILY})")
+    pl.add_argument("--objectives", nargs="+", help="eclipse, projection, diffusion (default eclipse)")
     pl.add_argument("--seeds", type=int, help="seeds per cell (default 1)")
     pl.add_argument("--steps", type=int, help="training steps per cell (default: train's, 60000)")
     pl.add_argument("--batch-size", type=int, help="global batch, all GPUs together (default: train's, 256)")

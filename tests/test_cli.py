@@ -83,6 +83,22 @@ def test_flag_defaults_and_the_defaults_their_help_names_are_the_library_configs
                 assert info.get_default(call_default_factory=True) == config_default(cls, name), (params, name)
 
 
+def test_the_commands_agree_with_each_other(capsys):
+    from cli.main import DESCRIPTION
+
+    listed = {line.split()[0] for line in DESCRIPTION.splitlines() if line.startswith("  ")}
+    assert listed == COMMANDS  # the stage list names every subcommand
+    parser = build_parser()
+    # download takes the url list as precompute does (--urls), and positionally as before
+    assert parser.parse_args(["download", "--urls", "a.csv", "--out", "o"]).urls_flag == "a.csv"
+    assert parser.parse_args(["download", "a.csv", "--out", "o"]).urls == "a.csv"
+    # plan takes lists as reproduce does (spaces), and with commas as before
+    assert main(["plan", "--datasets", "mscoco", "cc3m", "--decoders", "karlo", "--json"]) == 0
+    spaced = capsys.readouterr().out
+    assert main(["plan", "--datasets", "mscoco,cc3m", "--decoders", "karlo", "--json"]) == 0
+    assert capsys.readouterr().out == spaced and '"mscoco"' in spaced and '"cc3m"' in spaced
+
+
 def test_a_stage_error_is_one_line_and_status_1(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ECLIPSE_PRIOR_DEBUG", raising=False)
     missing = tmp_path / "no-run"
