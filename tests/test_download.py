@@ -362,7 +362,10 @@ def _start_cli_download(image_server, tmp_path: Path) -> tuple[subprocess.Popen,
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "download", str(csv), "--out", str(out), "--processes", "1",
              "--threads", "4", "--shard-size", "2", "--timeout", "60", "--image-size", "32"],
-            cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True)
+            cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True,
+            # As from a terminal: pytest-xdist's workers ignore SIGINT, and an ignored SIGINT is inherited (Python
+            # then installs no KeyboardInterrupt handler), so under `make test` Ctrl-C would never arrive.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # A worker is fetching once it has opened its shard's tar (and the urls take SLOW_CLI_S to answer).
     deadline = time.monotonic() + 120
     while not (out / "00000.tar").exists():
