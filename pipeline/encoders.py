@@ -37,14 +37,9 @@ from PIL import Image
 
 from pipeline.bpe import build_bpe_tokenizer
 from pipeline.errors import EncoderLoadError
+from pipeline.families import IMAGE_ENCODER, IMAGE_PROCESSOR, TEXT_ENCODER, TOKENIZER, HFLayout, Part
 from pipeline.hf_parts import (
     HUB_PRESETS,
-    IMAGE_ENCODER,
-    IMAGE_PROCESSOR,
-    TEXT_ENCODER,
-    TOKENIZER,
-    HFLayout,
-    Part,
     hub_commit,
     load_part,
     tower_kwargs,

@@ -15,15 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import EncoderLoadError
-from pipeline.families import (  # noqa: F401 - re-exported: the encoders read them from here
-    FAMILIES,
-    IMAGE_ENCODER,
-    IMAGE_PROCESSOR,
-    TEXT_ENCODER,
-    TOKENIZER,
-    HFLayout,
-    Part,
-)
+from pipeline.families import FAMILIES, HFLayout, Part
 from pipeline.hub import offline_flag
 
 # Part, HFLayout and the subfolder names (the Kandinsky 2.2 prior repo's diffusers layout, reused for saved

@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.encoders import load_encoder, save_encoder
 from pipeline.errors import EncoderLoadError
-from pipeline.hf_parts import HUB_PRESETS, TEXT_ENCODER, Part
+from pipeline.families import TEXT_ENCODER, Part
+from pipeline.hf_parts import HUB_PRESETS
 
 
 def test_hub_presets_name_every_part() -> None:
