@@ -59,6 +59,52 @@ def test_csv_upper_case_columns_dedup_and_empty_captions(tmp_path):
     assert (rep["url_col"], rep["caption_col"], rep["rows_written"]) == ("URL", "TEXT", 2)
 
 
+def _sample_by_full_sort(frames: list[pd.DataFrame], k: int, seed: int) -> pd.DataFrame:
+    """The sampled path as it was before it filtered by a threshold: every file merged into the kept rows,
+    de-duplicated and sorted again. The oracle the linear one must equal, row for row."""
+    from pipeline.sources import _score
+
+    kept = None
+    for df in frames:
+        merged = df if kept is None else pd.concat([kept, df], ignore_index=True)
+        deduped = merged.drop_duplicates("url", keep="first")
+        deduped = deduped.assign(_score=_score(deduped["url"], seed))
+        kept = deduped.sort_values("_score", kind="stable").head(k).drop(columns="_score")
+    return kept.reset_index(drop=True)
+
+
+def _synthetic_metadata(files: int, rows: int, distinct: int, seed: int = 0) -> list[pd.DataFrame]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in range(files):
+        ids = rng.integers(0, distinct, rows)  # urls repeat within and across files
+        out.append(pd.DataFrame({"url": [f"http://h/{i}.jpg" for i in ids],
+                                 "caption": [f"file {f} row {r}" for r in range(rows)]}))
+    return out
+
+
+@pytest.mark.parametrize(("files", "rows", "distinct", "ks"), [
+    (8, 5_000, 30_000, (100, 1_000, 7_000, 50_000)),  # a sample larger than the distinct urls too
+    pytest.param(20, 100_000, 1_500_000, (20_000, 200_000), marks=pytest.mark.slow),  # 2M rows
+])
+def test_the_linear_sample_is_the_full_sort_sample_and_nested(files, rows, distinct, ks):
+    from pipeline.sources import UrlListReport, _seeded_sample
+
+    frames = _synthetic_metadata(files, rows, distinct)
+    samples = []
+    for k in ks:
+        report = UrlListReport(source="s", sample_size=k, seed=3, source_spec="x")
+        got, passed = _seeded_sample(iter(frames), k, 3, report)
+        assert passed == files * rows
+        got = got.reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, _sample_by_full_sort(frames, k, 3))
+        samples.append(got)
+    for small, big in zip(samples[:-1], samples[1:], strict=True):  # nested: a smaller sample is a head
+        pd.testing.assert_frame_equal(small, big.head(len(small)))
+
+
 def test_missing_value_markers_are_not_captions(tmp_path):
     src = tmp_path / "pairs.csv"
     src.write_text("url,caption\nhttp://h/1.jpg,NaN\nhttp://h/2.jpg,None\nhttp://h/3.jpg,null\n"
