@@ -35,9 +35,9 @@ def _cmd_store_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_encode_args(p: argparse.ArgumentParser) -> None:
-    from flows.params import config_default
     from pipeline.cluster import ClusterConfig
     from pipeline.encode import EncodeConfig
+    from training.config import config_default
 
     batch, wait = config_default(EncodeConfig, "batch_size"), config_default(ClusterConfig, "wait_timeout")
     p.add_argument("--encoder", required=True,
@@ -69,8 +69,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _add_download_args(p: argparse.ArgumentParser) -> None:
-    from flows.params import config_default
     from pipeline.download import DownloadConfig
+    from training.config import config_default
 
     def d(name: str):
         return config_default(DownloadConfig, name)
@@ -193,7 +193,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `eclipse-prior evaluate` (argparse); `eval_config` turns them into an EvalConfig."""
     from evaluation.decoders import DECODERS
     from evaluation.evaluate import EvalConfig
-    from flows.params import config_default
+    from training.config import config_default
 
     def e(name: str):
         return config_default(EvalConfig, name)
@@ -417,8 +417,7 @@ def _add_encode_command(sub) -> None:
 
 
 def _add_train_command(sub) -> None:
-    from flows.params import config_default
-    from training.config import TrainConfig
+    from training.config import TrainConfig, config_default
     from training.objectives import OBJECTIVES
     from training.prior import PRIOR_PRESETS
 

@@ -3,7 +3,6 @@ parameters (`prefect deployment run ... --param/--params`) before the run starts
 presets each named deployment runs with (read by `deployments.py`, and by `failures.py` to
 name the precompute that writes a missing store)."""
 
-import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,15 +11,8 @@ from pipeline.cluster import ClusterConfig
 from pipeline.download import DownloadConfig
 from pipeline.encode import EncodeConfig
 from pipeline.families import DEFAULT_FAMILY, FAMILIES
-from training.config import TrainConfig
+from training.config import TrainConfig, config_default
 from training.objectives import Reduction
-
-
-def config_default(cls: type, name: str) -> Any:
-    """The default of the library config `cls`'s field `name`: the one place it is written. Flow parameters
-    and the CLI's flags take theirs from here (tests/test_cli.py checks both)."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _deployment(dataset: str, family: str) -> str:

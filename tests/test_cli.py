@@ -48,11 +48,11 @@ def test_flag_defaults_and_the_defaults_their_help_names_are_the_library_configs
     import re
 
     from evaluation.evaluate import EvalConfig
-    from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams, config_default
+    from flows.params import ClusterParams, DownloadParams, EncodeParams, TrainParams
     from pipeline.cluster import ClusterConfig
     from pipeline.download import DownloadConfig
     from pipeline.encode import EncodeConfig
-    from training.config import TrainConfig
+    from training.config import TrainConfig, config_default
 
     subs = subcommands(build_parser())
     configs = {"download": [DownloadConfig], "precompute": [DownloadConfig, EncodeConfig, ClusterConfig],

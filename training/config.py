@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,6 +25,14 @@ from training.objectives import (
 from training.prior import PRIOR_PRESETS
 
 CONFIG_NAME = "train_config.json"  # the resolved config, saved in the run folder
+
+
+def config_default(cls: type, name: str) -> Any:
+    """The default of config dataclass `cls`'s field `name` (TrainConfig, DownloadConfig, ...): the one place it
+    is written. The cost plan, the flows' typed parameters and the CLI's flags take theirs from here
+    (tests/test_cli.py checks the last two)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.families import DEFAULT_FAMILY, FAMILIES
 from pipeline.sources import SOURCE_PRESETS, SourceError, prepare_url_list, resolve_source
-from training.config import TrainConfig
+from training.config import TrainConfig, config_default
 from training.cost import (
     DEFAULT_DEVICE,
     MFU_SOURCE,
@@ -93,10 +93,6 @@ PAPER_PAIRS: tuple[tuple[str, str], ...] = tuple((d, name) for name, f in FAMILI
 PAPER_STEPS, PAPER_BATCH, PAPER_DEVICE, PAPER_GPUS = 60_000, 4 * 256, "a6000", 4
 
 
-def _train_default(name: str):
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
-
-
 @dataclass(frozen=True)
 class PlanConfig:
     """What to cost. `pairs` (explicit (dataset, decoder) pairs) wins over datasets x decoders."""
@@ -105,8 +101,8 @@ class PlanConfig:
     decoders: tuple[str, ...] = (DEFAULT_FAMILY,)
     objectives: tuple[str, ...] = ("eclipse",)
     seeds: int = 1
-    steps: int = field(default_factory=lambda: _train_default("steps"))
-    batch_size: int = field(default_factory=lambda: _train_default("batch_size"))  # global: all GPUs together
+    steps: int = field(default_factory=lambda: config_default(TrainConfig, "steps"))
+    batch_size: int = field(default_factory=lambda: config_default(TrainConfig, "batch_size"))  # all GPUs together
     device: str = DEFAULT_DEVICE
     gpus: int = 1  # how many train together (wall-clock hours = GPU-hours / gpus)
     prior_mfu: float | None = None  # None: the device kind's (an assumption; see training.cost)
