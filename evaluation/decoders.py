@@ -43,9 +43,14 @@ class Decoder:
     @classmethod
     def load(cls, kind: DecoderKind, path: str | os.PathLike | None = None, device=None,
              dtype: torch.dtype | None = None, local_files_only: bool = False) -> Decoder:
-        """The decoder's weights from `path` (default: its hub id, from the Hugging Face cache)."""
+        """The decoder's weights from `path` (default: its hub id, from the Hugging Face cache; only from the cache
+        when the hub is offline, an offline switch or no answer: no waiting on a hub that cannot answer)."""
         if kind not in DECODERS:
             raise ValueError(f"unknown decoder {kind!r}; choose one of {list(DECODERS)}")
+        if path is None and not local_files_only:
+            from pipeline.hub import offline_reason
+
+            local_files_only = offline_reason() is not None
         ref = os.fspath(path) if path is not None else DECODER_HUB_IDS[kind]
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)

@@ -25,6 +25,7 @@ from evaluation.priors import PriorHandle, open_prior, prior_encoder, prompt_emb
 from evaluation.prompts import load_prompts
 from evaluation.scoring import spread_rows
 from evaluation.weights import WeightsMissingError
+from pipeline.families import FAMILIES
 from storage_schema.atomic import atomic_path
 
 
@@ -48,7 +49,7 @@ def generate(
     """One image for `prompt`: our prior's image embedding (noise seeded by `seed`) through the decoder.
 
     decoder: None picks the prior's (`decoder_for`); decoder_path: a local decoder folder (default: the hub id
-    of `decoder`, from the HF cache, and from the cache only when the hub is offline, `pipeline.hub.offline_reason`);
+    of `decoder`, from the HF cache; only from it when the hub is offline: `Decoder.load`);
     encoder: the prior's text encoder (default: the one recorded in its run folder);
     out: also save the image there (PNG, with prompt/prior/seed in its text chunks).
     steps/guidance_scale: decoder sampling (defaults: DECODER_DEFAULTS); height/width: Kandinsky only;
@@ -57,10 +58,6 @@ def generate(
     handle = open_prior(prior_dir, device)  # small: read first, so a mismatch fails before the decoder loads
     decoder = decoder_for(handle, decoder, decoder_path)
     decoder_steps(decoder, steps, super_res_steps)  # fail fast on options, before any weights load
-    if decoder_path is None and not local_files_only:
-        from pipeline.hub import offline_reason
-
-        local_files_only = offline_reason() is not None  # the cache only: no waiting on a hub that cannot answer
     dec = Decoder.load(decoder, decoder_path, device, local_files_only=local_files_only)  # fail fast on weights
     dec.check_prior(handle)
     enc = prior_encoder(handle, encoder, device)
@@ -79,9 +76,7 @@ def decoder_for(handle: PriorHandle, decoder: DecoderKind | None, decoder_path: 
     """The decoder to generate with: `decoder`, else the one whose encoder the prior was trained on (recorded in
     its run) or whose D it predicts. The hub's decoders take their released D: a prior of another D is refused
     here, before gigabytes of weights load (a folder's decoder is checked by its own config after loading)."""
-    from training.prior import PRIOR_PRESETS
-
-    released = {kind: PRIOR_PRESETS[kind]["embedding_dim"] for kind in DECODERS}
+    released = {kind: FAMILIES[kind].embedding_dim for kind in DECODERS}
     d = handle.embedding_dim
     trained_on = (handle.encoder_info or {}).get("preset")
     if decoder is None:
