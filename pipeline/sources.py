@@ -469,8 +469,8 @@ def _normalise(df: pd.DataFrame, src: Source, path: Path, report: UrlListReport)
 
 def _one_type(col: pd.Series, path: Path, name: str) -> pd.Series:
     """An extra column whose values mix types (numbers and text: Parquet cannot store it) becomes text."""
-    if col.dtype != object:
-        return col
+    if col.dtype != object or pd.api.types.infer_dtype(col, skipna=True) == "string":
+        return col  # the common case, text, without a trial conversion of every value
     try:
         pa.array(col, from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
